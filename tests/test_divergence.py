@@ -1,0 +1,148 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from trace_circuits import DivergenceResult, TraceCircuitsError, divergence_from_profiles, scan_attention_divergence
+from trace_circuits.divergence import collect_attention_profiles, jsd_bits, segment_ids
+from trace_circuits.prompts import EncodedPrompts
+
+TRIGGER, NEUTRAL = 1, 2
+
+
+def encoded(seqs, spans=None):
+    spans = spans or [(1, len(s) - 1) for s in seqs]
+    return EncodedPrompts([str(s) for s in seqs], [list(s) for s in seqs], spans, pad_token_id=0)
+
+
+def planted_model(layer: int = 2):
+    """Uniform attention everywhere except head 0 of ``layer``, which attends to the TRIGGER token.
+
+    All W_Q/b_Q are zero (scores 0, so causal-uniform attention) and W_O = 0 (the residual stream is just the
+    token embedding). TRIGGER's embedding is e_0 and every other token's has no e_0 component; in ``layer``
+    head 0 the key reads e_0 and the query bias is large, so that head looks at TRIGGER tokens.
+    """
+    model = tiny_model(positional="standard", normalization=None, n_layers=4)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.W_Q.zero_()
+            blk.attn.b_Q.zero_()
+            blk.attn.W_O.zero_()
+            blk.mlp.W_out.zero_()
+            blk.mlp.b_out.zero_()
+        model.pos_embed.W_pos.zero_()
+        model.embed.W_E[:, 0] = 0.0
+        model.embed.W_E[TRIGGER] = 0.0
+        model.embed.W_E[TRIGGER, 0] = 1.0
+        attn = model.blocks[layer].attn
+        attn.W_K[0].zero_()
+        attn.W_K[0, 0, 0] = 1.0
+        attn.b_K[0].zero_()
+        attn.b_Q[0, 0] = 20.0
+    return model
+
+
+def make_sets(n=12, seed=0, vary_length=False):
+    rng = np.random.default_rng(seed)
+    harmful, benign = [], []
+    for i in range(n):
+        length = int(rng.integers(8, 16)) if vary_length else 12
+        seq = rng.integers(3, 40, size=length).tolist()
+        pos = int(rng.integers(2, length - 2))
+        h = list(seq)
+        h[pos] = TRIGGER
+        b = list(seq)
+        b[pos] = NEUTRAL
+        harmful.append(h)
+        benign.append(b)
+    return encoded(harmful), encoded(benign)
+
+
+def test_jsd_bits_properties():
+    p = np.array([0.5, 0.5, 0.0])
+    q = np.array([0.0, 0.5, 0.5])
+    assert jsd_bits(p, p) == pytest.approx(0.0)
+    assert jsd_bits(p, q) == pytest.approx(jsd_bits(q, p))
+    assert jsd_bits(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == pytest.approx(1.0)
+    assert 0 < jsd_bits(p, q) < 1
+
+
+def test_identical_sets_have_zero_divergence_and_no_onset():
+    model = tiny_model()
+    h, _ = make_sets()
+    res = scan_attention_divergence(model, h, h, n_bootstrap=50, n_permutations=50, progress=False)
+    assert np.all(res.per_head == 0.0)
+    assert np.all(res.per_layer == 0.0)
+    assert res.onset_layer is None
+
+
+def test_planted_difference_is_found_in_its_layer():
+    model = planted_model(layer=2)
+    h, b = make_sets(n=40)
+    res = scan_attention_divergence(model, h, b, n_bootstrap=200, n_permutations=500, progress=False)
+    assert res.per_layer[2] > 0.01
+    assert np.allclose(res.per_layer[[0, 1, 3]], 0.0, atol=1e-9)
+    assert int(np.argmax(res.per_head[2])) == 0 and np.allclose(res.per_head[2, 1:], 0.0, atol=1e-9)
+    assert res.onset_layer == 2
+    assert res.q_values[2] < 0.05 and res.per_layer_ci[2, 0] > 0
+    # benign attention stays causal-uniform (10 of 12 tokens are content); harmful moves onto the trigger
+    c = [i for i, s in enumerate(res.segments) if s.startswith("content")]
+    assert res.benign_profile[2, 0, c].sum() == pytest.approx(10 / 12, abs=1e-5)
+    assert res.harmful_profile[2, 0, c].sum() > 0.95
+
+
+def test_onset_is_the_first_layer_of_a_split_that_persists():
+    model = planted_model(layer=1)
+    with torch.no_grad():  # a second, stronger copy of the trigger head in layer 3
+        for name in ("W_K", "b_K", "b_Q"):
+            getattr(model.blocks[3].attn, name).copy_(getattr(model.blocks[1].attn, name))
+    h, b = make_sets(n=40)
+    res = scan_attention_divergence(model, h, b, n_bootstrap=100, n_permutations=500, progress=False)
+    assert res.per_layer[1] > 0 and res.per_layer[3] > 0
+    assert res.onset_layer == 1
+
+
+@pytest.mark.parametrize("positional,norm", [("rotary", "RMS"), ("standard", "LN")])
+def test_padding_and_batching_do_not_change_profiles(positional, norm):
+    model = tiny_model(positional=positional, normalization=norm)
+    h, _ = make_sets(n=10, vary_length=True, seed=3)
+    assert len(set(map(len, h.input_ids))) > 3
+    one = collect_attention_profiles(model, h, batch_size=1, progress=False)
+    many = collect_attention_profiles(model, h, batch_size=10, progress=False)
+    assert np.allclose(one, many, atol=1e-5)
+    assert np.allclose(one.sum(-1), 1.0, atol=1e-5)  # each profile is a distribution over segments
+
+
+def test_segments_cover_template_and_content():
+    enc = encoded([[9, 9, 9, 5, 6, 7, 8, 9, 9]], spans=[(3, 7)])
+    seg = segment_ids(enc, [0], width=11, n_content_bins=2)[0].tolist()
+    # 2 padding, sink, 2 prefix, content_1 x2, content_2 x2, suffix x2
+    assert seg == [5, 5, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_result_json_round_trip_and_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    H = rng.dirichlet(np.ones(11), size=(6, 3, 2))
+    B = rng.dirichlet(np.ones(11), size=(7, 3, 2))
+    res = divergence_from_profiles(H, B, model_name="toy", n_bootstrap=20, n_permutations=20)
+    data = json.loads(json.dumps(res.to_json()))
+    for key in ("model", "metric", "per_layer", "per_head", "onset_layer", "n_harmful", "n_benign"):
+        assert key in data
+    back = DivergenceResult.from_json(data)
+    assert np.allclose(back.per_head, res.per_head) and back.onset_layer == res.onset_layer
+    fig = res.plot()
+    assert {t.type for t in fig.data} >= {"heatmap", "scatter", "bar"}
+    paths = res.save(tmp_path)
+    assert json.loads(paths["json"].read_text())["n_harmful"] == 6
+    assert "plotly" in paths["html"].read_text()
+    with pytest.raises(TraceCircuitsError, match="newer"):
+        DivergenceResult.from_json({**data, "format_version": 99})
+
+
+def test_scan_rejects_too_few_prompts():
+    model = tiny_model()
+    h, b = make_sets(n=3)
+    with pytest.raises(TraceCircuitsError, match="at least 2"):
+        scan_attention_divergence(model, encoded(h.input_ids[:1]), b, progress=False)

@@ -1,0 +1,39 @@
+"""trace-circuits: TraceRouter (path-level intervention for robust safety) as a mechanistic-interpretability toolkit.
+
+Data flows one way: prompts -> model -> scan (stage 1) -> features (stage 2) -> influence -> circuit ->
+hook set -> evaluation. Each stage returns a small result object with ``.to_json()`` and ``.plot()``.
+"""
+
+from trace_circuits.divergence import DivergenceResult, divergence_from_profiles, scan_attention_divergence
+from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.models import available_models, load_hf_model, load_model, model_fingerprint
+from trace_circuits.prompts import (
+    PromptSet,
+    builtin_categories,
+    builtin_prompts,
+    encode_prompts,
+    format_prompts,
+    load_prompts,
+)
+from trace_circuits.viz import attention_pair_view, plot_divergence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DivergenceResult",
+    "PromptSet",
+    "TraceCircuitsError",
+    "attention_pair_view",
+    "available_models",
+    "builtin_categories",
+    "builtin_prompts",
+    "divergence_from_profiles",
+    "encode_prompts",
+    "format_prompts",
+    "load_hf_model",
+    "load_model",
+    "load_prompts",
+    "model_fingerprint",
+    "plot_divergence",
+    "scan_attention_divergence",
+]

@@ -1,0 +1,349 @@
+"""Prompt sets: the built-in matched harmful/benign pairs, file loaders, chat templating and batching.
+
+Built-in data (``trace_circuits/data/prompts.jsonl``): 200 harmful requests over 10 harm categories,
+each paired with a benign request of the same form and length ("How do I make a pipe bomb?" /
+"How do I make a pound cake?"), with a fixed split: within each category pairs 004, 008, ... are
+``test`` (25%), the rest ``train``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from jaxtyping import Int
+
+from trace_circuits.errors import TraceCircuitsError
+
+#: Column names tried, in order, when a .jsonl/.csv file names none (AdvBench, HarmBench, common ones).
+PROMPT_COLUMNS = ("prompt", "goal", "Behavior", "behavior", "instruction", "text", "question", "query", "request")
+MAX_PROMPT_CHARS = 4000
+SPLITS = ("train", "test", "all")
+
+
+@dataclass
+class PromptSet:
+    """A list of prompts with optional per-prompt ids and category labels."""
+
+    prompts: list[str]
+    categories: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.categories:
+            self.categories = ["" for _ in self.prompts]
+        if not self.ids:
+            self.ids = [f"{i:04d}" for i in range(len(self.prompts))]
+        if not (len(self.prompts) == len(self.categories) == len(self.ids)):
+            raise ValueError("prompts, categories and ids must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.prompts)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return PromptSet(self.prompts[idx], self.categories[idx], self.ids[idx], self.source)
+        return self.prompts[idx]
+
+    def select(self, indices: Sequence[int]) -> "PromptSet":
+        return PromptSet([self.prompts[i] for i in indices], [self.categories[i] for i in indices],
+                         [self.ids[i] for i in indices], self.source)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "n": len(self),
+                "items": [{"id": i, "category": c, "prompt": p} for i, c, p in zip(self.ids, self.categories, self.prompts)]}
+
+
+def _builtin_rows() -> list[dict]:
+    text = resources.files("trace_circuits").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def builtin_prompts(kind: str = "harmful", split: str = "train", categories: Optional[Sequence[str]] = None) -> PromptSet:
+    """The built-in ``harmful`` or ``benign`` prompts of ``split`` (train/test/all), optionally some categories."""
+    if kind not in ("harmful", "benign"):
+        raise TraceCircuitsError(f"kind must be 'harmful' or 'benign', not '{kind}'")
+    if split not in SPLITS:
+        raise TraceCircuitsError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
+    rows = [r for r in _builtin_rows() if split == "all" or r["split"] == split]
+    if categories is not None:
+        known = sorted({r["category"] for r in _builtin_rows()})
+        bad = [c for c in categories if c not in known]
+        if bad:
+            raise TraceCircuitsError(f"unknown categories {bad}; built-in categories are {', '.join(known)}")
+        rows = [r for r in rows if r["category"] in categories]
+    return PromptSet([r[kind] for r in rows], [r["category"] for r in rows], [r["id"] for r in rows],
+                     source=f"builtin:{kind}:{split}")
+
+
+def builtin_categories() -> list[str]:
+    return sorted({r["category"] for r in _builtin_rows()})
+
+
+def load_prompts(path: str | Path, column: Optional[str] = None, max_chars: int = MAX_PROMPT_CHARS) -> PromptSet:
+    """Read prompts from ``.txt`` (one a line), ``.jsonl``/``.json`` or ``.csv``/``.tsv``.
+
+    Without ``column`` the first of :data:`PROMPT_COLUMNS` present is used. Blank prompts are skipped and
+    duplicates dropped with a warning; prompts longer than ``max_chars`` are dropped with a warning.
+    """
+    path = Path(path)
+    if path.name.startswith("builtin:"):
+        _, kind, *rest = path.name.split(":")
+        return builtin_prompts(kind, rest[0] if rest else "train")
+    if not path.exists():
+        raise TraceCircuitsError(f"prompt file {path} does not exist; pass an existing .txt, .jsonl or .csv file")
+    if path.is_dir():
+        raise TraceCircuitsError(f"{path} is a folder; pass a .txt, .jsonl or .csv prompt file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise TraceCircuitsError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    if not text.strip():
+        raise TraceCircuitsError(f"prompt file {path} is empty; put one prompt per line (.txt) or one per row")
+    suffix = path.suffix.lower()
+    if suffix == ".txt" or suffix == "":
+        raw = [(line, "") for line in text.splitlines()]
+        n_blank = sum(1 for line, _ in raw if not line.strip())
+        if n_blank:
+            warnings.warn(f"{path}: skipped {n_blank} blank line(s)", stacklevel=2)
+        raw = [(line.strip(), c) for line, c in raw if line.strip()]
+    elif suffix in (".jsonl", ".json"):
+        raw = _read_json_rows(path, text, column)
+    elif suffix in (".csv", ".tsv"):
+        raw = _read_csv_rows(path, text, column, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        raise TraceCircuitsError(f"unsupported prompt file type '{suffix}' ({path}); use .txt, .jsonl or .csv")
+    return _clean(raw, path, max_chars)
+
+
+def _pick_column(columns: Sequence[str], column: Optional[str], path: Path) -> str:
+    if column is not None:
+        if column not in columns:
+            raise TraceCircuitsError(f"{path} has no column '{column}'; columns seen: {', '.join(columns) or 'none'}")
+        return column
+    for name in PROMPT_COLUMNS:
+        if name in columns:
+            return name
+    raise TraceCircuitsError(
+        f"{path}: no prompt column found (tried {', '.join(PROMPT_COLUMNS)}); columns seen: "
+        f"{', '.join(columns) or 'none'}; pass --column NAME"
+    )
+
+
+def _category_of(row: dict) -> str:
+    for name in ("category", "SemanticCategory", "FunctionalCategory", "label"):
+        if isinstance(row.get(name), str):
+            return row[name]
+    return ""
+
+
+def _read_json_rows(path: Path, text: str, column: Optional[str]) -> list[tuple[str, str]]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TraceCircuitsError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise TraceCircuitsError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
+    if rows and all(isinstance(r, str) for r in rows):
+        return [(r, "") for r in rows]
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise TraceCircuitsError(f"{path}: expected one JSON object per line (e.g. {{\"prompt\": \"...\"}})")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    col = _pick_column(columns, column, path)
+    out = []
+    for i, r in enumerate(rows, 1):
+        val = r.get(col)
+        if val is not None and not isinstance(val, str):
+            raise TraceCircuitsError(f"{path}: row {i} has a non-text '{col}' ({type(val).__name__}); prompts must be strings")
+        out.append((val or "", _category_of(r)))
+    return out
+
+
+def _read_csv_rows(path: Path, text: str, column: Optional[str], delimiter: str) -> list[tuple[str, str]]:
+    try:
+        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+        columns = [c for c in (reader.fieldnames or []) if c is not None]
+        rows = list(reader)
+    except csv.Error as err:
+        raise TraceCircuitsError(f"{path} is not valid CSV ({err}); fix the file") from None
+    col = _pick_column(columns, column, path)
+    return [((r.get(col) or ""), _category_of(r)) for r in rows]
+
+
+def _clean(raw: list[tuple[str, str]], path: Path, max_chars: int) -> PromptSet:
+    prompts, cats, ids, seen = [], [], [], set()
+    n_blank = n_dup = n_long = 0
+    for i, (p, c) in enumerate(raw):
+        p = p.strip()
+        if not p:
+            n_blank += 1
+            continue
+        if len(p) > max_chars:
+            n_long += 1
+            continue
+        if p in seen:
+            n_dup += 1
+            continue
+        seen.add(p)
+        prompts.append(p)
+        cats.append(c)
+        ids.append(f"{path.stem}-{i:04d}")
+    if n_blank and path.suffix.lower() not in (".txt", ""):
+        warnings.warn(f"{path}: skipped {n_blank} empty prompt(s)", stacklevel=3)
+    if n_dup:
+        warnings.warn(f"{path}: dropped {n_dup} duplicate prompt(s)", stacklevel=3)
+    if n_long:
+        warnings.warn(f"{path}: dropped {n_long} prompt(s) longer than {max_chars} characters", stacklevel=3)
+    if not prompts:
+        raise TraceCircuitsError(f"{path} holds no usable prompts (all blank, duplicate or too long)")
+    return PromptSet(prompts, cats, ids, source=str(path))
+
+
+def as_prompt_list(prompts: PromptSet | Sequence[str] | str | Path) -> list[str]:
+    """Accept a :class:`PromptSet`, a list of strings, or a path to a prompt file."""
+    if isinstance(prompts, PromptSet):
+        return list(prompts.prompts)
+    if isinstance(prompts, (str, Path)):
+        return load_prompts(prompts).prompts
+    out = list(prompts)
+    if not out:
+        raise TraceCircuitsError("empty prompt list; pass at least one prompt")
+    bad = [type(p).__name__ for p in out if not isinstance(p, str)]
+    if bad:
+        raise TraceCircuitsError(f"prompts must be strings, got {bad[0]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat templating and tokenization
+
+
+@dataclass
+class EncodedPrompts:
+    """Token ids per prompt and where the user's text sits inside the templated sequence.
+
+    ``content_spans[i] = (start, end)``: token positions ``start <= t < end`` hold prompt ``i``'s own text;
+    the rest is chat template (system prompt, role markers, the generation prompt).
+    """
+
+    texts: list[str]
+    input_ids: list[list[int]]
+    content_spans: list[tuple[int, int]]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+def uses_chat_template(model) -> bool:
+    tok = getattr(model, "tokenizer", model)
+    flag = getattr(model, "trace_circuits_chat", None)
+    return bool(getattr(tok, "chat_template", None)) if flag is None else bool(flag and getattr(tok, "chat_template", None))
+
+
+def format_prompts(model_or_tokenizer, prompts: Sequence[str], chat: Optional[bool] = None,
+                   system: Optional[str] = None) -> list[str]:
+    """Apply the tokenizer's chat template (user turn + generation prompt) when the model is a chat model."""
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if chat is None:
+        chat = uses_chat_template(model_or_tokenizer)
+    if not chat:
+        return list(prompts)
+    if not getattr(tok, "chat_template", None):
+        raise TraceCircuitsError("this tokenizer has no chat template; pass chat=False (--no-chat) for a base model")
+    out = []
+    for p in prompts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def encode_prompts(model, prompts: PromptSet | Sequence[str], chat: Optional[bool] = None,
+                   system: Optional[str] = None, max_tokens: Optional[int] = None) -> EncodedPrompts:
+    """Template and tokenize prompts (no BOS added beyond what the template has), locating each prompt's text."""
+    plist = as_prompt_list(prompts)
+    tok = model.tokenizer
+    if tok is None:
+        raise TraceCircuitsError("the model has no tokenizer; pass tokens yourself or load the model with one")
+    texts = format_prompts(model, plist, chat=chat, system=system)
+    prepend_bos = bool(model.cfg.default_prepend_bos) and tok.bos_token_id is not None
+    limit = max_tokens or model.cfg.n_ctx
+    ids_all, spans = [], []
+    for raw, text in zip(plist, texts):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        offsets = list(enc["offset_mapping"])
+        if prepend_bos and (not ids or ids[0] != tok.bos_token_id):
+            ids = [tok.bos_token_id] + ids
+            offsets = [(0, 0)] + offsets
+        start_char = text.rfind(raw)
+        if start_char >= 0:
+            end_char = start_char + len(raw)
+            inside = [i for i, (a, b) in enumerate(offsets) if b > start_char and a < end_char and b > a]
+            span = (inside[0], inside[-1] + 1) if inside else (1, len(ids))
+        else:
+            span = (1, len(ids))
+        if len(ids) > limit:
+            raise TraceCircuitsError(
+                f"a prompt is {len(ids)} tokens, over the limit of {limit} (model context {model.cfg.n_ctx}); "
+                f"shorten it or drop it: {raw[:60]!r}"
+            )
+        ids_all.append(ids)
+        spans.append(span)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return EncodedPrompts(texts, ids_all, spans, int(pad))
+
+
+@dataclass
+class Batch:
+    """A left-padded batch: ``tokens[i, -len_i:]`` is prompt ``indices[i]``."""
+
+    indices: list[int]
+    tokens: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    n_pad: list[int]
+
+
+def iter_batches(encoded: EncodedPrompts, batch_size: int, device: torch.device | str = "cpu",
+                 sort_by_length: bool = True) -> Iterator[Batch]:
+    """Left-padded batches. Sorting by length first keeps padding (wasted compute) small."""
+    if batch_size < 1:
+        raise TraceCircuitsError("batch size must be at least 1")
+    order = list(range(len(encoded)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(encoded.input_ids[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(encoded.input_ids[i]) for i in idx)
+        tokens = torch.full((len(idx), width), encoded.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        n_pad = []
+        for row, i in enumerate(idx):
+            ids = encoded.input_ids[i]
+            tokens[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+            n_pad.append(width - len(ids))
+        yield Batch(idx, tokens.to(device), mask.to(device), n_pad)
