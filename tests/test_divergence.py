@@ -146,3 +146,45 @@ def test_scan_rejects_too_few_prompts():
     h, b = make_sets(n=3)
     with pytest.raises(TraceCircuitsError, match="at least 2"):
         scan_attention_divergence(model, encoded(h.input_ids[:1]), b, progress=False)
+
+
+def test_interrupted_scan_resumes_from_its_checkpoint(tmp_path):
+    model = tiny_model()
+    h, _ = make_sets(n=12, vary_length=True, seed=5)
+    full = collect_attention_profiles(model, h, batch_size=2, progress=False)
+    ck = tmp_path / "scan.safetensors"
+    calls = {"n": 0}
+
+    def crash_after_four(act, hook):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return None
+
+    model.add_hook("hook_embed", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        collect_attention_profiles(model, h, batch_size=2, progress=False, checkpoint=ck, checkpoint_every=2)
+    model.reset_hooks(including_permanent=True)
+    assert ck.exists()
+    counter = {"n": 0}
+    model.add_hook("hook_embed", lambda act, hook: counter.__setitem__("n", counter["n"] + 1))
+    resumed = collect_attention_profiles(model, h, batch_size=2, progress=False, checkpoint=ck, checkpoint_every=2)
+    model.reset_hooks(including_permanent=True)
+    assert counter["n"] == 6 - 4  # only the batches not yet saved were run again
+    assert np.allclose(resumed, full, atol=1e-6)
+    assert not ck.exists()  # removed once complete
+
+
+def test_checkpoint_of_other_prompts_is_not_reused(tmp_path):
+    model = tiny_model()
+    h, b = make_sets(n=6, seed=1)
+    ck = tmp_path / "scan.safetensors"
+    from trace_circuits.divergence import _checkpoint_key, _write_checkpoint
+
+    _write_checkpoint(ck, _checkpoint_key(model, b, 8, 1), torch.ones(6, 4, 4, 11), torch.ones(6, dtype=torch.bool))
+    with pytest.warns(UserWarning, match="other prompts"):
+        out = collect_attention_profiles(model, h, batch_size=3, progress=False, checkpoint=ck)
+    assert np.allclose(out.sum(-1), 1.0, atol=1e-5)  # recomputed, not the planted ones
+    ck.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        collect_attention_profiles(model, h, batch_size=3, progress=False, checkpoint=ck)

@@ -106,7 +106,8 @@ def cmd_scan(args) -> int:
     result = scan_attention_divergence(
         model, harmful, benign, batch_size=args.batch_size, n_content_bins=args.content_bins,
         query_positions=args.query_positions, n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-        alpha=args.alpha, onset_fraction=args.onset_fraction, chat=False if args.no_chat else None)
+        alpha=args.alpha, onset_fraction=args.onset_fraction, chat=False if args.no_chat else None,
+        checkpoint_dir=Path(args.out) / ".checkpoints")
     paths = result.save(args.out, model=None if args.no_attention_view else model)
     _print_scan(result, paths)
     return 0
@@ -134,7 +135,8 @@ def cmd_run(args) -> int:
     model = _load_model(args)
     print(f"[1/1] attention-divergence scan: {len(harmful)} harmful vs {len(benign)} benign prompts", flush=True)
     result = scan_attention_divergence(model, harmful, benign, batch_size=args.batch_size,
-                                       chat=False if args.no_chat else None)
+                                       chat=False if args.no_chat else None,
+                                       checkpoint_dir=Path(args.out) / ".checkpoints")
     paths = result.save(Path(args.out), model=model)
     _print_scan(result, paths)
     return 0

@@ -28,6 +28,9 @@ layer qualifies.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,7 +40,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from trace_circuits._io import write_json_atomic, write_text_atomic
+from trace_circuits._io import atomic_path, write_json_atomic, write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.prompts import EncodedPrompts, PromptSet, as_prompt_list, encode_prompts, iter_batches
 
@@ -75,8 +78,14 @@ def collect_attention_profiles(
     query_positions: int = 1,
     progress: bool = True,
     desc: str = "attention scan",
+    checkpoint: Optional[str | Path] = None,
+    checkpoint_every: int = 4,
 ) -> Float[np.ndarray, "n_prompts n_layers n_heads n_segments"]:
-    """Segment-attention profiles a_i[l, h, s] (see module docstring), from the pattern hooks only."""
+    """Segment-attention profiles a_i[l, h, s] (see module docstring), from the pattern hooks only.
+
+    With ``checkpoint`` (a ``.safetensors`` path) finished batches are saved every ``checkpoint_every`` batches
+    and a rerun with the same model, prompts and settings resumes from there; the file is removed when done.
+    """
     if query_positions < 1:
         raise TraceCircuitsError("query_positions must be at least 1")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -98,15 +107,68 @@ def collect_attention_profiles(
 
     hooks = [(f"blocks.{l}.attn.hook_pattern", make_hook(l)) for l in range(n_layers)]
     n_batches = (len(encoded) + batch_size - 1) // batch_size
+    done = torch.zeros(len(encoded), dtype=torch.bool)
+    key = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        key = _checkpoint_key(model, encoded, n_content_bins, query_positions)
+        resumed = _read_checkpoint(checkpoint, key, out.shape)
+        if resumed is not None:
+            out, done = resumed
+    since_save = 0
     with torch.inference_mode():
-        for batch in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
+        bar = tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress)
+        for batch in bar:
+            if bool(done[batch.indices].all()):
+                continue
             if min(len(encoded.input_ids[i]) for i in batch.indices) < query_positions:
                 raise TraceCircuitsError(f"a prompt is shorter than query_positions={query_positions}")
             current["seg"] = segment_ids(encoded, batch.indices, batch.tokens.shape[1], n_content_bins).to(device)
             current["acc"] = torch.zeros((len(batch.indices), n_layers, n_heads, S))
             model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, return_type=None, fwd_hooks=hooks)
             out[batch.indices] = current["acc"]
+            done[batch.indices] = True
+            since_save += 1
+            if checkpoint is not None and since_save >= checkpoint_every:
+                _write_checkpoint(checkpoint, key, out, done)
+                since_save = 0
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
     return out.numpy()
+
+
+def _checkpoint_key(model, encoded: EncodedPrompts, n_content_bins: int, query_positions: int) -> str:
+    from trace_circuits.models import model_fingerprint
+
+    h = hashlib.sha256(json.dumps([model_fingerprint(model), encoded.input_ids, encoded.content_spans,
+                                   n_content_bins, query_positions, FORMAT_VERSION]).encode())
+    return h.hexdigest()
+
+
+def _write_checkpoint(path: Path, key: str, out: torch.Tensor, done: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"profiles": out.contiguous(), "done": done.to(torch.uint8)}, str(tmp), metadata={"key": key})
+
+
+def _read_checkpoint(path: Path, key: str, shape) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                warnings.warn(f"{path} was written for other prompts or settings; starting over", stacklevel=3)
+                return None
+            out, done = f.get_tensor("profiles"), f.get_tensor("done").bool()
+    except Exception as err:  # a torn or foreign file: never trust it, never crash on it
+        warnings.warn(f"ignoring unreadable checkpoint {path} ({type(err).__name__}); starting over", stacklevel=3)
+        return None
+    if tuple(out.shape) != tuple(shape):
+        return None
+    return out, done
 
 
 def jsd_bits(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -273,8 +335,12 @@ def scan_attention_divergence(
     system: Optional[str] = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: Optional[str | Path] = None,
 ) -> DivergenceResult:
-    """Attention divergence per layer and head between ``harmful`` and ``benign`` prompts (see module docs)."""
+    """Attention divergence per layer and head between ``harmful`` and ``benign`` prompts (see module docs).
+
+    ``checkpoint_dir``: save progress there and resume an interrupted scan of the same prompts and settings.
+    """
     if not 0 < alpha < 1:
         raise TraceCircuitsError("alpha must be between 0 and 1")
     if not 0 <= onset_fraction <= 1:
@@ -284,8 +350,9 @@ def scan_attention_divergence(
     if len(enc_h) < 2 or len(enc_b) < 2:
         raise TraceCircuitsError("need at least 2 harmful and 2 benign prompts for a divergence with intervals")
     kw = dict(batch_size=batch_size, n_content_bins=n_content_bins, query_positions=query_positions, progress=progress)
-    Hp = collect_attention_profiles(model, enc_h, desc="attention scan (harmful)", **kw)
-    Bp = collect_attention_profiles(model, enc_b, desc="attention scan (benign)", **kw)
+    ck = (lambda name: Path(checkpoint_dir) / f"scan-{name}.safetensors") if checkpoint_dir else (lambda name: None)
+    Hp = collect_attention_profiles(model, enc_h, desc="attention scan (harmful)", checkpoint=ck("harmful"), **kw)
+    Bp = collect_attention_profiles(model, enc_b, desc="attention scan (benign)", checkpoint=ck("benign"), **kw)
     return divergence_from_profiles(
         Hp, Bp, model_name=getattr(model, "trace_circuits_name", model.cfg.model_name), n_bootstrap=n_bootstrap,
         n_permutations=n_permutations, alpha=alpha, onset_fraction=onset_fraction, seed=seed,
