@@ -6,6 +6,7 @@ hook set -> evaluation. Each stage returns a small result object with ``.to_json
 
 from trace_circuits.divergence import DivergenceResult, divergence_from_profiles, scan_attention_divergence
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.features import FeatureResult, differential_feature_stats, find_harmful_features
 from trace_circuits.models import available_models, load_hf_model, load_model, model_fingerprint
 from trace_circuits.prompts import (
     PromptSet,
@@ -15,12 +16,22 @@ from trace_circuits.prompts import (
     format_prompts,
     load_prompts,
 )
-from trace_circuits.viz import attention_pair_view, plot_divergence
+from trace_circuits.saes import SAETrainingConfig, evaluate_sae, list_saes, load_sae, train_saes
+from trace_circuits.viz import attention_pair_view, feature_token_view, plot_divergence
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DivergenceResult",
+    "FeatureResult",
+    "SAETrainingConfig",
+    "differential_feature_stats",
+    "evaluate_sae",
+    "feature_token_view",
+    "find_harmful_features",
+    "list_saes",
+    "load_sae",
+    "train_saes",
     "PromptSet",
     "TraceCircuitsError",
     "attention_pair_view",

@@ -69,6 +69,59 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass. Default: 16")
     run.set_defaults(func=cmd_run)
 
+    corpus = sub.add_parser("build-corpus", help="rebuild the SAE training corpus (chat answers + CPython docs)",
+                            description="Build the SAE training corpus: the model's own greedy chat answers to the "
+                                        "built-in train prompts and generated instructions, plus CPython's reference "
+                                        "docs and stdlib docstrings. Deterministic.")
+    corpus.add_argument("--model", default="smollm2-135m-instruct", help="model that answers the chat prompts")
+    corpus.add_argument("--out", default="saes/corpus/smollm2-135m-instruct.jsonl.gz", help="corpus file (.jsonl.gz)")
+    corpus.add_argument("--n-generated", type=int, default=1200, help="generated instructions. Default: 1200")
+    corpus.add_argument("--max-new-tokens", type=int, default=64, help="answer length. Default: 64")
+    corpus.add_argument("--batch-size", type=int, default=32, help="prompts per generate call. Default: 32")
+    corpus.set_defaults(func=cmd_build_corpus)
+
+    tr = sub.add_parser("train-sae", help="stage 2: train SAEs (SAE-Lens) at residual hooks, resumable",
+                        description="Collect activations once for all hooks, train one TopK SAE per hook with "
+                                    "SAE-Lens, evaluate on held-out text (EV, L0, CE recovered) and save into "
+                                    "saes/<model>/<hook>/. Interrupted runs resume when rerun with the same "
+                                    "settings and --run-dir.")
+    _add_model_args(tr)
+    tr.add_argument("--hook", action="append", dest="hooks", default=None,
+                    help="hook point, repeatable (e.g. blocks.21.hook_resid_post). Default: blocks.21.hook_resid_post")
+    tr.add_argument("--layers", default=None, help="shorthand: comma-separated layers for hook_resid_post, e.g. 21,23,25,27")
+    tr.add_argument("--corpus", default="saes/corpus/smollm2-135m-instruct.jsonl.gz", help="corpus file")
+    tr.add_argument("--d-sae", type=int, default=2304, help="dictionary size. Default: 2304 (4 x d_model)")
+    tr.add_argument("--k", type=int, default=32, help="active features per token (TopK). Default: 32")
+    tr.add_argument("--max-corpus-tokens", type=int, default=600_000, help="unique tokens. Default: 600000")
+    tr.add_argument("--training-samples", type=int, default=3_000_000, help="activations seen. Default: 3000000")
+    tr.add_argument("--batch-size", type=int, default=4096, help="SAE batch (tokens). Default: 4096")
+    tr.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate. Default: 4e-4")
+    tr.add_argument("--run-dir", default="runs/train-sae", help="activations and checkpoints. Default: runs/train-sae")
+    tr.add_argument("--out-root", default=None, help="where SAEs are saved. Default: the repository's saes/")
+    tr.set_defaults(func=cmd_train_sae)
+
+    fe = sub.add_parser("features", help="stage 2: SAE features that carry harmful semantics",
+                        description="Differential activation analysis of a shipped SAE's features on harmful vs "
+                                    "benign prompts (mean and firing-rate differences, Cohen's d, Mann-Whitney U with "
+                                    "BH false-discovery control, benign-firing rejection). Writes OUT/features.json "
+                                    "and OUT/features.html.")
+    _add_model_args(fe)
+    _add_prompt_args(fe)
+    fe.add_argument("--hook", default=None, help="SAE hook point. Default: the onset layer of --scan, else the "
+                                                 "first shipped SAE")
+    fe.add_argument("--scan", default=None, help="divergence.json of a scan: use its onset layer")
+    fe.add_argument("--out", default="runs/features", help="output folder. Default: runs/features")
+    fe.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass. Default: 16")
+    fe.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate. Default: 0.05")
+    fe.add_argument("--min-effect-size", type=float, default=0.5, help="minimum Cohen's d. Default: 0.5")
+    fe.add_argument("--max-benign-fire-rate", type=float, default=0.2,
+                    help="reject features firing on more benign prompts than this. Default: 0.2")
+    fe.set_defaults(func=cmd_features)
+
+    ls = sub.add_parser("saes", help="list the shipped SAEs", description="List SAEs in saes/ with their metrics.")
+    ls.add_argument("--model", default=None, help="only this model")
+    ls.set_defaults(func=cmd_saes)
+
     models = sub.add_parser("models", help="list the models that load offline", description="List offline models.")
     models.set_defaults(func=cmd_models)
     return parser
@@ -139,6 +192,103 @@ def cmd_run(args) -> int:
                                        checkpoint_dir=Path(args.out) / ".checkpoints")
     paths = result.save(Path(args.out), model=model)
     _print_scan(result, paths)
+    return 0
+
+
+def cmd_build_corpus(args) -> int:
+    from trace_circuits.corpus import build_corpus
+
+    build_corpus(args.out, model_name=args.model, n_generated=args.n_generated, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size)
+    return 0
+
+
+def cmd_train_sae(args) -> int:
+    from trace_circuits.saes import SAETrainingConfig, train_saes
+
+    hooks = list(args.hooks or [])
+    if args.layers:
+        try:
+            hooks += [f"blocks.{int(l)}.hook_resid_post" for l in args.layers.split(",") if l.strip()]
+        except ValueError:
+            raise TraceCircuitsError(f"--layers must be comma-separated integers, not '{args.layers}'") from None
+    hooks = hooks or ["blocks.21.hook_resid_post"]
+    if not Path(args.corpus).exists():
+        raise TraceCircuitsError(f"corpus {args.corpus} does not exist; build it with "
+                                 f"`trace-circuits build-corpus --out {args.corpus}`")
+    model = _load_model(args)
+    cfg = SAETrainingConfig(model=getattr(model, "trace_circuits_name", args.model), hooks=hooks, corpus=args.corpus,
+                            d_sae=args.d_sae, k=args.k, max_corpus_tokens=args.max_corpus_tokens,
+                            training_samples=args.training_samples, batch_size=args.batch_size, lr=args.lr)
+    command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
+    train_saes(model, cfg, args.run_dir, out_root=args.out_root, command=command)
+    return 0
+
+
+def _sae_hook_for(model_name: str, onset: Optional[int]) -> str:
+    """The shipped SAE at the onset layer, else the nearest shipped layer at or after it, else the first."""
+    from trace_circuits.saes import list_saes
+
+    have = sorted({int(s["hook_name"].split(".")[1]): s["hook_name"] for s in list_saes(model_name)}.items())
+    if not have:
+        raise TraceCircuitsError(f"no SAEs are shipped for {model_name}; train one with `trace-circuits train-sae`")
+    if onset is not None:
+        later = [h for l, h in have if l >= onset]
+        if later:
+            return later[0]
+    return have[0][1]
+
+
+def cmd_features(args) -> int:
+    import json
+
+    from trace_circuits.features import find_harmful_features
+    from trace_circuits.models import ALIASES
+    from trace_circuits.saes import load_sae
+
+    harmful, benign = _load_sets(args)
+    name = ALIASES.get(args.model.lower(), args.model.lower())
+    hook = args.hook
+    if hook is None:
+        onset = None
+        if args.scan:
+            try:
+                onset = json.loads(Path(args.scan).read_text())["onset_layer"]
+            except (OSError, ValueError, KeyError):
+                raise TraceCircuitsError(f"--scan {args.scan} is not a divergence.json; run `trace-circuits scan` "
+                                         "first") from None
+        hook = _sae_hook_for(name, onset)
+    sae = load_sae(name, hook)
+    model = _load_model(args)
+    result = find_harmful_features(model, sae, harmful, benign, hook, batch_size=args.batch_size,
+                                   chat=False if args.no_chat else None, alpha=args.alpha,
+                                   min_effect_size=args.min_effect_size, max_benign_fire_rate=args.max_benign_fire_rate)
+    paths = result.save(args.out)
+    _print_features(result, paths)
+    return 0
+
+
+def _print_features(result, paths) -> None:
+    feats = result.harmful_features
+    print(f"{len(feats)} harmful features at {result.hook_name} (of {len(result.table)}): {result.rule}")
+    for f in feats[:10]:
+        row = result.table.loc[f]
+        toks = ", ".join(repr(t) for t, _ in (result.examples.get(f, {}).get("top_tokens") or [])[:3])
+        print(f"  F{f:<5d} d={row['effect_size']:.2f}  fires harmful {row['fire_rate_harmful']:.0%} / benign "
+              f"{row['fire_rate_benign']:.0%}  top tokens: {toks}")
+    for kind, p in paths.items():
+        print(f"wrote {p}")
+
+
+def cmd_saes(args) -> int:
+    from trace_circuits.saes import list_saes
+
+    rows = list_saes(args.model)
+    if not rows:
+        print("no SAEs found; train one with `trace-circuits train-sae`")
+    for r in rows:
+        print(f"{r['model']:24s} {r['hook_name']:28s} d_sae {r['d_sae']:>6}  EV {r['explained_variance']:.3f}  "
+              f"L0 {r['l0']:.1f}  CE recovered {r['ce_loss_recovered']:.3f}  {r['path']}")
     return 0
 
 

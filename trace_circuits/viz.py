@@ -101,3 +101,27 @@ def attention_pair_view(model, harmful: str, benign: str, layer: int, chat: Opti
                                             attention_head_names=[f"L{layer}H{h}" for h in range(pattern.shape[0])])
         parts.append((f"{title}: {prompt}", view))
     return PairView(parts)
+
+
+def feature_token_view(model, sae, hook_name: str, prompts: list[str], features: list[int],
+                       chat: Optional[bool] = None) -> PairView:
+    """circuitsvis token-level activations of SAE ``features`` on each prompt (one colored-tokens view a prompt)."""
+    import circuitsvis as cv
+
+    from trace_circuits.prompts import encode_prompts
+
+    if not features:
+        raise TraceCircuitsError("no features to show; pass feature ids, e.g. result.harmful_features[:5]")
+    enc = encode_prompts(model, prompts, chat=chat)
+    device = next(model.parameters()).device
+    parts = []
+    for i, prompt in enumerate(prompts):
+        tokens = torch.tensor([enc.input_ids[i]], device=device)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(tokens, names_filter=[hook_name])
+            acts = sae.to(device).encode(cache[hook_name][0].float())[:, features].cpu()
+        s = enc.content_spans[i][0]
+        strs = [model.tokenizer.decode([t]) for t in enc.input_ids[i]][s:]
+        view = cv.tokens.colored_tokens_multi(tokens=strs, values=acts[s:], labels=[f"F{f}" for f in features])
+        parts.append((prompt, view))
+    return PairView(parts)

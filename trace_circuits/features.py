@@ -1,0 +1,530 @@
+"""Stage 2 of TraceRouter: differential activation analysis of SAE features on harmful vs benign prompts.
+
+Input (what :func:`differential_feature_stats` takes)
+-----------------------------------------------------
+Two matrices ``H`` [n_H, F] and ``B`` [n_B, F]: one row per prompt, one column per SAE feature, each entry the
+feature's activation on that prompt aggregated over the prompt's tokens (the caller picks the aggregation,
+e.g. max or mean over the content tokens). No model is needed here: this is pure numpy/scipy.
+
+Statistics (one row per feature f)
+----------------------------------
+    mean_harmful      = mean_i H[i, f]                 mean_benign = mean_j B[j, f]
+    mean_diff         = mean_harmful - mean_benign
+    fire_rate_harmful = fraction of harmful prompts with H[i, f] > fire_threshold   (same for benign)
+    fire_rate_diff    = fire_rate_harmful - fire_rate_benign
+    effect_size       = Cohen's d = mean_diff / s_pooled,
+                        s_pooled = sqrt(((n_H - 1) s_H^2 + (n_B - 1) s_B^2) / (n_H + n_B - 2))
+                        (s^2 the unbiased sample variances); where s_pooled = 0, d = 0 if mean_diff = 0 else
+                        +-inf; d is then clipped to [-1e6, 1e6] so that JSON stays finite
+    p_value           = one-sided Mann-Whitney U test of "harmful > benign" (asymptotic normal approximation
+                        with tie and continuity correction when scipy picks it); p = 1 for a feature that is
+                        constant over all n_H + n_B prompts (e.g. a dead feature)
+    q_value           = Benjamini-Hochberg adjusted p-value over ALL F features
+    rejected_benign   = fire_rate_benign > max_benign_fire_rate
+
+Selection rule
+--------------
+A feature carries harmful semantics ("harmful") when all of these hold:
+
+    q_value < alpha  AND  mean_diff > 0  AND  effect_size >= min_effect_size
+    AND  fire_rate_benign <= max_benign_fire_rate
+
+(defaults alpha = 0.05, min_effect_size = 0.5, max_benign_fire_rate = 0.2, fire_threshold = 0): more active
+on harmful prompts, beyond what sampling noise explains over all features tested, by a sizable amount, and not
+a generic feature that fires often on benign prompts too.
+
+``status`` names the first test a feature fails, checked in this order (or "harmful" when it passes all):
+"constant" (same value on every prompt), "weaker on harmful" (mean_diff < 0), "no difference"
+(mean_diff = 0), "not significant" (q_value >= alpha), "small effect" (effect_size < min_effect_size),
+"rejected: fires on benign" (fire_rate_benign > max_benign_fire_rate).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from trace_circuits._io import write_json_atomic, write_text_atomic
+from trace_circuits.errors import TraceCircuitsError
+
+FORMAT_VERSION = 1
+EFFECT_SIZE_CLIP = 1e6
+N_OTHER_FEATURES_SAVED = 50
+
+STATUS_HARMFUL = "harmful"
+STATUS_BENIGN = "rejected: fires on benign"
+STATUS_SMALL = "small effect"
+STATUS_NOT_SIGNIFICANT = "not significant"
+STATUS_NO_DIFFERENCE = "no difference"
+STATUS_WEAKER = "weaker on harmful"
+STATUS_CONSTANT = "constant"
+STATUSES = (STATUS_HARMFUL, STATUS_BENIGN, STATUS_SMALL, STATUS_NOT_SIGNIFICANT, STATUS_NO_DIFFERENCE,
+            STATUS_WEAKER, STATUS_CONSTANT)
+
+COLUMNS = ["feature", "mean_harmful", "mean_benign", "mean_diff", "fire_rate_harmful", "fire_rate_benign",
+           "fire_rate_diff", "effect_size", "p_value", "q_value", "rejected_benign", "harmful", "status"]
+_FLOAT_COLUMNS = COLUMNS[1:10]
+_BOOL_COLUMNS = ["rejected_benign", "harmful"]
+
+
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().float().cpu().numpy()
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TraceCircuitsError(f"{name} activations must be numeric; pass a float array [n_prompts, n_features]")
+    if a.ndim != 2:
+        raise TraceCircuitsError(
+            f"{name} activations must be a 2-D array [n_prompts, n_features], got shape {tuple(a.shape)}; "
+            f"aggregate each prompt's tokens first (e.g. max over tokens)")
+    if a.shape[0] < 2:
+        raise TraceCircuitsError(f"need at least 2 {name} prompts, got {a.shape[0]}; add {name} prompts")
+    if not np.isfinite(a).all():
+        raise TraceCircuitsError(f"{name} activations contain NaN or inf; check the SAE encoding (dtype overflow?) "
+                                 f"or drop those prompts")
+    return a
+
+
+def _check_params(fire_threshold: float, alpha: float, max_benign_fire_rate: float, min_effect_size: float) -> None:
+    def num(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not num(fire_threshold) or fire_threshold < 0:
+        raise TraceCircuitsError(f"fire_threshold must be a number >= 0, got {fire_threshold!r}")
+    if not num(alpha) or not 0 < alpha < 1:
+        raise TraceCircuitsError(f"alpha must be strictly between 0 and 1 (e.g. 0.05), got {alpha!r}")
+    if not num(max_benign_fire_rate) or not 0 <= max_benign_fire_rate <= 1:
+        raise TraceCircuitsError(f"max_benign_fire_rate must be between 0 and 1 (e.g. 0.2), got {max_benign_fire_rate!r}")
+    if not num(min_effect_size) or min_effect_size < 0:
+        raise TraceCircuitsError(f"min_effect_size must be a number >= 0 (e.g. 0.5), got {min_effect_size!r}")
+
+
+def _set_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and unbiased variance per column; columns constant within X get their value and variance 0 exactly."""
+    const = X.max(0) == X.min(0)
+    mean = X.mean(0)
+    var = X.var(0, ddof=1)
+    mean[const] = X[0, const]
+    var[const] = 0.0
+    return mean, var, const
+
+
+def differential_feature_stats(
+    harmful,
+    benign,
+    *,
+    fire_threshold: float = 0.0,
+    alpha: float = 0.05,
+    max_benign_fire_rate: float = 0.2,
+    min_effect_size: float = 0.5,
+    feature_ids: Optional[Sequence[int]] = None,
+) -> pd.DataFrame:
+    """Per-feature differential statistics and the harmful-feature selection (see the module docstring).
+
+    ``harmful`` [n_H, F] and ``benign`` [n_B, F]: each feature's activation per prompt, aggregated over the
+    prompt's tokens. ``feature_ids`` (optional, length F) names the columns when they are a subset of the SAE.
+
+    Columns: feature, mean_harmful, mean_benign, mean_diff = mean_harmful - mean_benign, fire_rate_harmful,
+    fire_rate_benign (fraction of prompts with activation > fire_threshold), fire_rate_diff, effect_size
+    (Cohen's d with the pooled SD, clipped to +-1e6), p_value (one-sided Mann-Whitney U, harmful > benign; 1 for
+    constant features), q_value (Benjamini-Hochberg over all F features), rejected_benign
+    (fire_rate_benign > max_benign_fire_rate), harmful (q_value < alpha and mean_diff > 0 and
+    effect_size >= min_effect_size and not rejected_benign), status.
+
+    Rows are indexed by feature id and sorted: harmful features first, then by effect_size descending (ties by
+    feature id). The parameters are kept in ``table.attrs["params"]``.
+    """
+    _check_params(fire_threshold, alpha, max_benign_fire_rate, min_effect_size)
+    H = _as_matrix(harmful, "harmful")
+    B = _as_matrix(benign, "benign")
+    if H.shape[1] != B.shape[1]:
+        raise TraceCircuitsError(f"harmful has {H.shape[1]} features but benign has {B.shape[1]}; "
+                                 f"encode both prompt sets with the same SAE and feature subset")
+    F = H.shape[1]
+    if F == 0:
+        raise TraceCircuitsError("the activation matrices have no feature columns; pass at least one SAE feature")
+    if feature_ids is None:
+        ids = np.arange(F, dtype=np.int64)
+    else:
+        ids = np.asarray(feature_ids).astype(np.int64).reshape(-1)
+        if len(ids) != F or len(np.unique(ids)) != F:
+            raise TraceCircuitsError(f"feature_ids must be {F} distinct ids, one per activation column")
+    nH, nB = H.shape[0], B.shape[0]
+
+    mean_h, var_h, const_h = _set_moments(H)
+    mean_b, var_b, const_b = _set_moments(B)
+    mean_diff = mean_h - mean_b
+    pooled = np.sqrt(((nH - 1) * var_h + (nB - 1) * var_b) / (nH + nB - 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(pooled > 0, mean_diff / np.where(pooled > 0, pooled, 1.0),
+                     np.where(mean_diff == 0, 0.0, np.sign(mean_diff) * np.inf))
+    d = np.clip(d, -EFFECT_SIZE_CLIP, EFFECT_SIZE_CLIP)
+
+    fire_h = (H > fire_threshold).mean(0)
+    fire_b = (B > fire_threshold).mean(0)
+
+    constant = const_h & const_b & (mean_diff == 0)
+    p = np.ones(F)
+    live = ~constant
+    if live.any():
+        from scipy.stats import mannwhitneyu
+
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p[live] = mannwhitneyu(H[:, live], B[:, live], alternative="greater", axis=0).pvalue
+    p = np.clip(np.nan_to_num(p, nan=1.0), 0.0, 1.0)
+    from scipy.stats import false_discovery_control
+
+    q = false_discovery_control(p, method="bh")
+
+    rejected = fire_b > max_benign_fire_rate
+    is_harmful = (q < alpha) & (mean_diff > 0) & (d >= min_effect_size) & ~rejected
+    status = np.full(F, STATUS_HARMFUL, dtype=object)
+    # Assigned from the last test to the first, so the first failed test wins.
+    status[rejected] = STATUS_BENIGN
+    status[d < min_effect_size] = STATUS_SMALL
+    status[q >= alpha] = STATUS_NOT_SIGNIFICANT
+    status[mean_diff == 0] = STATUS_NO_DIFFERENCE
+    status[mean_diff < 0] = STATUS_WEAKER
+    status[constant] = STATUS_CONSTANT
+
+    table = pd.DataFrame({
+        "feature": ids, "mean_harmful": mean_h, "mean_benign": mean_b, "mean_diff": mean_diff,
+        "fire_rate_harmful": fire_h, "fire_rate_benign": fire_b, "fire_rate_diff": fire_h - fire_b,
+        "effect_size": d, "p_value": p, "q_value": q, "rejected_benign": rejected, "harmful": is_harmful,
+        "status": status.astype(str),
+    }, columns=COLUMNS)
+    table = _sorted(table)
+    table.attrs["params"] = dict(fire_threshold=float(fire_threshold), alpha=float(alpha),
+                                 max_benign_fire_rate=float(max_benign_fire_rate),
+                                 min_effect_size=float(min_effect_size), n_features=int(F))
+    return table
+
+
+def _sorted(table: pd.DataFrame) -> pd.DataFrame:
+    order = np.lexsort((table["feature"].to_numpy(), -table["effect_size"].to_numpy(),
+                        ~table["harmful"].to_numpy(dtype=bool)))
+    out = table.iloc[order].copy()
+    out.index = pd.Index(out["feature"].to_numpy(dtype=np.int64))
+    return out
+
+
+def selection_rule(params: dict) -> str:
+    """The selection rule as one sentence, with the thresholds in ``params``."""
+    g = lambda k, v: params.get(k, v)  # noqa: E731
+    n = params.get("n_features")
+    over = f"all {n} features" if n is not None else "all features"
+    return (f"A feature is harmful when its Benjamini-Hochberg q-value (one-sided Mann-Whitney U test, harmful > "
+            f"benign, corrected over {over}) is < {g('alpha', 0.05)}, its mean activation is higher on harmful "
+            f"than on benign prompts, its Cohen's d is >= {g('min_effect_size', 0.5)}, and it fires (activation > "
+            f"{g('fire_threshold', 0.0)}) on at most {g('max_benign_fire_rate', 0.2)} of benign prompts.")
+
+
+def _row_dict(row: pd.Series) -> dict:
+    out = {"feature": int(row["feature"])}
+    for c in _FLOAT_COLUMNS:
+        out[c] = float(row[c])
+    for c in _BOOL_COLUMNS:
+        out[c] = bool(row[c])
+    out["status"] = str(row["status"])
+    return out
+
+
+def _jsonable_examples(ex: dict) -> dict:
+    out = {}
+    for k in ("top_tokens", "top_prompts"):
+        if k in ex and ex[k] is not None:
+            out[k] = [[str(t), float(a)] for t, a in ex[k]]
+    for k, v in ex.items():
+        if k not in out and k not in ("top_tokens", "top_prompts"):
+            out[k] = v
+    return out
+
+
+@dataclass
+class FeatureResult:
+    """Stage 2 result: differential statistics of one SAE's features, harmful vs benign prompts."""
+
+    model: str
+    hook_name: str
+    sae_id: str
+    table: pd.DataFrame
+    params: dict
+    n_harmful: int
+    n_benign: int
+    examples: dict = field(default_factory=dict)  # feature id -> {"top_tokens": [[tok, act]], "top_prompts": ...}
+
+    @classmethod
+    def from_activations(cls, harmful, benign, *, model: str = "", hook_name: str = "", sae_id: str = "",
+                         examples: Optional[dict] = None, params: Optional[dict] = None,
+                         **stat_kwargs) -> "FeatureResult":
+        """Run :func:`differential_feature_stats` on the two matrices and wrap the table (extra ``params`` are
+        recorded alongside the statistical thresholds)."""
+        table = differential_feature_stats(harmful, benign, **stat_kwargs)
+        p = dict(params or {})
+        p.update(table.attrs.get("params", {}))
+        return cls(model=model, hook_name=hook_name, sae_id=sae_id, table=table, params=p,
+                   n_harmful=int(np.shape(harmful)[0]), n_benign=int(np.shape(benign)[0]),
+                   examples=dict(examples or {}))
+
+    @property
+    def harmful_features(self) -> list[int]:
+        """Ids of the features selected as harmful, in table order (strongest effect first)."""
+        t = self.table
+        return [int(f) for f in t.loc[t["harmful"].to_numpy(dtype=bool), "feature"]]
+
+    @property
+    def rule(self) -> str:
+        return selection_rule(self.params)
+
+    def _example(self, fid: int) -> Optional[dict]:
+        ex = self.examples.get(fid, self.examples.get(str(fid)))
+        return ex or None
+
+    def to_json(self) -> dict:
+        """All harmful features plus the top 50 other features by effect size (each with its examples)."""
+        t = self.table
+        mask = t["harmful"].to_numpy(dtype=bool)
+        kept = pd.concat([t[mask], t[~mask].head(N_OTHER_FEATURES_SAVED)])
+        rows = []
+        for _, row in kept.iterrows():
+            r = _row_dict(row)
+            ex = self._example(r["feature"])
+            if ex:
+                r["examples"] = _jsonable_examples(ex)
+            rows.append(r)
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "hook_name": self.hook_name,
+            "sae_id": self.sae_id,
+            "n_harmful": int(self.n_harmful),
+            "n_benign": int(self.n_benign),
+            "n_features": self.params.get("n_features", int(len(t))),
+            "params": self.params,
+            "rule": self.rule,
+            "harmful_features": self.harmful_features,
+            "features": rows,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FeatureResult":
+        """Rebuild from :meth:`to_json` output (the table holds only the rows that were saved)."""
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise TraceCircuitsError(
+                f"features.json has format version {data['format_version']}, newer than this trace-circuits "
+                f"({FORMAT_VERSION}); upgrade trace-circuits")
+        rows = data.get("features", [])
+        examples = {int(r["feature"]): r["examples"] for r in rows if r.get("examples")}
+        table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in rows], columns=COLUMNS)
+        table = table.astype({"feature": np.int64, **{c: np.float64 for c in _FLOAT_COLUMNS},
+                              **{c: bool for c in _BOOL_COLUMNS}})
+        table["status"] = table["status"].astype(str)
+        table = _sorted(table)
+        return cls(model=data.get("model", ""), hook_name=data.get("hook_name", ""), sae_id=data.get("sae_id", ""),
+                   table=table, params=dict(data.get("params", {})), n_harmful=int(data["n_harmful"]),
+                   n_benign=int(data["n_benign"]), examples=examples)
+
+    def plot(self):
+        """Volcano plot (effect size vs -log10 q, coloured by status) and harmful vs benign fire rates of the top
+        20 harmful features (or the top 20 by effect size when none is harmful)."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        t = self.table
+        alpha = float(self.params.get("alpha", 0.05))
+        min_d = float(self.params.get("min_effect_size", 0.5))
+        harmful_ids = self.harmful_features
+        top = t[t["harmful"].to_numpy(dtype=bool)].head(20) if harmful_ids else t.head(20)
+        bar_title = ("Fire rates of the top harmful features" if harmful_ids
+                     else "Fire rates of the top features by effect size (none harmful)")
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.1,
+                            subplot_titles=("Volcano: Cohen's d vs -log10 q (BH)", bar_title))
+        d = t["effect_size"].to_numpy(dtype=float)
+        finite = np.abs(d) < EFFECT_SIZE_CLIP
+        cap = max(float(np.abs(d[finite]).max()) * 1.05 if finite.any() else 0.0, min_d * 1.5, 1.0)
+        x_all = np.clip(d, -cap, cap)
+        y_all = -np.log10(np.clip(t["q_value"].to_numpy(dtype=float), 1e-300, 1.0))
+        colours = {STATUS_HARMFUL: "crimson", STATUS_BENIGN: "darkorange", STATUS_SMALL: "goldenrod",
+                   STATUS_NOT_SIGNIFICANT: "gray", STATUS_NO_DIFFERENCE: "silver", STATUS_WEAKER: "seagreen",
+                   STATUS_CONSTANT: "lightgray"}
+        status = t["status"].to_numpy(dtype=str)
+        for s in STATUSES:
+            m = status == s
+            if not m.any():
+                continue
+            sub = t[m]
+            tokens = []
+            for fid in sub["feature"]:
+                ex = self._example(int(fid)) or {}
+                toks = ex.get("top_tokens") or []
+                tokens.append(html.escape(", ".join(repr(str(tok)) for tok, _ in toks[:8])) or "-")
+            custom = np.empty((int(m.sum()), 6), dtype=object)
+            custom[:, 0] = sub["feature"].to_numpy()
+            custom[:, 1] = sub["mean_diff"].to_numpy()
+            custom[:, 2] = sub["fire_rate_harmful"].to_numpy()
+            custom[:, 3] = sub["fire_rate_benign"].to_numpy()
+            custom[:, 4] = sub["effect_size"].to_numpy()
+            custom[:, 5] = tokens
+            fig.add_trace(go.Scatter(
+                x=x_all[m], y=y_all[m], mode="markers", name=s, customdata=custom,
+                marker=dict(color=colours[s], size=8 if s == STATUS_HARMFUL else 5,
+                            opacity=0.9 if s == STATUS_HARMFUL else 0.5),
+                hovertemplate="feature %{customdata[0]}<br>d = %{customdata[4]:.3g}, q = 10^-%{y:.2f}"
+                              "<br>mean diff = %{customdata[1]:.4g}<br>fire rate harmful %{customdata[2]:.2f}, "
+                              "benign %{customdata[3]:.2f}<br>top tokens: %{customdata[5]}<extra></extra>"),
+                row=1, col=1)
+        fig.add_hline(y=-math.log10(alpha), line=dict(color="gray", dash="dot"), row=1, col=1)
+        fig.add_vline(x=min_d, line=dict(color="gray", dash="dot"), row=1, col=1)
+        labels = [f"f{int(f)}" for f in top["feature"]]
+        fig.add_trace(go.Bar(x=labels, y=top["fire_rate_harmful"].to_numpy(dtype=float), name="fires on harmful",
+                             marker_color="crimson"), row=1, col=2)
+        fig.add_trace(go.Bar(x=labels, y=top["fire_rate_benign"].to_numpy(dtype=float), name="fires on benign",
+                             marker_color="seagreen"), row=1, col=2)
+        fig.add_hline(y=float(self.params.get("max_benign_fire_rate", 0.2)), line=dict(color="seagreen", dash="dot"),
+                      row=1, col=2)
+        fig.update_xaxes(title_text="effect size (Cohen's d)", row=1, col=1)
+        fig.update_yaxes(title_text="-log10 q", row=1, col=1)
+        fig.update_xaxes(title_text="feature", row=1, col=2)
+        fig.update_yaxes(title_text="fraction of prompts firing", range=[0, 1.05], row=1, col=2)
+        fig.update_layout(height=560, width=1200, barmode="group",
+                          title=f"Differential SAE features, harmful ({self.n_harmful}) vs benign ({self.n_benign}): "
+                                f"{self.model} {self.sae_id}".strip(),
+                          legend=dict(orientation="h", y=-0.15))
+        return fig
+
+    def _html_table(self, limit: int = 50) -> str:
+        t = self.table
+        mask = t["harmful"].to_numpy(dtype=bool)
+        rows = t[mask].head(limit) if mask.any() else t.head(min(limit, 20))
+        head = ("<tr><th>feature</th><th>status</th><th>d</th><th>q</th><th>fire harmful</th><th>fire benign</th>"
+                "<th>top tokens</th></tr>")
+        body = []
+        for _, r in rows.iterrows():
+            ex = self._example(int(r["feature"])) or {}
+            toks = ", ".join(f"{str(tok)!r} ({float(a):.2f})" for tok, a in (ex.get("top_tokens") or [])[:10])
+            body.append(f"<tr><td>{int(r['feature'])}</td><td>{html.escape(str(r['status']))}</td>"
+                        f"<td>{float(r['effect_size']):.3g}</td><td>{float(r['q_value']):.3g}</td>"
+                        f"<td>{float(r['fire_rate_harmful']):.2f}</td><td>{float(r['fire_rate_benign']):.2f}</td>"
+                        f"<td>{html.escape(toks)}</td></tr>")
+        return f"<table border='1' cellpadding='4' style='border-collapse:collapse'>{head}{''.join(body)}</table>"
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``features.json`` and ``features.html`` (plots with plotly.js inlined, works offline)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": write_json_atomic(out / "features.json", self.to_json())}
+        plot_html = self.plot().to_html(full_html=False, include_plotlyjs=True)
+        name = html.escape(f"{self.model} {self.hook_name} {self.sae_id}".strip())
+        n = len(self.harmful_features)
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Harmful SAE features: {name}</title>"
+                f"</head><body><h1>Harmful SAE features: {name}</h1><p><b>{n}</b> harmful feature"
+                f"{'' if n == 1 else 's'} out of {self.params.get('n_features', len(self.table))}; "
+                f"{self.n_harmful} harmful vs {self.n_benign} benign prompts.</p><p>{html.escape(self.rule)}</p>"
+                f"{plot_html}<h2>{'Harmful features' if n else 'Top features by effect size'}</h2>"
+                f"{self._html_table()}</body></html>")
+        paths["html"] = write_text_atomic(out / "features.html", page)
+        return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From a model and an SAE: per-prompt feature activations, examples, and the whole stage-2 call
+
+
+def collect_prompt_features(model, sae, hook_name: str, encoded, batch_size: int = 16, progress: bool = True,
+                            desc: str = "SAE features") -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt SAE feature activations at ``hook_name``: for prompt i and feature f,
+
+        A[i, f] = max over positions t >= content_start_i of  SAE.encode(x_i[t])[f]
+
+    i.e. over the user's text and the template after it (the generation prompt), not the shared system prompt.
+    Returns ``(A [n, F], argmax_position [n, F])`` (positions index the prompt's own token list).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from trace_circuits.prompts import iter_batches
+
+    device = next(model.parameters()).device
+    sae = sae.to(device)
+    F = sae.cfg.d_sae
+    n = len(encoded)
+    acts = np.zeros((n, F), dtype=np.float32)
+    where = np.zeros((n, F), dtype=np.int32)
+    n_batches = (n + batch_size - 1) // batch_size
+    stop = int(hook_name.split(".")[1]) + 1 if hook_name.startswith("blocks.") else None
+    with torch.inference_mode():
+        for batch in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
+            _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=[hook_name],
+                                            stop_at_layer=stop)
+            x = cache[hook_name]
+            feats = sae.encode(x.float())  # [b, pos, F]
+            for r, i in enumerate(batch.indices):
+                start = batch.n_pad[r] + encoded.content_spans[i][0]
+                f = feats[r, start:]
+                m, a = f.max(dim=0)
+                acts[i] = m.cpu().numpy()
+                where[i] = (a + encoded.content_spans[i][0]).cpu().numpy()
+    return acts, where
+
+
+def feature_examples(model, encoded, acts: np.ndarray, where: np.ndarray, prompts: Sequence[str],
+                     features: Sequence[int], k: int = 5) -> dict:
+    """For each feature: the ``k`` prompts where it is most active, and the token it peaks on in each."""
+    tok = model.tokenizer
+    out = {}
+    for f in features:
+        order = np.argsort(-acts[:, f])[:k]
+        top_prompts, top_tokens = [], []
+        for i in order:
+            if acts[i, f] <= 0:
+                break
+            t = encoded.input_ids[i][int(where[i, f])]
+            top_prompts.append([prompts[i], float(acts[i, f])])
+            top_tokens.append([tok.decode([t]) if tok is not None else str(t), float(acts[i, f])])
+        out[int(f)] = {"top_tokens": top_tokens, "top_prompts": top_prompts}
+    return out
+
+
+def find_harmful_features(model, sae, harmful, benign, hook_name: Optional[str] = None, *, batch_size: int = 16,
+                          chat: Optional[bool] = None, progress: bool = True, n_examples: int = 5,
+                          **stat_kwargs) -> FeatureResult:
+    """Stage 2: SAE features that carry harmful semantics (differential activation analysis, see module docs).
+
+    ``sae`` is an SAE-Lens SAE at ``hook_name`` (default: the hook recorded in the SAE's metadata).
+    """
+    from trace_circuits.models import model_fingerprint
+    from trace_circuits.prompts import as_prompt_list, encode_prompts
+    from trace_circuits.saes import check_sae_fits
+
+    hook_name = hook_name or getattr(sae.cfg.metadata, "hook_name", None)
+    if not hook_name:
+        raise TraceCircuitsError("this SAE records no hook point; pass hook_name='blocks.L.hook_resid_post'")
+    check_sae_fits(sae, model, hook_name)
+    hp, bp = as_prompt_list(harmful), as_prompt_list(benign)
+    enc_h, enc_b = encode_prompts(model, hp, chat=chat), encode_prompts(model, bp, chat=chat)
+    Ha, Hw = collect_prompt_features(model, sae, hook_name, enc_h, batch_size, progress, "SAE features (harmful)")
+    Ba, Bw = collect_prompt_features(model, sae, hook_name, enc_b, batch_size, progress, "SAE features (benign)")
+    result = FeatureResult.from_activations(
+        Ha, Ba, model=getattr(model, "trace_circuits_name", model.cfg.model_name), hook_name=hook_name,
+        sae_id=f"{getattr(model, 'trace_circuits_name', '')}/{hook_name}",
+        params={"aggregation": "max over content and generation-prompt tokens", "model_fingerprint":
+                model_fingerprint(model), "d_sae": int(sae.cfg.d_sae)}, **stat_kwargs)
+    shown = result.harmful_features + [int(f) for f in result.table["feature"].head(N_OTHER_FEATURES_SAVED)
+                                        if int(f) not in set(result.harmful_features)]
+    both = np.concatenate([Ha, Ba])
+    where = np.concatenate([Hw, Bw])
+    encoded = type(enc_h)(enc_h.texts + enc_b.texts, enc_h.input_ids + enc_b.input_ids,
+                          enc_h.content_spans + enc_b.content_spans, enc_h.pad_token_id)
+    result.examples = feature_examples(model, encoded, both, where, hp + bp, shown[:200], k=n_examples)
+    result.harmful_activations, result.benign_activations = Ha, Ba
+    result.harmful_prompts, result.benign_prompts = hp, bp
+    return result
