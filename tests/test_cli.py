@@ -59,7 +59,7 @@ def test_empty_prompt_file_is_one_clear_line(tmp_path, capsys):
     assert err == f"error: prompt file {empty} is empty; put one prompt per line (.txt) or one per row"
 
 
-@pytest.mark.parametrize("cmd", [[], ["scan"], ["run"], ["models"]])
+@pytest.mark.parametrize("cmd", [[], ["scan"], ["run"], ["models"], ["build-corpus"], ["train-sae"], ["features"], ["saes"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as info:
         main(cmd + ["--help"])

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--no-attention-view", action="store_true", help="leave the circuitsvis view out of the HTML")
     scan.set_defaults(func=cmd_scan)
 
-    run = sub.add_parser("run", help="the main job: the whole pipeline on the default model (for now: the scan)",
+    run = sub.add_parser("run", help="the main job: the whole pipeline on the default model (scan, SAE features)",
                          description="Run every implemented stage of TraceRouter with built-in prompts and write all "
                                      "artifacts into OUT.")
     _add_model_args(run)
@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", default=None, help="shorthand: comma-separated layers for hook_resid_post, e.g. 21,23,25,27")
     tr.add_argument("--corpus", default="saes/corpus/smollm2-135m-instruct.jsonl.gz", help="corpus file")
     tr.add_argument("--d-sae", type=int, default=2304, help="dictionary size. Default: 2304 (4 x d_model)")
-    tr.add_argument("--k", type=int, default=32, help="active features per token (TopK). Default: 32")
+    tr.add_argument("--k", type=int, default=64, help="active features per token (TopK). Default: 64")
     tr.add_argument("--max-corpus-tokens", type=int, default=600_000, help="unique tokens. Default: 600000")
-    tr.add_argument("--training-samples", type=int, default=3_000_000, help="activations seen. Default: 3000000")
+    tr.add_argument("--training-samples", type=int, default=2_500_000, help="activations seen. Default: 2500000")
     tr.add_argument("--batch-size", type=int, default=4096, help="SAE batch (tokens). Default: 4096")
-    tr.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate. Default: 4e-4")
+    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate. Default: 1e-3")
     tr.add_argument("--run-dir", default="runs/train-sae", help="activations and checkpoints. Default: runs/train-sae")
     tr.add_argument("--out-root", default=None, help="where SAEs are saved. Default: the repository's saes/")
     tr.set_defaults(func=cmd_train_sae)
@@ -183,15 +183,28 @@ def _print_scan(result, paths) -> None:
 
 def cmd_run(args) -> int:
     from trace_circuits.divergence import scan_attention_divergence
+    from trace_circuits.features import find_harmful_features
+    from trace_circuits.models import ALIASES
+    from trace_circuits.saes import list_saes, load_sae
 
     harmful, benign = _load_sets(args)
     model = _load_model(args)
-    print(f"[1/1] attention-divergence scan: {len(harmful)} harmful vs {len(benign)} benign prompts", flush=True)
+    out = Path(args.out)
+    name = ALIASES.get(args.model.lower(), args.model.lower())
+    stages = 2 if list_saes(name) else 1
+    print(f"[1/{stages}] attention-divergence scan: {len(harmful)} harmful vs {len(benign)} benign prompts", flush=True)
     result = scan_attention_divergence(model, harmful, benign, batch_size=args.batch_size,
-                                       chat=False if args.no_chat else None,
-                                       checkpoint_dir=Path(args.out) / ".checkpoints")
-    paths = result.save(Path(args.out), model=model)
-    _print_scan(result, paths)
+                                       chat=False if args.no_chat else None, checkpoint_dir=out / ".checkpoints")
+    _print_scan(result, result.save(out, model=model))
+    if stages == 1:
+        print(f"no SAEs shipped for {name}: stage 2 skipped (train them with `trace-circuits train-sae`)")
+        return 0
+    hook = _sae_hook_for(name, result.onset_layer)
+    print(f"[2/{stages}] SAE features at {hook} (SAE at or after the onset layer)", flush=True)
+    sae = load_sae(name, hook, model=model)
+    feats = find_harmful_features(model, sae, harmful, benign, hook, batch_size=args.batch_size,
+                                  chat=False if args.no_chat else None)
+    _print_features(feats, feats.save(out))
     return 0
 
 

@@ -446,6 +446,7 @@ def collect_prompt_features(model, sae, hook_name: str, encoded, batch_size: int
         A[i, f] = max over positions t >= content_start_i of  SAE.encode(x_i[t])[f]
 
     i.e. over the user's text and the template after it (the generation prompt), not the shared system prompt.
+    Positions with massive activations (norm above the SAE's saved ``massive_norm_threshold``) are skipped.
     Returns ``(A [n, F], argmax_position [n, F])`` (positions index the prompt's own token list).
     """
     import torch
@@ -461,12 +462,14 @@ def collect_prompt_features(model, sae, hook_name: str, encoded, batch_size: int
     where = np.zeros((n, F), dtype=np.int32)
     n_batches = (n + batch_size - 1) // batch_size
     stop = int(hook_name.split(".")[1]) + 1 if hook_name.startswith("blocks.") else None
+    limit = (getattr(sae, "trace_circuits_meta", None) or {}).get("massive_norm_threshold") or float("inf")
     with torch.inference_mode():
         for batch in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
             _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=[hook_name],
                                             stop_at_layer=stop)
             x = cache[hook_name]
             feats = sae.encode(x.float())  # [b, pos, F]
+            feats = feats * (x.float().norm(dim=-1) <= limit)[..., None]
             for r, i in enumerate(batch.indices):
                 start = batch.n_pad[r] + encoded.content_spans[i][0]
                 f = feats[r, start:]

@@ -4,13 +4,17 @@ Training (``trace-circuits train-sae``) runs in two resumable phases:
 
 1. **Activations**, collected once for all hooks in one pass over the corpus (the model forward is the cost):
    every corpus document is tokenized and cut into chunks of ``context_size`` tokens; the residual stream at each
-   hook is kept for every position except position 0 (the attention sink, whose norm is tens of times larger
-   than any other token's). Shards are written as safetensors; a rerun skips finished shards.
+   hook is kept for every position except position 0 (the attention sink). Shards are written as safetensors; a
+   rerun skips finished shards. Tokens with *massive activations* (Sun et al. 2024: norm above
+   ``massive_norm_factor`` (10) x the median norm at that hook, about 0.04% of tokens here, ~90x the median, all
+   sink-like first tokens of a chunk) are left out of training and evaluation; the threshold is saved with the SAE
+   and positions above it keep their true activation wherever the SAE is spliced in.
 2. **SAE training** with SAE-Lens's own ``SAETrainer`` and ``TopKTrainingSAE`` (``L0 = k`` by construction),
    fed random mini-batches of the stored activations (several epochs). Checkpoints (SAE-Lens's checkpoint
    format) are written during training; a rerun resumes from the newest one.
 
-Evaluation on the held-out corpus split, positions 1.. of each chunk (position 0 keeps its true activation):
+Evaluation on the held-out corpus split, positions 1.. of each chunk without massive activations (the excluded
+positions keep their true activation):
 
     explained variance  EV = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
     L0                  = mean number of non-zero features per token
@@ -61,13 +65,14 @@ class SAETrainingConfig:
     hooks: list[str] = field(default_factory=lambda: ["blocks.21.hook_resid_post"])
     corpus: str = "saes/corpus/smollm2-135m-instruct.jsonl.gz"
     d_sae: int = 2304
-    k: int = 32
+    k: int = 64
     context_size: int = 128
     max_corpus_tokens: int = 600_000
-    training_samples: int = 3_000_000
+    training_samples: int = 2_500_000
     batch_size: int = 4096
-    lr: float = 4e-4
+    lr: float = 1e-3
     aux_loss_coefficient: float = 1.0 / 32
+    massive_norm_factor: float = 10.0
     n_checkpoints: int = 8
     collect_batch_size: int = 16
     shard_tokens: int = 65_536
@@ -271,14 +276,18 @@ def train_sae(acts: torch.Tensor, hook_name: str, cfg: SAETrainingConfig, run_di
 
 @torch.no_grad()
 def evaluate_sae(model, sae, hook_name: str, chunks: list[list[int]], batch_size: int = 16,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, norm_threshold: Optional[float] = None) -> dict:
     """EV, L0, dead fraction and CE-loss recovered (vs zero-ablation) on ``chunks`` (see module docstring)."""
     device = next(model.parameters()).device
     sae = sae.to(device)
-    sse = sst_sum = 0.0
+    if norm_threshold is None:
+        norm_threshold = (getattr(sae, "trace_circuits_meta", None) or {}).get("massive_norm_threshold")
+    limit = float("inf") if norm_threshold is None else float(norm_threshold)
+    sse = 0.0
     sum_x = None
     n_tok = 0
     l0_sum = 0.0
+    n_excluded = 0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_ce = 0
@@ -298,26 +307,25 @@ def evaluate_sae(model, sae, hook_name: str, chunks: list[list[int]], batch_size
 
         def grab(act, hook):
             store["x"] = act.detach().clone()
+            store["keep"] = valid & (act.float().norm(dim=-1) <= limit)
             return None
 
         def splice(act, hook):
             out = sae.decode(sae.encode(act.float())).to(act.dtype)
-            out[:, 0] = act[:, 0]
-            return out
+            return torch.where(store["keep"][..., None], out, act)
 
         def zero(act, hook):
-            out = torch.zeros_like(act)
-            out[:, 0] = act[:, 0]
-            return out
+            return torch.where(store["keep"][..., None], torch.zeros_like(act), act)
 
         logits_clean = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, grab)])
-        x = store["x"][valid].float()
+        x = store["x"][store["keep"]].float()
         feats = sae.encode(x)
         x_hat = sae.decode(feats)
         sse += ((x - x_hat) ** 2).sum().item()
         sq_sum += (x ** 2).sum().item()
         sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
         n_tok += x.shape[0]
+        n_excluded += int((valid & ~store["keep"]).sum())
         l0_sum += (feats > 0).float().sum().item()
         fired |= (feats > 0).any(0).cpu()
         logits_sae = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, splice)])
@@ -341,6 +349,7 @@ def evaluate_sae(model, sae, hook_name: str, chunks: list[list[int]], batch_size
         "ce_zero_ablation": ce["zero"],
         "ce_loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
         "eval_tokens": n_tok,
+        "excluded_massive_tokens": n_excluded,
     }
 
 
@@ -478,18 +487,25 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
         print(f"activations: {n_tokens} tokens x {len(cfg.hooks)} hooks in {t_acts:.0f}s")
     results = []
     for hook in cfg.hooks:
+        norms = acts[hook].float().norm(dim=-1)
+        threshold = float(cfg.massive_norm_factor * norms.median())
+        keep = norms <= threshold
+        if progress:
+            print(f"{hook}: {int((~keep).sum())} of {len(keep)} tokens above {threshold:.0f} (massive activations) "
+                  "left out")
         t1 = time.time()
         sae_key = _key([acts_key, hook, cfg.d_sae, cfg.k, cfg.training_samples, cfg.batch_size, cfg.lr,
-                        cfg.aux_loss_coefficient, cfg.seed])
-        sae = train_sae(acts[hook], hook, cfg, run_dir / hook_dirname(hook) / sae_key, model_name=cfg.model,
+                        cfg.aux_loss_coefficient, cfg.seed, cfg.massive_norm_factor])
+        sae = train_sae(acts[hook][keep], hook, cfg, run_dir / hook_dirname(hook) / sae_key, model_name=cfg.model,
                         progress=progress)
         t_train = time.time() - t1
-        metrics = evaluate_sae(model, sae, hook, eval_chunks, progress=progress)
+        metrics = evaluate_sae(model, sae, hook, eval_chunks, progress=progress, norm_threshold=threshold)
         meta = {
             "model": cfg.model, "model_fingerprint": model_fingerprint(model), "hook_name": hook,
             "architecture": "topk", "d_in": int(acts[hook].shape[1]), "d_sae": cfg.d_sae, "k": cfg.k,
-            "metrics": metrics, "training_samples": cfg.training_samples, "unique_training_tokens": n_tokens,
-            "epochs": round(cfg.training_samples / n_tokens, 2), "train_seconds": round(t_train, 1),
+            "metrics": metrics, "massive_norm_threshold": threshold, "training_samples": cfg.training_samples,
+            "unique_training_tokens": int(keep.sum()),
+            "epochs": round(cfg.training_samples / int(keep.sum()), 2), "train_seconds": round(t_train, 1),
             "activation_seconds_shared": round(t_acts, 1), "device": str(next(model.parameters()).device),
             "corpus": Path(cfg.corpus).name, "corpus_sha256": corpus_sha, "config": cfg.to_json(),
             "command": command,

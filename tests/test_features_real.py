@@ -1,0 +1,88 @@
+"""Stage 2 on the real model: the shipped SAEs meet the quality bar, harmful features generalise to held-out
+prompts, and the train-sae / features commands work end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trace_circuits import builtin_prompts, encode_prompts, find_harmful_features, list_saes, load_sae
+from trace_circuits.cli import main
+from trace_circuits.features import collect_prompt_features
+from trace_circuits.saes import sae_root
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m-instruct"
+
+
+def shipped():
+    return list_saes(MODEL)
+
+
+def test_shipped_saes_meet_the_quality_bar():
+    saes = shipped()
+    assert len(saes) >= 4
+    for s in saes:
+        assert s["explained_variance"] >= 0.80, s
+        assert s["l0"] <= 64, s
+        assert s["ce_loss_recovered"] >= 0.85, s
+    assert (sae_root() / "README.md").read_text().count("| smollm2-135m-instruct |") == len(saes)
+
+
+@pytest.fixture(scope="module")
+def onset_sae(real_model):
+    hook = min((s["hook_name"] for s in shipped()), key=lambda h: int(h.split(".")[1]))
+    return hook, load_sae(MODEL, hook, model=real_model)
+
+
+def test_harmful_features_generalise_to_the_test_split(real_model, onset_sae):
+    hook, sae = onset_sae
+    res = find_harmful_features(real_model, sae, builtin_prompts("harmful", "train"),
+                                builtin_prompts("benign", "train"), hook, progress=False)
+    feats = res.harmful_features
+    assert len(feats) >= 5
+    t = res.table.loc[feats]
+    assert (t["fire_rate_benign"] <= 0.2).all() and (t["q_value"] < 0.05).all()
+    assert all(res.examples[f]["top_tokens"] for f in feats[:5])
+    top = feats[:10]
+    Ht, _ = collect_prompt_features(real_model, sae, hook, encode_prompts(real_model, builtin_prompts("harmful", "test")),
+                                    progress=False)
+    Bt, _ = collect_prompt_features(real_model, sae, hook, encode_prompts(real_model, builtin_prompts("benign", "test")),
+                                    progress=False)
+    sh, sb = Ht[:, top].sum(1), Bt[:, top].sum(1)
+    auroc = (sh[:, None] > sb[None, :]).mean() + 0.5 * (sh[:, None] == sb[None, :]).mean()
+    assert auroc >= 0.9
+
+
+def test_features_command_writes_json_and_html(tmp_path, capsys, real_model):
+    out = tmp_path / "f"
+    assert main(["features", "--limit", "40", "--out", str(out)]) == 0
+    data = json.loads((out / "features.json").read_text())
+    assert data["n_harmful"] == data["n_benign"] == 40 and data["hook_name"].startswith("blocks.")
+    assert "plotly" in (out / "features.html").read_text().lower()
+    assert "harmful features at" in capsys.readouterr().out
+
+
+def test_mismatched_sae_is_refused(real_model, capsys, tmp_path):
+    hook = shipped()[0]["hook_name"]
+    other = "blocks.3.hook_resid_post"
+    assert main(["features", "--hook", other, "--limit", "4", "--out", str(tmp_path)]) == 2
+    assert "no SAE for smollm2-135m-instruct at blocks.3.hook_resid_post" in capsys.readouterr().err
+    sae = load_sae(MODEL, hook)
+    from trace_circuits import TraceCircuitsError
+    from trace_circuits.saes import check_sae_fits
+
+    with pytest.raises(TraceCircuitsError, match=f"trained at {hook}"):
+        check_sae_fits(sae, real_model, other)
+
+
+def test_train_sae_command_end_to_end_on_a_tiny_budget(tmp_path, capsys, real_model):
+    code = main(["train-sae", "--layers", "2", "--max-corpus-tokens", "1500", "--training-samples", "8192",
+                 "--batch-size", "512", "--d-sae", "256", "--k", "8", "--run-dir", str(tmp_path / "run"),
+                 "--out-root", str(tmp_path / "saes")])
+    assert code == 0
+    sae = load_sae(MODEL, "blocks.2.hook_resid_post", model=real_model, root=tmp_path / "saes")
+    assert sae.cfg.d_sae == 256
+    meta = json.loads((tmp_path / "saes" / MODEL / "blocks.2.hook_resid_post" / "trace_circuits.json").read_text())
+    assert meta["metrics"]["l0"] <= 8 + 1e-6 and meta["corpus_sha256"]
+    assert "blocks.2.hook_resid_post" in (tmp_path / "saes" / "README.md").read_text()
