@@ -36,13 +36,14 @@ def main() -> None:
     from trace_circuits.corpus import read_corpus
     from trace_circuits.features import collect_prompt_features
     from trace_circuits.prompts import iter_batches
-    from trace_circuits.saes import SAETrainingConfig, collect_activations, corpus_chunks
+    from trace_circuits.saes import collect_activations, corpus_chunks, sae_root
 
     print(f"# bench_saes  torch {torch.__version__}  threads {torch.get_num_threads()}")
     model = load_model(device="cpu", progress=False)
     saes = sorted(list_saes("smollm2-135m-instruct"), key=lambda s: int(s["hook_name"].split(".")[1]))
     hooks = [s["hook_name"] for s in saes] or ["blocks.21.hook_resid_post"]
-    chunks = corpus_chunks(model, read_corpus(SAETrainingConfig().corpus, "train"), 128, args.tokens)
+    chunks = corpus_chunks(model, read_corpus(sae_root() / "corpus" / "smollm2-135m-instruct.jsonl.gz", "train"), 128,
+                           args.tokens)
     n_tok = sum(len(c) - 1 for c in chunks)
 
     def ours():

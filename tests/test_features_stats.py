@@ -222,3 +222,20 @@ def test_plot_and_save(tmp_path):
     assert json.loads(paths["json"].read_text())["harmful_features"] == [17]
     page = paths["html"].read_text()
     assert paths["html"].name == "features.html" and "plotly" in page.lower() and "bomb" in page
+
+
+def test_relative_fire_threshold_ignores_faint_benign_activity():
+    """A feature strong on harmful prompts and only faintly active on every benign prompt (a TopK SAE's max over
+    tokens is rarely exactly zero) is rejected by the absolute rule but kept by the relative one."""
+    rng = np.random.default_rng(0)
+    H = rng.uniform(0.0, 0.05, size=(60, 5))
+    B = rng.uniform(0.0, 0.05, size=(60, 5))
+    H[:, 2] = rng.uniform(5.0, 10.0, size=60)
+    B[:, 2] = rng.uniform(0.05, 0.3, size=60)
+    absolute = differential_feature_stats(H, B)
+    assert not absolute.loc[2, "harmful"] and absolute.loc[2, "status"] == "rejected: fires on benign"
+    relative = differential_feature_stats(H, B, relative_fire_threshold=0.2)
+    assert relative.loc[2, "harmful"] and relative.loc[2, "fire_rate_benign"] == 0.0
+    assert relative.attrs["params"]["relative_fire_threshold"] == 0.2
+    with pytest.raises(TraceCircuitsError, match="relative_fire_threshold"):
+        differential_feature_stats(H, B, relative_fire_threshold=1.5)

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "built-in train prompts and generated instructions, plus CPython's reference "
                                         "docs and stdlib docstrings. Deterministic.")
     corpus.add_argument("--model", default="smollm2-135m-instruct", help="model that answers the chat prompts")
-    corpus.add_argument("--out", default="saes/corpus/smollm2-135m-instruct.jsonl.gz", help="corpus file (.jsonl.gz)")
+    corpus.add_argument("--out", default=None, help="corpus file (.jsonl.gz). Default: saes/corpus/MODEL.jsonl.gz")
     corpus.add_argument("--n-generated", type=int, default=1200, help="generated instructions. Default: 1200")
     corpus.add_argument("--max-new-tokens", type=int, default=64, help="answer length. Default: 64")
     corpus.add_argument("--batch-size", type=int, default=32, help="prompts per generate call. Default: 32")
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hook", action="append", dest="hooks", default=None,
                     help="hook point, repeatable (e.g. blocks.21.hook_resid_post). Default: blocks.21.hook_resid_post")
     tr.add_argument("--layers", default=None, help="shorthand: comma-separated layers for hook_resid_post, e.g. 21,23,25,27")
-    tr.add_argument("--corpus", default="saes/corpus/smollm2-135m-instruct.jsonl.gz", help="corpus file")
+    tr.add_argument("--corpus", default=None, help="corpus file. Default: saes/corpus/MODEL.jsonl.gz")
     tr.add_argument("--d-sae", type=int, default=2304, help="dictionary size. Default: 2304 (4 x d_model)")
     tr.add_argument("--k", type=int, default=64, help="active features per token (TopK). Default: 64")
     tr.add_argument("--max-corpus-tokens", type=int, default=600_000, help="unique tokens. Default: 600000")
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--min-effect-size", type=float, default=0.5, help="minimum Cohen's d. Default: 0.5")
     fe.add_argument("--max-benign-fire-rate", type=float, default=0.2,
                     help="reject features firing on more benign prompts than this. Default: 0.2")
+    fe.add_argument("--relative-fire-threshold", type=float, default=0.2,
+                    help="a feature fires on a prompt above this fraction of its largest activation. Default: 0.2")
     fe.set_defaults(func=cmd_features)
 
     ls = sub.add_parser("saes", help="list the shipped SAEs", description="List SAEs in saes/ with their metrics.")
@@ -210,8 +212,12 @@ def cmd_run(args) -> int:
 
 def cmd_build_corpus(args) -> int:
     from trace_circuits.corpus import build_corpus
+    from trace_circuits.models import ALIASES
+    from trace_circuits.saes import sae_root
 
-    build_corpus(args.out, model_name=args.model, n_generated=args.n_generated, max_new_tokens=args.max_new_tokens,
+    name = ALIASES.get(args.model.lower(), args.model.lower())
+    out = args.out or sae_root() / "corpus" / f"{name}.jsonl.gz"
+    build_corpus(out, model_name=name, n_generated=args.n_generated, max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size)
     return 0
 
@@ -226,11 +232,16 @@ def cmd_train_sae(args) -> int:
         except ValueError:
             raise TraceCircuitsError(f"--layers must be comma-separated integers, not '{args.layers}'") from None
     hooks = hooks or ["blocks.21.hook_resid_post"]
-    if not Path(args.corpus).exists():
-        raise TraceCircuitsError(f"corpus {args.corpus} does not exist; build it with "
-                                 f"`trace-circuits build-corpus --out {args.corpus}`")
+    from trace_circuits.models import ALIASES
+    from trace_circuits.saes import sae_root
+
+    name = ALIASES.get(args.model.lower(), args.model.lower())
+    corpus = Path(args.corpus) if args.corpus else sae_root() / "corpus" / f"{name}.jsonl.gz"
+    if not corpus.exists():
+        raise TraceCircuitsError(f"corpus {corpus} does not exist; build it with "
+                                 f"`trace-circuits build-corpus --model {name} --out {corpus}`")
     model = _load_model(args)
-    cfg = SAETrainingConfig(model=getattr(model, "trace_circuits_name", args.model), hooks=hooks, corpus=args.corpus,
+    cfg = SAETrainingConfig(model=getattr(model, "trace_circuits_name", args.model), hooks=hooks, corpus=str(corpus),
                             d_sae=args.d_sae, k=args.k, max_corpus_tokens=args.max_corpus_tokens,
                             training_samples=args.training_samples, batch_size=args.batch_size, lr=args.lr)
     command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
@@ -275,7 +286,8 @@ def cmd_features(args) -> int:
     model = _load_model(args)
     result = find_harmful_features(model, sae, harmful, benign, hook, batch_size=args.batch_size,
                                    chat=False if args.no_chat else None, alpha=args.alpha,
-                                   min_effect_size=args.min_effect_size, max_benign_fire_rate=args.max_benign_fire_rate)
+                                   min_effect_size=args.min_effect_size, max_benign_fire_rate=args.max_benign_fire_rate,
+                                   relative_fire_threshold=args.relative_fire_threshold)
     paths = result.save(args.out)
     _print_features(result, paths)
     return 0

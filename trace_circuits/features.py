@@ -10,7 +10,11 @@ Statistics (one row per feature f)
 ----------------------------------
     mean_harmful      = mean_i H[i, f]                 mean_benign = mean_j B[j, f]
     mean_diff         = mean_harmful - mean_benign
-    fire_rate_harmful = fraction of harmful prompts with H[i, f] > fire_threshold   (same for benign)
+    fire_rate_harmful = fraction of harmful prompts with H[i, f] > theta_f              (same for benign)
+                        theta_f = max(fire_threshold, relative_fire_threshold * max over all prompts of A[:, f])
+                        (relative_fire_threshold is off by default here; find_harmful_features uses 0.2: a
+                        feature "fires" on a prompt when it reaches a fifth of its strongest activation, since a
+                        TopK SAE's max over a prompt's tokens is almost never exactly 0)
     fire_rate_diff    = fire_rate_harmful - fire_rate_benign
     effect_size       = Cohen's d = mean_diff / s_pooled,
                         s_pooled = sqrt(((n_H - 1) s_H^2 + (n_B - 1) s_B^2) / (n_H + n_B - 2))
@@ -29,7 +33,8 @@ A feature carries harmful semantics ("harmful") when all of these hold:
     q_value < alpha  AND  mean_diff > 0  AND  effect_size >= min_effect_size
     AND  fire_rate_benign <= max_benign_fire_rate
 
-(defaults alpha = 0.05, min_effect_size = 0.5, max_benign_fire_rate = 0.2, fire_threshold = 0): more active
+(defaults alpha = 0.05, min_effect_size = 0.5, max_benign_fire_rate = 0.2, fire_threshold = 0,
+relative_fire_threshold = None; find_harmful_features passes relative_fire_threshold = 0.2): more active
 on harmful prompts, beyond what sampling noise explains over all features tested, by a sizable amount, and not
 a generic feature that fires often on benign prompts too.
 
@@ -122,6 +127,7 @@ def differential_feature_stats(
     benign,
     *,
     fire_threshold: float = 0.0,
+    relative_fire_threshold: Optional[float] = None,
     alpha: float = 0.05,
     max_benign_fire_rate: float = 0.2,
     min_effect_size: float = 0.5,
@@ -168,8 +174,13 @@ def differential_feature_stats(
                      np.where(mean_diff == 0, 0.0, np.sign(mean_diff) * np.inf))
     d = np.clip(d, -EFFECT_SIZE_CLIP, EFFECT_SIZE_CLIP)
 
-    fire_h = (H > fire_threshold).mean(0)
-    fire_b = (B > fire_threshold).mean(0)
+    if relative_fire_threshold is not None and not 0 <= relative_fire_threshold < 1:
+        raise TraceCircuitsError(f"relative_fire_threshold must be in [0, 1), got {relative_fire_threshold!r}")
+    theta = np.full(F, float(fire_threshold))
+    if relative_fire_threshold:
+        theta = np.maximum(theta, relative_fire_threshold * np.maximum(H.max(0), B.max(0)))
+    fire_h = (H > theta).mean(0)
+    fire_b = (B > theta).mean(0)
 
     constant = const_h & const_b & (mean_diff == 0)
     p = np.ones(F)
@@ -203,7 +214,9 @@ def differential_feature_stats(
         "status": status.astype(str),
     }, columns=COLUMNS)
     table = _sorted(table)
-    table.attrs["params"] = dict(fire_threshold=float(fire_threshold), alpha=float(alpha),
+    table.attrs["params"] = dict(fire_threshold=float(fire_threshold),
+                                 relative_fire_threshold=None if relative_fire_threshold is None
+                                 else float(relative_fire_threshold), alpha=float(alpha),
                                  max_benign_fire_rate=float(max_benign_fire_rate),
                                  min_effect_size=float(min_effect_size), n_features=int(F))
     return table
@@ -222,10 +235,12 @@ def selection_rule(params: dict) -> str:
     g = lambda k, v: params.get(k, v)  # noqa: E731
     n = params.get("n_features")
     over = f"all {n} features" if n is not None else "all features"
+    r = params.get("relative_fire_threshold")
+    rel = f" and above {r} x its largest activation over all prompts" if r else ""
     return (f"A feature is harmful when its Benjamini-Hochberg q-value (one-sided Mann-Whitney U test, harmful > "
             f"benign, corrected over {over}) is < {g('alpha', 0.05)}, its mean activation is higher on harmful "
             f"than on benign prompts, its Cohen's d is >= {g('min_effect_size', 0.5)}, and it fires (activation > "
-            f"{g('fire_threshold', 0.0)}) on at most {g('max_benign_fire_rate', 0.2)} of benign prompts.")
+            f"{g('fire_threshold', 0.0)}{rel}) on at most {g('max_benign_fire_rate', 0.2)} of benign prompts.")
 
 
 def _row_dict(row: pd.Series) -> dict:
@@ -499,7 +514,7 @@ def feature_examples(model, encoded, acts: np.ndarray, where: np.ndarray, prompt
 
 def find_harmful_features(model, sae, harmful, benign, hook_name: Optional[str] = None, *, batch_size: int = 16,
                           chat: Optional[bool] = None, progress: bool = True, n_examples: int = 5,
-                          **stat_kwargs) -> FeatureResult:
+                          relative_fire_threshold: Optional[float] = 0.2, **stat_kwargs) -> FeatureResult:
     """Stage 2: SAE features that carry harmful semantics (differential activation analysis, see module docs).
 
     ``sae`` is an SAE-Lens SAE at ``hook_name`` (default: the hook recorded in the SAE's metadata).
@@ -520,7 +535,8 @@ def find_harmful_features(model, sae, harmful, benign, hook_name: Optional[str] 
         Ha, Ba, model=getattr(model, "trace_circuits_name", model.cfg.model_name), hook_name=hook_name,
         sae_id=f"{getattr(model, 'trace_circuits_name', '')}/{hook_name}",
         params={"aggregation": "max over content and generation-prompt tokens", "model_fingerprint":
-                model_fingerprint(model), "d_sae": int(sae.cfg.d_sae)}, **stat_kwargs)
+                model_fingerprint(model), "d_sae": int(sae.cfg.d_sae)},
+        relative_fire_threshold=relative_fire_threshold, **stat_kwargs)
     shown = result.harmful_features + [int(f) for f in result.table["feature"].head(N_OTHER_FEATURES_SAVED)
                                         if int(f) not in set(result.harmful_features)]
     both = np.concatenate([Ha, Ba])
