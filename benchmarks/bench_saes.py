@@ -14,15 +14,7 @@ import tempfile
 import time
 
 import torch
-
-
-def best(fn, repeats: int) -> float:
-    t = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - t0)
-    return t
+from _timing import best_of
 
 
 def main() -> None:
@@ -55,7 +47,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as d:
                 collect_activations(model, chunks, [h], d, progress=False)
 
-    t_ours, t_naive = best(ours, 1), best(naive, 1)
+    t_ours, t_naive = best_of(ours, 1), best_of(naive, 1)
     print(f"activation collection, {len(hooks)} hooks, {n_tok} tokens: one pass {n_tok / t_ours:.0f} tok/s, "
           f"one pass per hook {n_tok / t_naive:.0f} tok/s, ratio {t_naive / t_ours:.2f}x")
 
@@ -85,7 +77,7 @@ def main() -> None:
                 model.run_with_hooks(b.tokens, attention_mask=b.attention_mask, fwd_hooks=[(hook, splice)])
 
     features()
-    t_plain, t_feat, t_splice = best(plain, args.repeats), best(features, args.repeats), best(spliced, args.repeats)
+    t_plain, t_feat, t_splice = best_of(plain, args.repeats), best_of(features, args.repeats), best_of(spliced, args.repeats)
     print(f"{len(enc)} prompts, SAE at {hook} (d_sae {sae.cfg.d_sae})")
     print(f"plain forward            {t_plain:6.2f} s  1.00x")
     print(f"feature activations      {t_feat:6.2f} s  {t_feat / t_plain:.2f}x of plain (stops after layer "

@@ -18,15 +18,7 @@ import tempfile
 import time
 
 import torch
-
-
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from _timing import best_of
 
 
 def main() -> None:
@@ -84,9 +76,9 @@ def main() -> None:
                     out.scatter_add_(2, seg[:, None, :].expand(-1, p.shape[1], -1), p)
 
     ours()  # warm-up
-    t_plain = timed(plain, args.repeats)
-    t_ours = timed(ours, args.repeats)
-    t_naive = timed(naive, args.repeats)
+    t_plain = best_of(plain, args.repeats)
+    t_ours = best_of(ours, args.repeats)
+    t_naive = best_of(naive, args.repeats)
     print(f"prompts {len(enc)}  tokens {n_tokens}  batch {args.batch_size}")
     print(f"plain forward : {t_plain:6.2f} s  {len(enc) / t_plain:6.1f} prompts/s")
     print(f"scan (ours)   : {t_ours:6.2f} s  {len(enc) / t_ours:6.1f} prompts/s  ratio to plain {t_ours / t_plain:.2f}x")

@@ -3,12 +3,11 @@ prompts, and the train-sae / features commands work end to end."""
 
 import json
 
-import numpy as np
 import pytest
 
-from trace_circuits import builtin_prompts, encode_prompts, find_harmful_features, list_saes, load_sae
+from trace_circuits import builtin_prompts, find_harmful_features, list_saes, load_sae
 from trace_circuits.cli import main
-from trace_circuits.features import collect_prompt_features
+from trace_circuits.features import heldout_auroc
 from trace_circuits.saes import sae_root
 
 pytestmark = pytest.mark.slow
@@ -44,13 +43,8 @@ def test_harmful_features_generalise_to_the_test_split(real_model, onset_sae):
     t = res.table.loc[feats]
     assert (t["fire_rate_benign"] <= 0.2).all() and (t["q_value"] < 0.05).all()
     assert all(res.examples[f]["top_tokens"] for f in feats[:5])
-    top = feats[:10]
-    Ht, _ = collect_prompt_features(real_model, sae, hook, encode_prompts(real_model, builtin_prompts("harmful", "test")),
-                                    progress=False)
-    Bt, _ = collect_prompt_features(real_model, sae, hook, encode_prompts(real_model, builtin_prompts("benign", "test")),
-                                    progress=False)
-    sh, sb = Ht[:, top].sum(1), Bt[:, top].sum(1)
-    auroc = (sh[:, None] > sb[None, :]).mean() + 0.5 * (sh[:, None] == sb[None, :]).mean()
+    auroc = heldout_auroc(real_model, sae, hook, feats[:10], builtin_prompts("harmful", "test"),
+                          builtin_prompts("benign", "test"))
     assert auroc >= 0.9
 
 

@@ -207,6 +207,15 @@ def cmd_run(args) -> int:
     feats = find_harmful_features(model, sae, harmful, benign, hook, batch_size=args.batch_size,
                                   chat=False if args.no_chat else None)
     _print_features(feats, feats.save(out))
+    if not (args.harmful or args.benign) and args.split == "train" and feats.harmful_features and not args.no_chat:
+        from trace_circuits.features import heldout_auroc
+        from trace_circuits.prompts import builtin_prompts
+
+        top = feats.harmful_features[:10]
+        auc = heldout_auroc(model, sae, hook, top, builtin_prompts("harmful", "test"), builtin_prompts("benign", "test"),
+                            batch_size=args.batch_size)
+        print(f"held-out check: the top {len(top)} harmful features separate the built-in test split "
+              f"(50 harmful vs 50 benign) with AUROC {auc:.3f}")
     return 0
 
 

@@ -547,3 +547,22 @@ def find_harmful_features(model, sae, harmful, benign, hook_name: Optional[str] 
     result.harmful_activations, result.benign_activations = Ha, Ba
     result.harmful_prompts, result.benign_prompts = hp, bp
     return result
+
+
+def heldout_auroc(model, sae, hook_name: str, features: Sequence[int], harmful, benign, batch_size: int = 16,
+                  progress: bool = False) -> float:
+    """How well the summed activations of ``features`` separate new harmful from benign prompts:
+
+        AUROC = P(s_harmful > s_benign) + 1/2 P(s_harmful = s_benign),   s_i = sum_{f in features} A[i, f]
+    """
+    from trace_circuits.prompts import as_prompt_list, encode_prompts
+
+    feats = list(features)
+    if not feats:
+        raise TraceCircuitsError("no features to score; the analysis selected none")
+    H, _ = collect_prompt_features(model, sae, hook_name, encode_prompts(model, as_prompt_list(harmful)), batch_size,
+                                   progress, "held-out (harmful)")
+    B, _ = collect_prompt_features(model, sae, hook_name, encode_prompts(model, as_prompt_list(benign)), batch_size,
+                                   progress, "held-out (benign)")
+    sh, sb = H[:, feats].sum(1), B[:, feats].sum(1)
+    return float((sh[:, None] > sb[None, :]).mean() + 0.5 * (sh[:, None] == sb[None, :]).mean())

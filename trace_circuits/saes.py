@@ -117,6 +117,17 @@ def _pad_id(model) -> int:
     return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
 
 
+def _right_padded(chunks: list[list[int]], idx: Sequence[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens of ``chunks[idx]`` (positions stay the chunk's own) and the mask of positions 1.."""
+    width = max(len(chunks[i]) for i in idx)
+    tokens = torch.full((len(idx), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.bool)
+    for r, i in enumerate(idx):
+        tokens[r, : len(chunks[i])] = torch.tensor(chunks[i])
+        mask[r, 1 : len(chunks[i])] = True
+    return tokens, mask
+
+
 def _layer_of(hook_name: str) -> int:
     parts = hook_name.split(".")
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
@@ -162,13 +173,7 @@ def collect_activations(model, chunks: list[list[int]], hooks: Sequence[str], ou
         parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
         order = sorted(idx, key=lambda i: len(chunks[i]))
         for s in range(0, len(order), batch_size):
-            b = order[s : s + batch_size]
-            width = max(len(chunks[i]) for i in b)
-            tokens = torch.full((len(b), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(b), width), dtype=torch.bool)
-            for r, i in enumerate(b):  # right padding: positions are the chunk's own
-                tokens[r, : len(chunks[i])] = torch.tensor(chunks[i])
-                mask[r, 1 : len(chunks[i])] = True
+            tokens, mask = _right_padded(chunks, order[s : s + batch_size], pad)
             with torch.inference_mode():
                 _, cache = model.run_with_cache(tokens.to(device), names_filter=list(hooks), stop_at_layer=stop)
             for h in hooks:
@@ -295,13 +300,7 @@ def evaluate_sae(model, sae, hook_name: str, chunks: list[list[int]], batch_size
     pad = _pad_id(model)
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
     for s in tqdm(range(0, len(order), batch_size), desc=f"evaluating {hook_name}", disable=not progress):
-        b = order[s : s + batch_size]
-        width = max(len(chunks[i]) for i in b)
-        tokens = torch.full((len(b), width), pad, dtype=torch.long)
-        valid = torch.zeros((len(b), width), dtype=torch.bool)
-        for r, i in enumerate(b):
-            tokens[r, : len(chunks[i])] = torch.tensor(chunks[i])
-            valid[r, 1 : len(chunks[i])] = True
+        tokens, valid = _right_padded(chunks, order[s : s + batch_size], pad)
         tokens, valid = tokens.to(device), valid.to(device)
         store = {}
 
@@ -499,11 +498,10 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
         sae = train_sae(acts[hook][keep], hook, cfg, run_dir / hook_dirname(hook) / sae_key, model_name=cfg.model,
                         progress=progress)
         t_train = time.time() - t1
-        metrics = evaluate_sae(model, sae, hook, eval_chunks, progress=progress, norm_threshold=threshold)
         meta = {
             "model": cfg.model, "model_fingerprint": model_fingerprint(model), "hook_name": hook,
             "architecture": "topk", "d_in": int(acts[hook].shape[1]), "d_sae": cfg.d_sae, "k": cfg.k,
-            "metrics": metrics, "massive_norm_threshold": threshold, "training_samples": cfg.training_samples,
+            "massive_norm_threshold": threshold, "training_samples": cfg.training_samples,
             "unique_training_tokens": int(keep.sum()),
             "epochs": round(cfg.training_samples / int(keep.sum()), 2), "train_seconds": round(t_train, 1),
             "activation_seconds_shared": round(t_acts, 1), "device": str(next(model.parameters()).device),
@@ -511,6 +509,11 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
             "command": command,
         }
         out = save_sae(sae, out_root / cfg.model / hook_dirname(hook), meta)
+        # Evaluate what ships: the saved float16 SAE, loaded back as float32.
+        shipped = load_sae(cfg.model, hook, model=model, root=out_root)
+        meta["metrics"] = metrics = evaluate_sae(model, shipped, hook, eval_chunks, progress=progress,
+                                                 norm_threshold=threshold)
+        write_json_atomic(out / META_FILE, {"format_version": FORMAT_VERSION, **meta})
         if progress:
             print(f"{hook}: EV {metrics['explained_variance']:.3f}  L0 {metrics['l0']:.1f}  "
                   f"CE recovered {metrics['ce_loss_recovered']:.3f}  ({t_train:.0f}s)  -> {out}")
