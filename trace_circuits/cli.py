@@ -186,13 +186,13 @@ def _print_scan(result, paths) -> None:
 def cmd_run(args) -> int:
     from trace_circuits.divergence import scan_attention_divergence
     from trace_circuits.features import find_harmful_features
-    from trace_circuits.models import ALIASES
+    from trace_circuits.models import canonical_name
     from trace_circuits.saes import list_saes, load_sae
 
     harmful, benign = _load_sets(args)
     model = _load_model(args)
     out = Path(args.out)
-    name = ALIASES.get(args.model.lower(), args.model.lower())
+    name = canonical_name(args.model)
     stages = 2 if list_saes(name) else 1
     print(f"[1/{stages}] attention-divergence scan: {len(harmful)} harmful vs {len(benign)} benign prompts", flush=True)
     result = scan_attention_divergence(model, harmful, benign, batch_size=args.batch_size,
@@ -221,10 +221,10 @@ def cmd_run(args) -> int:
 
 def cmd_build_corpus(args) -> int:
     from trace_circuits.corpus import build_corpus
-    from trace_circuits.models import ALIASES
+    from trace_circuits.models import canonical_name
     from trace_circuits.saes import sae_root
 
-    name = ALIASES.get(args.model.lower(), args.model.lower())
+    name = canonical_name(args.model)
     out = args.out or sae_root() / "corpus" / f"{name}.jsonl.gz"
     build_corpus(out, model_name=name, n_generated=args.n_generated, max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size)
@@ -241,10 +241,10 @@ def cmd_train_sae(args) -> int:
         except ValueError:
             raise TraceCircuitsError(f"--layers must be comma-separated integers, not '{args.layers}'") from None
     hooks = hooks or ["blocks.21.hook_resid_post"]
-    from trace_circuits.models import ALIASES
+    from trace_circuits.models import canonical_name
     from trace_circuits.saes import sae_root
 
-    name = ALIASES.get(args.model.lower(), args.model.lower())
+    name = canonical_name(args.model)
     corpus = Path(args.corpus) if args.corpus else sae_root() / "corpus" / f"{name}.jsonl.gz"
     if not corpus.exists():
         raise TraceCircuitsError(f"corpus {corpus} does not exist; build it with "
@@ -260,9 +260,9 @@ def cmd_train_sae(args) -> int:
 
 def _sae_hook_for(model_name: str, onset: Optional[int]) -> str:
     """The shipped SAE at the onset layer, else the nearest shipped layer at or after it, else the first."""
-    from trace_circuits.saes import list_saes
+    from trace_circuits.saes import _layer_of, list_saes
 
-    have = sorted({int(s["hook_name"].split(".")[1]): s["hook_name"] for s in list_saes(model_name)}.items())
+    have = sorted({_layer_of(s["hook_name"]): s["hook_name"] for s in list_saes(model_name)}.items())
     if not have:
         raise TraceCircuitsError(f"no SAEs are shipped for {model_name}; train one with `trace-circuits train-sae`")
     if onset is not None:
@@ -276,11 +276,11 @@ def cmd_features(args) -> int:
     import json
 
     from trace_circuits.features import find_harmful_features
-    from trace_circuits.models import ALIASES
+    from trace_circuits.models import canonical_name
     from trace_circuits.saes import load_sae
 
     harmful, benign = _load_sets(args)
-    name = ALIASES.get(args.model.lower(), args.model.lower())
+    name = canonical_name(args.model)
     hook = args.hook
     if hook is None:
         onset = None

@@ -468,6 +468,7 @@ def collect_prompt_features(model, sae, hook_name: str, encoded, batch_size: int
     from tqdm.auto import tqdm
 
     from trace_circuits.prompts import iter_batches
+    from trace_circuits.saes import _layer_of
 
     device = next(model.parameters()).device
     sae = sae.to(device)
@@ -476,7 +477,7 @@ def collect_prompt_features(model, sae, hook_name: str, encoded, batch_size: int
     acts = np.zeros((n, F), dtype=np.float32)
     where = np.zeros((n, F), dtype=np.int32)
     n_batches = (n + batch_size - 1) // batch_size
-    stop = int(hook_name.split(".")[1]) + 1 if hook_name.startswith("blocks.") else None
+    stop = _layer_of(hook_name) + 1 if hook_name.startswith("blocks.") else None
     limit = (getattr(sae, "trace_circuits_meta", None) or {}).get("massive_norm_threshold") or float("inf")
     with torch.inference_mode():
         for batch in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):

@@ -112,6 +112,11 @@ ALIASES = {
 }
 
 
+def canonical_name(name: str) -> str:
+    """The registry key for a model name or alias (``SmolLM2`` -> ``smollm2-135m-instruct``); other names lowercased."""
+    return ALIASES.get(name.lower(), name.lower())
+
+
 def is_installed(name: str) -> bool:
     """Whether the package that ships ``name``'s weights is installed (does not load anything)."""
     return importlib.util.find_spec(_spec(name).package) is not None
@@ -196,7 +201,7 @@ def _require_package(module: str, install: str) -> None:
 
 
 def _spec(name: str) -> ModelSpec:
-    key = ALIASES.get(name.lower(), name.lower())
+    key = canonical_name(name)
     if key not in MODELS:
         raise TraceCircuitsError(
             f"unknown model '{name}'; use one of {', '.join(available_models())} "
@@ -316,7 +321,7 @@ def load_model(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    key = ALIASES.get(name.lower(), name.lower())
+    key = canonical_name(name)
     if key not in MODELS:
         return _load_tl_pretrained(name, dev, dt)
     spec = MODELS[key]

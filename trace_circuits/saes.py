@@ -358,17 +358,12 @@ def evaluate_sae(model, sae, hook_name: str, chunks: list[list[int]], batch_size
 
 def save_sae(sae, out_dir: str | Path, meta: dict) -> Path:
     """Write an SAE in SAE-Lens format (float16 weights) plus ``trace_circuits.json``, atomically as a folder."""
-    from sae_lens import SAE
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    # An inference SAE of the same architecture, in float16 (compact; loads as float32 on request).
-    inference = sae if isinstance(sae, SAE) and type(sae).__name__ == "TopKSAE" else None
-    if inference is None:
-        sae.save_inference_model(str(tmp)) if hasattr(sae, "save_inference_model") else sae.save_model(str(tmp))
-    else:
-        inference.save_model(str(tmp))
+    # A training SAE is saved as the inference SAE of its architecture; then in float16 (loads as float32 on request).
+    save = sae.save_inference_model if hasattr(sae, "save_inference_model") else sae.save_model
+    save(str(tmp))
     _to_float16(tmp)
     write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -412,9 +407,9 @@ def load_sae(model_name: str, hook_name: str, model=None, root: Optional[str | P
     """
     from sae_lens import SAE
 
-    from trace_circuits.models import ALIASES
+    from trace_circuits.models import canonical_name
 
-    key = ALIASES.get(model_name.lower(), model_name.lower())
+    key = canonical_name(model_name)
     root = Path(root) if root else sae_root()
     path = root / key / hook_dirname(hook_name)
     if not (path / "cfg.json").exists():
@@ -562,6 +557,7 @@ def write_sae_readme(root: Optional[str | Path] = None) -> Path:
 
 
 def _hook_sort(meta_path: Path) -> int:
-    name = meta_path.parent.name
-    parts = name.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    try:
+        return _layer_of(meta_path.parent.name)
+    except TraceCircuitsError:
+        return 0
