@@ -4,9 +4,13 @@ Data flows one way: prompts -> model -> scan (stage 1) -> features (stage 2) -> 
 hook set -> evaluation. Each stage returns a small result object with ``.to_json()`` and ``.plot()``.
 """
 
+from trace_circuits.circuit import Circuit
 from trace_circuits.divergence import DivergenceResult, divergence_from_profiles, scan_attention_divergence
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.features import FeatureResult, differential_feature_stats, find_harmful_features
+from trace_circuits.generation import generate_responses
+from trace_circuits.hooks import HookSet, Operation, hookset_from_circuit, load_hookset
+from trace_circuits.influence import attribution_scores, fit_readout, load_downstream_saes, trace_circuit
 from trace_circuits.models import available_models, load_hf_model, load_model, model_fingerprint
 from trace_circuits.prompts import (
     PromptSet,
@@ -22,6 +26,16 @@ from trace_circuits.viz import attention_pair_view, feature_token_view, plot_div
 __version__ = "0.1.0"
 
 __all__ = [
+    "Circuit",
+    "HookSet",
+    "Operation",
+    "attribution_scores",
+    "fit_readout",
+    "generate_responses",
+    "hookset_from_circuit",
+    "load_downstream_saes",
+    "load_hookset",
+    "trace_circuit",
     "DivergenceResult",
     "FeatureResult",
     "SAETrainingConfig",

@@ -35,6 +35,24 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template (base models)")
 
 
+def _add_trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-prompts", type=int, default=48, help="harmful prompts the interventions run on. Default: 48")
+    p.add_argument("--n-candidates", type=int, default=50,
+                   help="downstream nodes (top by attribution) measured exactly for chain links. Default: 50")
+    p.add_argument("--max-sources", type=int, default=16, help="at most this many source features. Default: 16")
+    p.add_argument("--prune-cumulative", type=float, default=0.8,
+                   help="keep the strongest links holding this fraction of total |weight|. Default: 0.8")
+    p.add_argument("--prune-threshold", type=float, default=None,
+                   help="keep links with |weight| >= this instead of --prune-cumulative")
+    p.add_argument("--min-readout-effect", type=float, default=0.01,
+                   help="suppress downstream nodes whose zero-out lowers the readout by more than this fraction of "
+                        "the harmful-benign gap. Default: 0.01")
+    p.add_argument("--suppress", default="feature,head",
+                   help="kinds of downstream nodes the hook set cuts (feature, head, mlp). Default: feature,head")
+    p.add_argument("--benign-gate-rate", type=float, default=0.02,
+                   help="the gate may open on at most this fraction of the benign prompts. Default: 0.02")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trace-circuits",
@@ -60,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--no-attention-view", action="store_true", help="leave the circuitsvis view out of the HTML")
     scan.set_defaults(func=cmd_scan)
 
-    run = sub.add_parser("run", help="the main job: the whole pipeline on the default model (scan, SAE features)",
+    run = sub.add_parser("run", help="the main job: the whole pipeline on the default model (scan, SAE features, "
+                                     "circuit and hook set)",
                          description="Run every implemented stage of TraceRouter with built-in prompts and write all "
                                      "artifacts into OUT.")
     _add_model_args(run)
     _add_prompt_args(run)
     run.add_argument("--out", default="runs/latest", help="output folder. Default: runs/latest")
     run.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass. Default: 16")
+    _add_trace_args(run)
     run.set_defaults(func=cmd_run)
 
     corpus = sub.add_parser("build-corpus", help="rebuild the SAE training corpus (chat answers + CPython docs)",
@@ -119,6 +139,44 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--relative-fire-threshold", type=float, default=0.2,
                     help="a feature fires on a prompt above this fraction of its largest activation. Default: 0.2")
     fe.set_defaults(func=cmd_features)
+
+    tr3 = sub.add_parser("trace", help="stage 3: feature influence scores, the circuit, and the hook set that cuts it",
+                         description="Zero out each malicious SAE feature at the onset layer (error term kept), "
+                                     "measure the drop at downstream SAE features, heads, MLPs and a harmfulness "
+                                     "readout (exact, batched), rank all nodes by attribution patching, measure chain "
+                                     "links among the top nodes, prune, and export the hook set that severs the "
+                                     "chains. Writes OUT/circuit.json, OUT/circuit.html, OUT/circuit_full.json and "
+                                     "OUT/hookset/.")
+    _add_model_args(tr3)
+    _add_prompt_args(tr3)
+    tr3.add_argument("--features", default=None, help="features.json from `trace-circuits features` (default: run "
+                                                      "stage 2 with the SAE at the onset layer)")
+    tr3.add_argument("--scan", default=None, help="divergence.json of a scan: use its onset layer")
+    tr3.add_argument("--onset-layer", type=int, default=None,
+                     help="onset layer (default: from --features or --scan, else the first shipped SAE layer)")
+    tr3.add_argument("--out", default="runs/trace", help="output folder. Default: runs/trace")
+    _add_trace_args(tr3)
+    tr3.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass. Default: 8")
+    tr3.set_defaults(func=cmd_trace)
+
+    gen = sub.add_parser("generate", help="answer prompts with the transformers model, with or without a hook set",
+                         description="Greedy generation (batched) on the Hugging Face transformers model with the hook "
+                                     "set attached as plain PyTorch forward hooks. Writes one JSON object per prompt "
+                                     "(prompt, response, hookset, gate_opened) to OUT; resumes an interrupted run.")
+    gen.add_argument("--model", default=None, help="model name. Default: the hook set's model, else "
+                                                   "smollm2-135m-instruct")
+    gen.add_argument("--hookset", default=None, help="hook set folder (from `trace-circuits trace`)")
+    gen.add_argument("--no-hookset", action="store_true", help="generate without the hook set (the baseline)")
+    gen.add_argument("--prompts", required=True, help="prompts file (.txt one per line, .jsonl or .csv)")
+    gen.add_argument("--column", default=None, help="column holding the prompt in .jsonl/.csv files (auto-detected)")
+    gen.add_argument("--limit", type=int, default=None, help="answer at most this many prompts")
+    gen.add_argument("--out", required=True, help="output file (.jsonl)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt. Default: 128")
+    gen.add_argument("--batch-size", type=int, default=16, help="prompts per generate call. Default: 16")
+    gen.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template (base models)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N. Default: cpu")
+    gen.set_defaults(func=cmd_generate)
 
     ls = sub.add_parser("saes", help="list the shipped SAEs", description="List SAEs in saes/ with their metrics.")
     ls.add_argument("--model", default=None, help="only this model")
@@ -193,7 +251,7 @@ def cmd_run(args) -> int:
     model = _load_model(args)
     out = Path(args.out)
     name = canonical_name(args.model)
-    stages = 2 if list_saes(name) else 1
+    stages = 3 if list_saes(name) else 1
     print(f"[1/{stages}] attention-divergence scan: {len(harmful)} harmful vs {len(benign)} benign prompts", flush=True)
     result = scan_attention_divergence(model, harmful, benign, batch_size=args.batch_size,
                                        chat=False if args.no_chat else None, checkpoint_dir=out / ".checkpoints")
@@ -216,6 +274,11 @@ def cmd_run(args) -> int:
                             batch_size=args.batch_size)
         print(f"held-out check: the top {len(top)} harmful features separate the built-in test split "
               f"(50 harmful vs 50 benign) with AUROC {auc:.3f}")
+    if not feats.harmful_features:
+        print("stage 2 selected no harmful features: stage 3 skipped")
+        return 0
+    print(f"[3/{stages}] feature influence scores, circuit and hook set", flush=True)
+    _trace_and_export(model, feats, harmful, benign, out, args, batch_size=8)
     return 0
 
 
@@ -312,6 +375,128 @@ def _print_features(result, paths) -> None:
               f"{row['fire_rate_benign']:.0%}  top tokens: {toks}")
     for kind, p in paths.items():
         print(f"wrote {p}")
+
+
+def _onset_from(args, name: str) -> Optional[int]:
+    import json
+
+    if getattr(args, "onset_layer", None) is not None:
+        return args.onset_layer
+    if args.scan:
+        try:
+            return json.loads(Path(args.scan).read_text())["onset_layer"]
+        except (OSError, ValueError, KeyError):
+            raise TraceCircuitsError(f"--scan {args.scan} is not a divergence.json; run `trace-circuits scan` "
+                                     "first") from None
+    return None
+
+
+def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_size: int) -> tuple:
+    """Stage 3 as the CLI runs it: trace, prune, choose the nodes to suppress, export the hook set."""
+    from trace_circuits.hooks import hookset_from_circuit
+    from trace_circuits.influence import load_downstream_saes, trace_circuit
+    from trace_circuits.saes import _layer_of
+
+    onset = _layer_of(features.hook_name)
+    saes = load_downstream_saes(model, onset)
+    chat = False if args.no_chat else None
+    full = trace_circuit(model, features, harmful, benign, saes=saes, n_prompts=args.n_prompts,
+                         n_candidates=args.n_candidates, max_sources=args.max_sources, batch_size=batch_size, chat=chat)
+    if args.prune_threshold is not None:
+        circuit = full.prune(threshold=args.prune_threshold)
+    else:
+        circuit = full.prune(cumulative=args.prune_cumulative)
+    kinds = [k.strip() for k in args.suppress.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("feature", "head", "mlp")]
+    if bad:
+        raise TraceCircuitsError(f"--suppress takes feature, head and/or mlp, not {', '.join(bad)}")
+    circuit.sever(circuit.harmful_path_nodes(args.min_readout_effect, kinds=["source", *kinds]))
+    command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
+    hookset = hookset_from_circuit(circuit, model, saes, harmful, benign, benign_gate_rate=args.benign_gate_rate,
+                                   chat=chat, progress=True, provenance={"command": command})
+    paths = circuit.save(out)
+    from trace_circuits._io import write_json_atomic
+
+    paths["full"] = write_json_atomic(out / "circuit_full.json", full.to_json())
+    paths["hookset"] = hookset.save(out / "hookset")
+    m = full.meta
+    print(f"FIS from {len(m['sources'])} source features at layer {onset} on {m['n_prompts']} harmful prompts; "
+          f"{m['n_candidates']} downstream nodes measured exactly ({m['seconds']['total']:.0f}s)")
+    rho = m.get("attribution_spearman_top")
+    print(f"attribution patching vs exact zero-out, top {m['attribution_spearman_top_n']} nodes: Spearman "
+          f"{rho:.3f}" if rho is not None else "attribution vs exact: too few nodes for a rank correlation")
+    print(f"pruned circuit: {len(circuit.nodes)} nodes, {len(circuit.links)} links; suppressing "
+          f"{len(circuit.severed_nodes)} nodes severs {sum(l.severed for l in circuit.links)} links")
+    g = hookset.provenance["gate_calibration"]
+    print(f"{hookset.summary()}; gate opens on {g['gate_rate_harmful']:.0%} of harmful and "
+          f"{g['gate_rate_benign']:.0%} of benign calibration prompts")
+    for kind, p in paths.items():
+        print(f"wrote {p}")
+    return circuit, hookset
+
+
+def cmd_trace(args) -> int:
+    import json
+
+    from trace_circuits.features import FeatureResult, find_harmful_features
+    from trace_circuits.models import canonical_name
+    from trace_circuits.saes import load_sae
+
+    harmful, benign = _load_sets(args)
+    name = canonical_name(args.model)
+    if args.n_prompts < 1 or args.n_candidates < 1:
+        raise TraceCircuitsError("--n-prompts and --n-candidates must be at least 1")
+    features = None
+    if args.features:
+        try:
+            features = FeatureResult.from_json(json.loads(Path(args.features).read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            raise TraceCircuitsError(f"--features {args.features} is not a features.json ({err}); run "
+                                     "`trace-circuits features` first") from None
+        if features.model and features.model != name:
+            raise TraceCircuitsError(f"--features was made for {features.model}, not {name}; use --model "
+                                     f"{features.model} or rerun `trace-circuits features`")
+    model = _load_model(args)
+    if features is None:
+        hook = _sae_hook_for(name, _onset_from(args, name))
+        print(f"stage 2 first: harmful SAE features at {hook}", flush=True)
+        features = find_harmful_features(model, load_sae(name, hook, model=model), harmful, benign, hook,
+                                         chat=False if args.no_chat else None)
+        _print_features(features, features.save(args.out))
+    _trace_and_export(model, features, harmful, benign, Path(args.out), args, args.batch_size)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from trace_circuits.generation import generate_responses
+    from trace_circuits.hooks import load_hookset
+    from trace_circuits.models import DEFAULT_MODEL, canonical_name, load_hf_model
+    from trace_circuits.prompts import load_prompts
+
+    if not args.hookset and not args.no_hookset:
+        raise TraceCircuitsError("pass --hookset DIR (from `trace-circuits trace`) or --no-hookset for the baseline")
+    hookset = load_hookset(args.hookset) if args.hookset and not args.no_hookset else None
+    name = canonical_name(args.model or (hookset.model if hookset else DEFAULT_MODEL))
+    prompts = list(load_prompts(args.prompts, column=args.column))
+    if args.limit is not None:
+        prompts = prompts[: max(1, args.limit)]
+    t0 = time.time()
+    model, tokenizer = load_hf_model(name, device=args.device)
+    print(f"loaded {name} (transformers) in {time.time() - t0:.1f}s", flush=True)
+    if hookset is not None:
+        hookset.check_model(model)
+        print(hookset.summary(), flush=True)
+    t0 = time.time()
+    rows = generate_responses(model, tokenizer, prompts, hookset, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, chat=not args.no_chat, do_sample=args.sample, out=args.out)
+    n_gate = sum(r["gate_opened"] for r in rows)
+    print(f"{len(rows)} responses in {time.time() - t0:.1f}s" + (f"; the gate opened on {n_gate}" if hookset else ""))
+    for r in rows[:3]:
+        print(json.dumps({"prompt": r["prompt"][:80], "response": r["response"][:160]}))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_saes(args) -> int:

@@ -192,6 +192,11 @@ def load_hf_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32
         # The weights are already dequantized; the leftover attribute confuses config-driven loaders.
         del model.config.quantization_config
     model.eval()
+    model.trace_circuits_fingerprint = f"{spec.name}@{file_sha256(gguf)[:16]}"
+    model.trace_circuits_name = spec.name
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
     return model.to(resolve_device(device)), tokenizer
 
 
@@ -303,6 +308,22 @@ def model_fingerprint(model) -> str:
     w = model.W_E.detach().float().cpu()
     h.update(w[:: max(1, w.shape[0] // 64)].numpy().tobytes())
     return f"{model.cfg.model_name}@{h.hexdigest()[:16]}"
+
+
+def weights_signature(model) -> str:
+    """A hash of the token-embedding matrix (every 64th row), the same for a HookedTransformer built with
+    unprocessed weights and the transformers model it came from: how a hook set recognises its model in
+    either library."""
+    if hasattr(model, "W_E"):
+        w = model.W_E
+    elif hasattr(model, "get_input_embeddings"):
+        w = model.get_input_embeddings().weight
+    else:
+        raise TraceCircuitsError("expected a HookedTransformer or a transformers model")
+    w = w.detach().float().cpu()
+    h = hashlib.sha256(json.dumps(list(w.shape)).encode())
+    h.update(w[::64].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(

@@ -1,0 +1,120 @@
+"""Generation with and without a hook set, on the Hugging Face transformers model (the hook set's plain-PyTorch
+twin), batched and greedy by default; resumable (finished batches are kept in ``OUT.partial``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from trace_circuits._io import write_text_atomic
+from trace_circuits.errors import TraceCircuitsError
+
+
+def chat_texts(tokenizer, prompts: Sequence[str], chat: bool = True, system: Optional[str] = None) -> list[str]:
+    """The templated prompt texts the model sees (chat template with the generation prompt, or raw text)."""
+    if not chat:
+        return list(prompts)
+    if not getattr(tokenizer, "chat_template", None):
+        raise TraceCircuitsError("this tokenizer has no chat template; pass chat=False (--no-chat) for a base model")
+    out = []
+    for p in prompts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int = 128, hookset=None,
+                   do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> tuple[list[str], list[bool]]:
+    """Generate for one batch of already-templated texts; returns (responses, gate opened per prompt)."""
+    device = next(model.parameters()).device
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if do_sample:
+        torch.manual_seed(seed)
+        kwargs["temperature"] = temperature
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    gate = [False] * len(texts)
+    if hookset is None:
+        out = model.generate(**enc, **kwargs)
+    else:
+        with hookset.attach(model) as rt:
+            out = model.generate(**enc, **kwargs)
+        if rt.gate_open is not None:
+            gate = [bool(g) for g in rt.gate_open.tolist()]
+    new = out[:, enc["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True), gate
+
+
+def _settings_key(**settings) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, max_new_tokens: int = 128,
+                       batch_size: int = 16, chat: bool = True, system: Optional[str] = None, do_sample: bool = False,
+                       out: Optional[str | Path] = None, progress: bool = True, hookset_id: str = "") -> list[dict]:
+    """Responses for ``prompts`` (input order kept): ``[{"prompt", "response", "hookset", "gate_opened", ...}]``.
+
+    With ``out``, rows are also written to ``out`` (JSON lines, atomically at the end); finished batches are kept
+    in ``out.partial`` so an interrupted run resumes where it stopped when called again with the same settings.
+    """
+    if max_new_tokens < 1:
+        raise TraceCircuitsError("max_new_tokens must be at least 1")
+    if batch_size < 1:
+        raise TraceCircuitsError("batch size must be at least 1")
+    plist = list(prompts)
+    if not plist:
+        raise TraceCircuitsError("no prompts to answer; give a file with at least one prompt")
+    if hookset is not None:
+        hookset.check_model(model)
+    texts = chat_texts(tokenizer, plist, chat, system)
+    key = _settings_key(texts=texts, hookset=hookset_id or (hookset.to_json() if hookset else None),
+                        max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        model=getattr(model, "trace_circuits_fingerprint", type(model).__name__))
+    done: dict[int, dict] = {}
+    partial = Path(str(out) + ".partial") if out else None
+    if partial is not None and partial.exists():
+        for line in partial.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from an interrupted write
+            if row.get("_key") == key:
+                done[int(row["index"])] = row
+    order = sorted((i for i in range(len(plist)) if i not in done), key=lambda i: len(texts[i]))
+    bar = tqdm(total=len(plist), initial=len(done), desc="generating" + (" (hook set)" if hookset else ""),
+               unit="prompt", disable=not progress)
+    fh = open(partial, "a") if partial is not None else None
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            t0 = time.time()
+            responses, gates = generate_batch(model, tokenizer, [texts[i] for i in idx], max_new_tokens, hookset,
+                                              do_sample)
+            dt = (time.time() - t0) / len(idx)
+            for i, r, g in zip(idx, responses, gates):
+                row = {"index": i, "prompt": plist[i], "response": r, "hookset": bool(hookset is not None),
+                       "gate_opened": g, "seconds": round(dt, 3), "_key": key}
+                done[i] = row
+                if fh is not None:
+                    fh.write(json.dumps(row) + "\n")
+            if fh is not None:
+                fh.flush()
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if fh is not None:
+            fh.close()
+    rows = [{k: v for k, v in done[i].items() if k != "_key"} for i in range(len(plist))]
+    if out is not None:
+        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+        partial.unlink(missing_ok=True)
+    return rows
