@@ -31,6 +31,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_saes.py
+	$(BIN)/python benchmarks/bench_influence.py
+	$(BIN)/python benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
 """The command line on the real default model, and its one-line answers to bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,12 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     (["scan", "--harmful", "/nonexistent/h.txt"], "does not exist"),
     (["scan", "--limit", "1"], "--limit must be at least 2"),
     (["scan", "--device", "tpu"], "device"),
+    (["trace", "--suppress", "neurons"], "--suppress takes feature, head and/or mlp, not neurons"),
+    (["trace", "--n-prompts", "0"], "--n-prompts, --n-candidates and --max-sources must be at least 1"),
+    (["trace", "--features", "/nonexistent/features.json"], "is not a features.json"),
+    (["run", "--benign-gate-rate", "1.5"], "--benign-gate-rate must be in [0, 1)"),
+    (["generate", "--prompts", "p.txt"], "pass --hookset DIR"),
+    (["generate", "--prompts", "p.txt", "--hookset", "/nonexistent/hs"], "is not a hook set folder"),
 ])
 def test_bad_input_is_one_clear_line(args, match, capsys, tmp_path):
     code = main(args + ["--out", str(tmp_path)])
@@ -59,9 +66,29 @@ def test_empty_prompt_file_is_one_clear_line(tmp_path, capsys):
     assert err == f"error: prompt file {empty} is empty; put one prompt per line (.txt) or one per row"
 
 
-@pytest.mark.parametrize("cmd", [[], ["scan"], ["run"], ["models"], ["build-corpus"], ["train-sae"], ["features"], ["saes"]])
+@pytest.mark.parametrize("cmd", [[], ["scan"], ["run"], ["models"], ["build-corpus"], ["train-sae"], ["features"], ["saes"],
+                                 ["trace"], ["generate"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as info:
         main(cmd + ["--help"])
     assert info.value.code == 0
     assert "usage: trace-circuits" in capsys.readouterr().out
+
+
+def test_generate_reads_prompts_before_loading_a_model(tmp_path, capsys):
+    from conftest import tiny_model
+    from test_hooks import hookset_for, tiny_sae
+
+    from trace_circuits.hooks import sae_operation
+
+    model = tiny_model()
+    hs = hookset_for(model, [sae_operation(tiny_sae(), 1, [3], gate_source=True)]).save(tmp_path / "hs")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["generate", "--hookset", str(hs), "--prompts", str(empty), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("hello\n")
+    assert main(["generate", "--hookset", str(hs), "--prompts", str(tmp_path / "p.txt"),
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'tiny'") and "\n" not in err

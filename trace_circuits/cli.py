@@ -247,6 +247,7 @@ def cmd_run(args) -> int:
     from trace_circuits.models import canonical_name
     from trace_circuits.saes import list_saes, load_sae
 
+    _suppress_kinds(args)
     harmful, benign = _load_sets(args)
     model = _load_model(args)
     out = Path(args.out)
@@ -391,6 +392,21 @@ def _onset_from(args, name: str) -> Optional[int]:
     return None
 
 
+def _suppress_kinds(args) -> list[str]:
+    """Check the stage-3 options before any model is loaded."""
+    kinds = [k.strip() for k in args.suppress.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("feature", "head", "mlp")]
+    if bad:
+        raise TraceCircuitsError(f"--suppress takes feature, head and/or mlp, not {', '.join(bad)}")
+    if args.n_prompts < 1 or args.n_candidates < 1 or args.max_sources < 1:
+        raise TraceCircuitsError("--n-prompts, --n-candidates and --max-sources must be at least 1")
+    if not 0 <= args.benign_gate_rate < 1:
+        raise TraceCircuitsError(f"--benign-gate-rate must be in [0, 1), got {args.benign_gate_rate}")
+    if args.prune_threshold is None and not 0 < args.prune_cumulative <= 1:
+        raise TraceCircuitsError(f"--prune-cumulative must be in (0, 1], got {args.prune_cumulative}")
+    return kinds
+
+
 def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_size: int) -> tuple:
     """Stage 3 as the CLI runs it: trace, prune, choose the nodes to suppress, export the hook set."""
     from trace_circuits.hooks import hookset_from_circuit
@@ -406,11 +422,7 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
         circuit = full.prune(threshold=args.prune_threshold)
     else:
         circuit = full.prune(cumulative=args.prune_cumulative)
-    kinds = [k.strip() for k in args.suppress.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in ("feature", "head", "mlp")]
-    if bad:
-        raise TraceCircuitsError(f"--suppress takes feature, head and/or mlp, not {', '.join(bad)}")
-    circuit.sever(circuit.harmful_path_nodes(args.min_readout_effect, kinds=["source", *kinds]))
+    circuit.sever(circuit.harmful_path_nodes(args.min_readout_effect, kinds=["source", *_suppress_kinds(args)]))
     command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
     hookset = hookset_from_circuit(circuit, model, saes, harmful, benign, benign_gate_rate=args.benign_gate_rate,
                                    chat=chat, progress=True, provenance={"command": command})
@@ -442,10 +454,9 @@ def cmd_trace(args) -> int:
     from trace_circuits.models import canonical_name
     from trace_circuits.saes import load_sae
 
+    _suppress_kinds(args)
     harmful, benign = _load_sets(args)
     name = canonical_name(args.model)
-    if args.n_prompts < 1 or args.n_candidates < 1:
-        raise TraceCircuitsError("--n-prompts and --n-candidates must be at least 1")
     features = None
     if args.features:
         try:

@@ -31,12 +31,16 @@ def chat_texts(tokenizer, prompts: Sequence[str], chat: bool = True, system: Opt
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int = 128, hookset=None,
-                   do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> tuple[list[str], list[bool]]:
-    """Generate for one batch of already-templated texts; returns (responses, gate opened per prompt)."""
+                   do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                   min_new_tokens: Optional[int] = None) -> tuple[list[str], list[bool]]:
+    """Generate for one batch of already-templated texts; returns (responses, gate opened per prompt).
+    ``min_new_tokens`` forces a fixed length (for timing)."""
     device = next(model.parameters()).device
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:
         torch.manual_seed(seed)
         kwargs["temperature"] = temperature

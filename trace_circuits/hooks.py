@@ -236,6 +236,8 @@ class _Runtime:
     # The three operations; each maps a hooked activation to its replacement.
 
     def sae_features(self, op: Operation, x: torch.Tensor) -> torch.Tensor:
+        if op.gated and not op.gate_source and not self._gate_for(x).any():
+            return x  # gate shut everywhere: nothing to do (and nothing to compute)
         acts = sae_feature_acts(op, x)  # [B, T, n]
         ok = self._valid_for(x)
         if op.massive_norm_threshold is not None:
@@ -252,6 +254,8 @@ class _Runtime:
 
     def heads(self, op: Operation, z: torch.Tensor) -> torch.Tensor:
         where = self._gate_for(z) if op.gated else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+        if not where.any():
+            return z
         z = z.clone()
         h = list(op.heads)
         z[:, :, h] = torch.where(where[:, :, None, None], z[:, :, h] * op.scale, z[:, :, h])
@@ -259,6 +263,8 @@ class _Runtime:
 
     def mlp(self, op: Operation, m: torch.Tensor) -> torch.Tensor:
         where = self._gate_for(m) if op.gated else torch.ones(m.shape[:2], dtype=torch.bool, device=m.device)
+        if not where.any():
+            return m
         return torch.where(where[..., None], m * op.scale, m)
 
     def apply(self, op: Operation, act: torch.Tensor) -> torch.Tensor:
