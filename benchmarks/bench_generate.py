@@ -28,7 +28,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from trace_circuits import builtin_prompts, load_hf_model, load_hookset
-    from trace_circuits.generation import chat_texts, generate_batch
+    from trace_circuits.generation import generate_batch
+    from trace_circuits.prompts import format_prompts
 
     print(f"# bench_generate  torch {torch.__version__}  threads {torch.get_num_threads()}")
     path = args.hookset
@@ -42,7 +43,7 @@ def main() -> None:
     model, tok = load_hf_model()
     print(hookset.summary())
     for kind in ("benign", "harmful"):
-        texts = chat_texts(tok, list(builtin_prompts(kind, "test"))[: args.batch])
+        texts = format_prompts(tok, list(builtin_prompts(kind, "test"))[: args.batch], chat=True)
         n = len(texts) * args.tokens
 
         def plain():

@@ -14,19 +14,7 @@ from tqdm.auto import tqdm
 
 from trace_circuits._io import write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
-
-
-def chat_texts(tokenizer, prompts: Sequence[str], chat: bool = True, system: Optional[str] = None) -> list[str]:
-    """The templated prompt texts the model sees (chat template with the generation prompt, or raw text)."""
-    if not chat:
-        return list(prompts)
-    if not getattr(tokenizer, "chat_template", None):
-        raise TraceCircuitsError("this tokenizer has no chat template; pass chat=False (--no-chat) for a base model")
-    out = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    return out
+from trace_circuits.prompts import format_prompts
 
 
 @torch.inference_mode()
@@ -79,7 +67,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
         raise TraceCircuitsError("no prompts to answer; give a file with at least one prompt")
     if hookset is not None:
         hookset.check_model(model)
-    texts = chat_texts(tokenizer, plist, chat, system)
+    texts = format_prompts(tokenizer, plist, chat=chat, system=system)
     key = _settings_key(texts=texts, hookset=hookset_id or (hookset.to_json() if hookset else None),
                         max_new_tokens=max_new_tokens, do_sample=do_sample,
                         model=getattr(model, "trace_circuits_fingerprint", type(model).__name__))
