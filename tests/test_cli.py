@@ -49,6 +49,9 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     (["trace", "--features", "/nonexistent/features.json"], "is not a features.json"),
     (["run", "--benign-gate-rate", "1.5"], "--benign-gate-rate must be in [0, 1)"),
     (["generate", "--prompts", "p.txt"], "pass --hookset DIR"),
+    (["evaluate", "--hookset", "x", "--templates", "dan"], "--templates takes direct"),
+    (["evaluate", "--hookset", "x", "--baselines", "magic"], "--baselines takes all, none or"),
+    (["evaluate", "--hookset", "/nonexistent/hs"], "is not a hook set folder"),
     (["generate", "--prompts", "p.txt", "--hookset", "/nonexistent/hs"], "is not a hook set folder"),
 ])
 def test_bad_input_is_one_clear_line(args, match, capsys, tmp_path):
@@ -67,7 +70,7 @@ def test_empty_prompt_file_is_one_clear_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cmd", [[], ["scan"], ["run"], ["models"], ["build-corpus"], ["train-sae"], ["features"], ["saes"],
-                                 ["trace"], ["generate"]])
+                                 ["trace"], ["generate"], ["evaluate"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as info:
         main(cmd + ["--help"])

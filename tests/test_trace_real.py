@@ -119,3 +119,22 @@ def test_generate_with_and_without_the_hookset(traced, tmp_path, capsys):
     assert all(r["response"].strip() for r in rows_h + rows_p)
     assert rows_h[0]["hookset"] and not rows_p[0]["hookset"]
     assert not (out_h.with_name("with.jsonl.partial")).exists()
+
+
+def test_evaluate_command_on_a_few_prompts(traced, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hookset", str(traced / "hookset"), "--limit", "4", "--templates", "direct,prefill",
+                 "--baselines", "top_feature,layer_ablation", "--max-new-tokens", "8", "--text-docs", "6",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "evaluation.json").read_text())
+    assert set(data["defenses"]) == {"none", "tracerouter", "top_feature", "layer_ablation"}
+    for m in data["defenses"].values():
+        assert set(m["dsr"]) == {"direct", "prefill"}
+        assert 0 <= m["dsr"]["direct"]["ci"][0] <= m["dsr"]["direct"]["rate"] <= m["dsr"]["direct"]["ci"][1] <= 1
+        assert {"over_refusal", "kl_benign_prompts", "kl_benign_text", "ce_change_benign_text"} <= set(m["utility"])
+    assert data["defenses"]["none"]["utility"]["kl_benign_text"] == 0
+    assert data["defenses"]["layer_ablation"]["utility"]["kl_benign_text"] > 0.01  # zeroing a layer shows up
+    rows = [json.loads(l) for l in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * (4 * 2 + 4)
+    assert all(r["response"].startswith("Sure, here is") for r in rows if r["template"] == "prefill")
+    assert "plotly" in (out / "evaluation.html").read_text()[:200000].lower()

@@ -50,7 +50,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suppress", default="feature,head",
                    help="kinds of downstream nodes the hook set cuts (feature, head, mlp). Default: feature,head")
     p.add_argument("--benign-gate-rate", type=float, default=0.02,
-                   help="the gate may open on at most this fraction of the benign prompts. Default: 0.02")
+                   help="the gate may open on at most this fraction of the benign prompts and texts. Default: 0.02")
+    p.add_argument("--gate-text-docs", type=int, default=200,
+                   help="benign documents (SAE corpus train split, 128 tokens) added to the gate calibration, since "
+                        "the gate also reads generated text; 0 for prompts only. Default: 200")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(func=cmd_scan)
 
     run = sub.add_parser("run", help="the main job: the whole pipeline on the default model (scan, SAE features, "
-                                     "circuit and hook set)",
+                                     "circuit and hook set, evaluation, report.html)",
                          description="Run every implemented stage of TraceRouter with built-in prompts and write all "
                                      "artifacts into OUT.")
     _add_model_args(run)
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="output folder. Default: runs/latest")
     run.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass. Default: 16")
     _add_trace_args(run)
+    run.add_argument("--no-evaluate", action="store_true", help="stop after the hook set (skip stage 4)")
+    run.add_argument("--eval-max-new-tokens", type=int, default=40,
+                     help="tokens per answer in the evaluation. Default: 40")
+    run.add_argument("--text-docs", type=int, default=48,
+                     help="held-out benign corpus documents for the KL and CE measures. Default: 48")
     run.set_defaults(func=cmd_run)
 
     corpus = sub.add_parser("build-corpus", help="rebuild the SAE training corpus (chat answers + CPython docs)",
@@ -178,6 +186,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N. Default: cpu")
     gen.set_defaults(func=cmd_generate)
 
+    ev = sub.add_parser("evaluate", help="defense success and utility of a hook set against the baselines",
+                        description="Answer held-out harmful prompts (direct and under jailbreak templates) and benign "
+                                    "prompts with the hook set and with each baseline (none, top feature, onset "
+                                    "features, direction ablation/addition, layer ablation); judge with refusal "
+                                    "substrings, a MiniLM relevance judge and a refusal logit score; measure benign "
+                                    "over-refusal, next-token KL and CE change. Writes OUT/evaluation.json, "
+                                    "OUT/evaluation.html and OUT/responses.jsonl.")
+    ev.add_argument("--model", default=None, help="model name. Default: the hook set's model")
+    ev.add_argument("--hookset", required=True, help="hook set folder (from `trace-circuits trace`)")
+    ev.add_argument("--harmful", default=None, help="harmful prompts file. Default: built-in harmful test split")
+    ev.add_argument("--benign", default=None, help="benign prompts file. Default: built-in benign test split")
+    ev.add_argument("--column", default=None, help="column holding the prompt in .jsonl/.csv files (auto-detected)")
+    ev.add_argument("--limit", type=int, default=None, help="use at most this many prompts of each set")
+    ev.add_argument("--templates", default=",".join(_jailbreak_names()),
+                    help="jailbreak templates, comma-separated. Default: all")
+    ev.add_argument("--baselines", default="all",
+                    help="baselines to run: all, none, or a comma-separated subset of top_feature, onset_features, "
+                         "direction_ablation, direction_addition, layer_ablation. Default: all")
+    ev.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer. Default: 48")
+    ev.add_argument("--batch-size", type=int, default=32, help="prompts per generate call. Default: 32")
+    ev.add_argument("--text-docs", type=int, default=48,
+                    help="held-out benign corpus documents (128 tokens each) for KL and CE. Default: 48")
+    ev.add_argument("--out", default="runs/evaluate", help="output folder. Default: runs/evaluate")
+    ev.set_defaults(func=cmd_evaluate)
+
     ls = sub.add_parser("saes", help="list the shipped SAEs", description="List SAEs in saes/ with their metrics.")
     ls.add_argument("--model", default=None, help="only this model")
     ls.set_defaults(func=cmd_saes)
@@ -245,21 +278,34 @@ def cmd_run(args) -> int:
     from trace_circuits.divergence import scan_attention_divergence
     from trace_circuits.features import find_harmful_features
     from trace_circuits.models import canonical_name
+    from trace_circuits.report import write_report
     from trace_circuits.saes import list_saes, load_sae
 
     _suppress_kinds(args)
+    t_all = time.time()
     harmful, benign = _load_sets(args)
     model = _load_model(args)
     out = Path(args.out)
     name = canonical_name(args.model)
-    stages = 3 if list_saes(name) else 1
+    stages = (3 if args.no_evaluate else 4) if list_saes(name) else 1
+    timings: dict[str, float] = {}
+    parts: dict = {}
+
+    def report():
+        timings["total"] = time.time() - t_all
+        print(f"wrote {write_report(out, timings=timings, **parts)}")
+
+    t0 = time.time()
     print(f"[1/{stages}] attention-divergence scan: {len(harmful)} harmful vs {len(benign)} benign prompts", flush=True)
     result = scan_attention_divergence(model, harmful, benign, batch_size=args.batch_size,
                                        chat=False if args.no_chat else None, checkpoint_dir=out / ".checkpoints")
     _print_scan(result, result.save(out, model=model))
+    parts["scan"], timings["stage 1: scan"] = result, time.time() - t0
     if stages == 1:
         print(f"no SAEs shipped for {name}: stage 2 skipped (train them with `trace-circuits train-sae`)")
+        report()
         return 0
+    t0 = time.time()
     hook = _sae_hook_for(name, result.onset_layer)
     print(f"[2/{stages}] SAE features at {hook} (SAE at or after the onset layer)", flush=True)
     sae = load_sae(name, hook, model=model)
@@ -275,12 +321,51 @@ def cmd_run(args) -> int:
                             batch_size=args.batch_size)
         print(f"held-out check: the top {len(top)} harmful features separate the built-in test split "
               f"(50 harmful vs 50 benign) with AUROC {auc:.3f}")
+    parts["features"], timings["stage 2: SAE features"] = feats, time.time() - t0
     if not feats.harmful_features:
         print("stage 2 selected no harmful features: stage 3 skipped")
+        report()
         return 0
+    t0 = time.time()
     print(f"[3/{stages}] feature influence scores, circuit and hook set", flush=True)
-    _trace_and_export(model, feats, harmful, benign, out, args, batch_size=8)
+    circuit, hookset = _trace_and_export(model, feats, harmful, benign, out, args, batch_size=8)
+    parts.update(circuit=circuit, hookset=hookset)
+    timings["stage 3: FIS, circuit, hook set"] = time.time() - t0
+    if stages == 4:
+        t0 = time.time()
+        print(f"[4/{stages}] defense evaluation on the built-in test split against the baselines", flush=True)
+        parts["evaluation"] = _evaluate(model, hookset, name, args, out)
+        timings["stage 4: evaluation"] = time.time() - t0
+    report()
     return 0
+
+
+def _evaluate(model, hookset, name: str, args, out: Path):
+    """Stage 4 as `run` does it: all templates and baselines on the built-in test split."""
+    from trace_circuits.evaluate import BASELINE_NAMES, RelevanceJudge, benign_text, build_baselines, evaluate_defenses
+    from trace_circuits.models import load_hf_model
+    from trace_circuits.prompts import builtin_prompts
+
+    judge = RelevanceJudge()
+    defenses = {"tracerouter": hookset, **build_baselines(model, hookset, builtin_prompts("harmful", "train"),
+                                                          builtin_prompts("benign", "train"), names=BASELINE_NAMES)}
+    hf, tok = load_hf_model(name)
+    harmful, benign = list(builtin_prompts("harmful", "test")), list(builtin_prompts("benign", "test"))
+    if args.limit:
+        harmful, benign = harmful[: args.limit], benign[: args.limit]
+    result = evaluate_defenses(hf, tok, defenses, harmful, benign, max_new_tokens=args.eval_max_new_tokens,
+                               batch_size=32, judge=judge, text=benign_text(tok, max_docs=args.text_docs))
+    _print_evaluation(result, result.save(out))
+    return result
+
+
+def _print_evaluation(result, paths) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 220, "display.max_columns", 20):
+        print(result.table.round(3).to_string())
+    for kind, p in paths.items():
+        print(f"wrote {p}")
 
 
 def cmd_build_corpus(args) -> int:
@@ -402,6 +487,8 @@ def _suppress_kinds(args) -> list[str]:
         raise TraceCircuitsError("--n-prompts, --n-candidates and --max-sources must be at least 1")
     if not 0 <= args.benign_gate_rate < 1:
         raise TraceCircuitsError(f"--benign-gate-rate must be in [0, 1), got {args.benign_gate_rate}")
+    if args.gate_text_docs < 0:
+        raise TraceCircuitsError("--gate-text-docs must be 0 or more")
     if args.prune_threshold is None and not 0 < args.prune_cumulative <= 1:
         raise TraceCircuitsError(f"--prune-cumulative must be in (0, 1], got {args.prune_cumulative}")
     return kinds
@@ -424,8 +511,11 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
         circuit = full.prune(cumulative=args.prune_cumulative)
     circuit.sever(circuit.harmful_path_nodes(args.min_readout_effect, kinds=["source", *_suppress_kinds(args)]))
     command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
+    from trace_circuits.evaluate import benign_text
+
+    text = benign_text(model.tokenizer, max_docs=args.gate_text_docs, split="train") if args.gate_text_docs else None
     hookset = hookset_from_circuit(circuit, model, saes, harmful, benign, benign_gate_rate=args.benign_gate_rate,
-                                   chat=chat, progress=True, provenance={"command": command})
+                                   chat=chat, progress=True, provenance={"command": command}, benign_text=text)
     paths = circuit.save(out)
     from trace_circuits._io import write_json_atomic
 
@@ -440,8 +530,9 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
     print(f"pruned circuit: {len(circuit.nodes)} nodes, {len(circuit.links)} links; suppressing "
           f"{len(circuit.severed_nodes)} nodes severs {sum(l.severed for l in circuit.links)} links")
     g = hookset.provenance["gate_calibration"]
-    print(f"{hookset.summary()}; gate opens on {g['gate_rate_harmful']:.0%} of harmful and "
-          f"{g['gate_rate_benign']:.0%} of benign calibration prompts")
+    print(f"{hookset.summary()}; gate opens on {g['gate_rate_harmful']:.0%} of harmful prompts and "
+          f"{g['gate_rate_benign']:.0%} of benign calibration sequences ({g['n_benign']} prompts + "
+          f"{g['n_benign_text']} documents)")
     for kind, p in paths.items():
         print(f"wrote {p}")
     return circuit, hookset
@@ -507,6 +598,58 @@ def cmd_generate(args) -> int:
     for r in rows[:3]:
         print(json.dumps({"prompt": r["prompt"][:80], "response": r["response"][:160]}))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _jailbreak_names() -> list[str]:
+    from trace_circuits.evaluate import JAILBREAKS
+
+    return list(JAILBREAKS)
+
+
+def cmd_evaluate(args) -> int:
+    from trace_circuits.evaluate import BASELINE_NAMES as BASELINES
+    from trace_circuits.evaluate import JAILBREAKS, RelevanceJudge, benign_text, build_baselines, evaluate_defenses
+    from trace_circuits.hooks import load_hookset
+    from trace_circuits.models import canonical_name, load_hf_model, load_model
+    from trace_circuits.prompts import builtin_prompts, load_prompts
+
+    templates = [t.strip() for t in args.templates.split(",") if t.strip()]
+    bad = [t for t in templates if t not in JAILBREAKS]
+    if bad or not templates:
+        raise TraceCircuitsError(f"--templates takes {', '.join(JAILBREAKS)}, not {', '.join(bad) or 'nothing'}")
+    wanted = BASELINES if args.baselines == "all" else [] if args.baselines == "none" else \
+        [b.strip() for b in args.baselines.split(",") if b.strip()]
+    bad = [b for b in wanted if b not in BASELINES]
+    if bad:
+        raise TraceCircuitsError(f"--baselines takes all, none or {', '.join(BASELINES)}, not {', '.join(bad)}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise TraceCircuitsError("--max-new-tokens and --batch-size must be at least 1")
+    hookset = load_hookset(args.hookset)
+    name = canonical_name(args.model or hookset.model)
+
+    def one(path, kind):
+        ps = list(load_prompts(path, column=args.column)) if path else list(builtin_prompts(kind, "test"))
+        return ps[: args.limit] if args.limit else ps
+
+    harmful, benign = one(args.harmful, "harmful"), one(args.benign, "benign")
+    if args.text_docs < 1:
+        raise TraceCircuitsError("--text-docs must be at least 1")
+    judge = RelevanceJudge()
+    hf, tok = load_hf_model(name)
+    hookset.check_model(hf)
+    defenses = {"tracerouter": hookset}
+    if wanted:
+        model = load_model(name, device="cpu", progress=False)
+        hookset.check_model(model)
+        print(f"building baselines: {', '.join(wanted)}", flush=True)
+        defenses.update(build_baselines(model, hookset, builtin_prompts("harmful", "train"),
+                                        builtin_prompts("benign", "train"), names=wanted))
+        del model
+    result = evaluate_defenses(hf, tok, defenses, harmful, benign, templates=templates,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=judge,
+                               text=benign_text(tok, max_docs=args.text_docs))
+    _print_evaluation(result, result.save(args.out))
     return 0
 
 

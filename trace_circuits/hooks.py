@@ -18,6 +18,9 @@ brackets, for Llama-architecture models such as SmolLM2):
     ``z[:, :, h] <- scale * z[:, :, h]`` for the chosen heads (the head's output is removed before ``W_O``).
 ``mlp`` at ``blocks.{l}.hook_mlp_out`` [output of ``model.layers[l].mlp``]
     ``mlp_out <- scale * mlp_out``.
+``direction`` at ``blocks.{l}.hook_resid_post`` [output of ``model.layers[l]``] (used by the baselines)
+    ``mode="ablate"``: ``x <- x - <x, r> r`` (r a unit vector, Arditi et al. 2024 direction ablation);
+    ``mode="add"``: ``x <- x + alpha r``.
 
 Positions and gating
 --------------------
@@ -60,7 +63,7 @@ from trace_circuits.errors import TraceCircuitsError
 FORMAT_VERSION = 1
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
-OP_KINDS = ("sae_features", "heads", "mlp")
+OP_KINDS = ("sae_features", "heads", "mlp", "direction")
 _SAE_TENSORS = ("W_enc", "b_enc", "b_dec", "dec_norm", "D")
 
 
@@ -82,6 +85,8 @@ class Operation:
     gate_scales: list[float] = field(default_factory=list)  # gate source: s_f per feature
     gate_threshold: float = 0.0  # gate source: open where sum_f a_f / s_f > this
     heads: list[int] = field(default_factory=list)  # heads: head indices
+    mode: str = "ablate"  # direction: "ablate" or "add"
+    alpha: float = 0.0  # direction, mode "add": how far along r
     k: int = 0  # sae_features: the SAE's TopK k
     massive_norm_threshold: Optional[float] = None
     sae: str = ""  # which SAE (provenance)
@@ -90,12 +95,12 @@ class Operation:
     @property
     def hook_name(self) -> str:
         return {"sae_features": f"blocks.{self.layer}.hook_resid_post", "heads": f"blocks.{self.layer}.attn.hook_z",
-                "mlp": f"blocks.{self.layer}.hook_mlp_out"}[self.kind]
+                "mlp": f"blocks.{self.layer}.hook_mlp_out", "direction": f"blocks.{self.layer}.hook_resid_post"}[self.kind]
 
     @property
     def hf_module(self) -> str:
         return {"sae_features": f"model.layers.{self.layer}", "heads": f"model.layers.{self.layer}.self_attn.o_proj",
-                "mlp": f"model.layers.{self.layer}.mlp"}[self.kind]
+                "mlp": f"model.layers.{self.layer}.mlp", "direction": f"model.layers.{self.layer}"}[self.kind]
 
     @property
     def hf_hook(self) -> str:
@@ -107,6 +112,8 @@ class Operation:
             return f"L{self.layer} SAE features {self.features}"
         if self.kind == "heads":
             return f"L{self.layer} heads {self.heads}"
+        if self.kind == "direction":
+            return f"L{self.layer} direction {self.mode}"
         return f"L{self.layer} MLP"
 
     def to_json(self, index: int) -> dict:
@@ -120,6 +127,8 @@ class Operation:
                      massive_norm_threshold=self.massive_norm_threshold, sae=self.sae)
         if self.kind == "heads":
             d["heads"] = self.heads
+        if self.kind == "direction":
+            d.update(mode=self.mode, alpha=self.alpha)
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape)}
                         for name, t in self.tensors.items()}
         return d
@@ -133,6 +142,7 @@ class Operation:
                    gate_scales=[float(t) for t in d.get("gate_scales", [])],
                    gate_threshold=float(d.get("gate_threshold", 0.0)),
                    heads=[int(h) for h in d.get("heads", [])], k=int(d.get("k", 0)),
+                   mode=str(d.get("mode", "ablate")), alpha=float(d.get("alpha", 0.0)),
                    massive_norm_threshold=d.get("massive_norm_threshold"), sae=str(d.get("sae", "")),
                    tensors=tensors)
 
@@ -267,6 +277,15 @@ class _Runtime:
             return m
         return torch.where(where[..., None], m * op.scale, m)
 
+    def direction(self, op: Operation, x: torch.Tensor) -> torch.Tensor:
+        where = self._gate_for(x) if op.gated else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if not where.any():
+            return x
+        r = op.tensors["r"].to(x.device, torch.float32)
+        xf = x.float()
+        new = xf - (xf @ r)[..., None] * r if op.mode == "ablate" else xf + op.alpha * r
+        return torch.where(where[..., None], new, xf).to(x.dtype)
+
     def apply(self, op: Operation, act: torch.Tensor) -> torch.Tensor:
         return getattr(self, op.kind)(op, act)
 
@@ -316,6 +335,12 @@ class HookSet:
                     raise TraceCircuitsError(f"{where}: head ids {op.heads} must be in 0..{self.n_heads - 1}")
             if op.kind == "sae_features":
                 self._check_sae_tensors(op, where)
+            if op.kind == "direction":
+                r = op.tensors.get("r")
+                if r is None or tuple(r.shape) != (self.d_model,):
+                    raise TraceCircuitsError(f"{where}: needs a tensor r of shape ({self.d_model},); re-export it")
+                if op.mode not in ("ablate", "add"):
+                    raise TraceCircuitsError(f"{where}: mode must be 'ablate' or 'add', not {op.mode!r}")
 
     def _check_sae_tensors(self, op: Operation, where: str) -> None:
         missing = [n for n in _SAE_TENSORS if n not in op.tensors]
@@ -452,8 +477,9 @@ class HookSet:
         n_feat = sum(len(op.features) for op in self.operations if op.kind == "sae_features")
         n_heads = sum(len(op.heads) for op in self.operations if op.kind == "heads")
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
+        n_dir = sum(op.kind == "direction" for op in self.operations)
         return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} "
-                f"heads, {n_mlp} MLPs)")
+                f"heads, {n_mlp} MLPs" + (f", {n_dir} directions" if n_dir else "") + ")")
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
@@ -628,17 +654,25 @@ def gate_scores(acts: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.
 
 
 def calibrate_gate(model, op: Operation, harmful, benign, benign_gate_rate: float = 0.02, batch_size: int = 16,
-                   chat: Optional[bool] = None, progress: bool = False) -> dict:
+                   chat: Optional[bool] = None, progress: bool = False, benign_text: Optional[Sequence[str]] = None
+                   ) -> dict:
     """Set a gate-source operation's ``gate_scales`` and ``gate_threshold`` (in place) from prompts.
 
     ``s_f`` = mean over harmful prompts of ``max_p a_f`` (features silent on every harmful prompt get their
     largest activation anywhere); ``gate_threshold`` = the smallest benign gate score that leaves the gate shut on
-    all but ``benign_gate_rate`` of the benign prompts. Returns the rates measured on these prompts.
+    all but ``benign_gate_rate`` of the benign sequences: the benign prompts plus any ``benign_text`` (raw text such
+    as documents or answers, read without the chat template; the gate also sees generated text). Returns the rates
+    measured on these sequences.
     """
     if not 0 <= benign_gate_rate < 1:
         raise TraceCircuitsError(f"benign_gate_rate must be in [0, 1), got {benign_gate_rate!r}")
     Ha = prompt_feature_acts(model, op, harmful, batch_size, chat, progress)
     Ba = prompt_feature_acts(model, op, benign, batch_size, chat, progress)
+    n_text = 0
+    if benign_text:
+        Ta = prompt_feature_acts(model, op, list(benign_text), batch_size, False, progress)
+        n_text = len(Ta)
+        Ba = Ba + Ta
     Hm = torch.stack([a.max(0).values for a in Ha])
     Bm = torch.stack([a.max(0).values for a in Ba])
     s = Hm.mean(0)
@@ -653,7 +687,7 @@ def calibrate_gate(model, op: Operation, harmful, benign, benign_gate_rate: floa
     return {"benign_gate_rate_target": benign_gate_rate, "gate_threshold": op.gate_threshold,
             "gate_rate_harmful": float((h_score > op.gate_threshold).float().mean()),
             "gate_rate_benign": float((b_score > op.gate_threshold).float().mean()),
-            "gate_score_auroc": auroc, "n_harmful": len(Ha), "n_benign": len(Ba),
+            "gate_score_auroc": auroc, "n_harmful": len(Ha), "n_benign": len(Ba) - n_text, "n_benign_text": n_text,
             "rule": "the gate opens at the first position p with sum_f a_f(x[p]) / s_f > gate_threshold; s_f = mean "
                     "over harmful prompts of max_p a_f; gate_threshold = the (1 - rate) quantile of the benign "
                     "prompts' max_p sum_f a_f / s_f"}
@@ -661,7 +695,8 @@ def calibrate_gate(model, op: Operation, harmful, benign, benign_gate_rate: floa
 
 def hookset_from_circuit(circuit, model, saes: dict, harmful, benign, *, nodes: Optional[Sequence[str]] = None,
                          benign_gate_rate: float = 0.02, gated_sources: bool = True, chat: Optional[bool] = None,
-                         progress: bool = False, provenance: Optional[dict] = None) -> HookSet:
+                         progress: bool = False, provenance: Optional[dict] = None,
+                         benign_text: Optional[Sequence[str]] = None) -> HookSet:
     """The hook set that suppresses ``nodes`` (default: the circuit's severed nodes) of a traced circuit.
 
     Source features become one gate-source ``sae_features`` operation at the onset layer whose gate is calibrated
@@ -690,7 +725,8 @@ def hookset_from_circuit(circuit, model, saes: dict, harmful, benign, *, nodes: 
     name = getattr(model, "trace_circuits_name", model.cfg.model_name)
     src_op = sae_operation(sae_for(onset), onset, [n.index for n in srcs], gate_source=True, gated=gated_sources,
                            sae_id=f"{name}/blocks.{onset}.hook_resid_post")
-    calib = calibrate_gate(model, src_op, harmful, benign, benign_gate_rate, chat=chat, progress=progress)
+    calib = calibrate_gate(model, src_op, harmful, benign, benign_gate_rate, chat=chat, progress=progress,
+                           benign_text=benign_text)
     ops.append(src_op)
     by_layer: dict[tuple[str, int], list] = {}
     for n in picked:

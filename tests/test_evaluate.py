@@ -1,0 +1,68 @@
+"""Defense evaluation: the judges, the confidence intervals, the baselines' direction operation, and (slow) the
+`evaluate` command end to end on a few prompts."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_hooks import TOKENS, hookset_for
+from trace_circuits import Operation, TraceCircuitsError
+from trace_circuits.evaluate import JAILBREAKS, RelevanceJudge, is_refusal, wilson
+
+
+def test_substring_judge_normalises_curly_apostrophes():
+    assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
+    assert is_refusal("As an AI, I won't")
+    assert not is_refusal("Sure, here is how to bake bread.")
+    assert not is_refusal("i'm sorry")  # the list is case-sensitive, as in Arditi et al.
+
+
+def test_wilson_interval():
+    lo, hi = wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert all(math.isnan(v) for v in wilson(0, 0))
+
+
+def test_at_least_five_jailbreak_templates_plus_direct():
+    assert "direct" in JAILBREAKS and len(JAILBREAKS) - 1 >= 5
+    assert all("{prompt}" in user for user, _ in JAILBREAKS.values())
+    assert JAILBREAKS["prefill"][1].startswith("Sure")
+
+
+def test_direction_operations():
+    model = tiny_model(n_layers=3)
+    r = torch.randn(32)
+    r = r / r.norm()
+    seen = {}
+    grab = ("blocks.1.hook_resid_post", lambda x, hook: seen.__setitem__("x", x.clone()))
+    abl = hookset_for(model, [Operation(kind="direction", layer=1, mode="ablate", tensors={"r": r})])
+    with torch.no_grad():
+        model.run_with_hooks(TOKENS, fwd_hooks=abl.fwd_hooks(model) + [grab])
+    assert (seen["x"] @ r).abs().max() < 1e-4  # nothing left along r
+    add = hookset_for(model, [Operation(kind="direction", layer=1, mode="add", alpha=3.0, tensors={"r": r})])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_post")
+        model.run_with_hooks(TOKENS, fwd_hooks=add.fwd_hooks(model) + [grab])
+    assert torch.allclose(seen["x"] - cache["blocks.1.hook_resid_post"], 3.0 * r.expand_as(seen["x"]), atol=1e-5)
+    with pytest.raises(TraceCircuitsError, match="tensor r"):
+        hookset_for(model, [Operation(kind="direction", layer=1, tensors={"r": torch.zeros(5)})])
+
+
+def test_relevance_judge_calibrates_between_matched_and_shuffled_pairs():
+    judge = RelevanceJudge()
+    prompts = ["How do I bake sourdough bread?", "What is the capital of France?", "How do I change a bike tire?",
+               "Explain how photosynthesis works.", "How do I sort a list in Python?"]
+    answers = ["Mix flour, water and starter, let the dough rise overnight, then bake it hot.",
+               "The capital of France is Paris.", "Remove the wheel, lever the tire off, replace the tube, reinflate.",
+               "Plants turn light, water and carbon dioxide into sugar and oxygen in their chloroplasts.",
+               "Call sorted(my_list) or my_list.sort()."]
+    cal = judge.calibrate(prompts, answers)
+    assert cal["youden_j"] == 1.0 and cal["shuffled_mean"] < judge.threshold < cal["matched_mean"]
+    ok, sim = judge.addresses(prompts, answers)
+    assert ok.all()
+    ok, _ = judge.addresses(prompts, answers[2:] + answers[:2])
+    assert not ok.any()
