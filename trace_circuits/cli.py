@@ -334,27 +334,44 @@ def cmd_run(args) -> int:
     if stages == 4:
         t0 = time.time()
         print(f"[4/{stages}] defense evaluation on the built-in test split against the baselines", flush=True)
-        parts["evaluation"] = _evaluate(model, hookset, name, args, out)
+        from trace_circuits.evaluate import BASELINE_NAMES
+        from trace_circuits.prompts import builtin_prompts
+
+        test_h, test_b = list(builtin_prompts("harmful", "test")), list(builtin_prompts("benign", "test"))
+        if args.limit:
+            test_h, test_b = test_h[: args.limit], test_b[: args.limit]
+        parts["evaluation"] = _evaluate(hookset, name, test_h, test_b, out, baselines=list(BASELINE_NAMES),
+                                        max_new_tokens=args.eval_max_new_tokens, batch_size=32,
+                                        text_docs=args.text_docs, model=model)
         timings["stage 4: evaluation"] = time.time() - t0
     report()
     return 0
 
 
-def _evaluate(model, hookset, name: str, args, out: Path):
-    """Stage 4 as `run` does it: all templates and baselines on the built-in test split."""
-    from trace_circuits.evaluate import BASELINE_NAMES, RelevanceJudge, benign_text, build_baselines, evaluate_defenses
-    from trace_circuits.models import load_hf_model
+def _evaluate(hookset, name: str, harmful, benign, out: Path, *, baselines, templates=None, max_new_tokens: int,
+              batch_size: int, text_docs: int, model=None):
+    """Stage 4 for `run` and `evaluate`: the hook set and ``baselines`` on the same prompts, judges and settings.
+
+    ``model`` (the HookedTransformer the baselines are built from) is loaded only when baselines are asked for and
+    none is given."""
+    from trace_circuits.evaluate import JAILBREAKS, RelevanceJudge, benign_text, build_baselines, evaluate_defenses
+    from trace_circuits.models import load_hf_model, load_model
     from trace_circuits.prompts import builtin_prompts
 
     judge = RelevanceJudge()
-    defenses = {"tracerouter": hookset, **build_baselines(model, hookset, builtin_prompts("harmful", "train"),
-                                                          builtin_prompts("benign", "train"), names=BASELINE_NAMES)}
     hf, tok = load_hf_model(name)
-    harmful, benign = list(builtin_prompts("harmful", "test")), list(builtin_prompts("benign", "test"))
-    if args.limit:
-        harmful, benign = harmful[: args.limit], benign[: args.limit]
-    result = evaluate_defenses(hf, tok, defenses, harmful, benign, max_new_tokens=args.eval_max_new_tokens,
-                               batch_size=32, judge=judge, text=benign_text(tok, max_docs=args.text_docs))
+    hookset.check_model(hf)
+    defenses = {"tracerouter": hookset}
+    if baselines:
+        if model is None:
+            model = load_model(name, device="cpu", progress=False)
+            hookset.check_model(model)
+        print(f"building baselines: {', '.join(baselines)}", flush=True)
+        defenses.update(build_baselines(model, hookset, builtin_prompts("harmful", "train"),
+                                        builtin_prompts("benign", "train"), names=baselines))
+    result = evaluate_defenses(hf, tok, defenses, harmful, benign, templates=templates or list(JAILBREAKS),
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, judge=judge,
+                               text=benign_text(tok, max_docs=text_docs))
     _print_evaluation(result, result.save(out))
     return result
 
@@ -609,9 +626,9 @@ def _jailbreak_names() -> list[str]:
 
 def cmd_evaluate(args) -> int:
     from trace_circuits.evaluate import BASELINE_NAMES as BASELINES
-    from trace_circuits.evaluate import JAILBREAKS, RelevanceJudge, benign_text, build_baselines, evaluate_defenses
+    from trace_circuits.evaluate import JAILBREAKS
     from trace_circuits.hooks import load_hookset
-    from trace_circuits.models import canonical_name, load_hf_model, load_model
+    from trace_circuits.models import canonical_name
     from trace_circuits.prompts import builtin_prompts, load_prompts
 
     templates = [t.strip() for t in args.templates.split(",") if t.strip()]
@@ -635,21 +652,8 @@ def cmd_evaluate(args) -> int:
     harmful, benign = one(args.harmful, "harmful"), one(args.benign, "benign")
     if args.text_docs < 1:
         raise TraceCircuitsError("--text-docs must be at least 1")
-    judge = RelevanceJudge()
-    hf, tok = load_hf_model(name)
-    hookset.check_model(hf)
-    defenses = {"tracerouter": hookset}
-    if wanted:
-        model = load_model(name, device="cpu", progress=False)
-        hookset.check_model(model)
-        print(f"building baselines: {', '.join(wanted)}", flush=True)
-        defenses.update(build_baselines(model, hookset, builtin_prompts("harmful", "train"),
-                                        builtin_prompts("benign", "train"), names=wanted))
-        del model
-    result = evaluate_defenses(hf, tok, defenses, harmful, benign, templates=templates,
-                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=judge,
-                               text=benign_text(tok, max_docs=args.text_docs))
-    _print_evaluation(result, result.save(args.out))
+    _evaluate(hookset, name, harmful, benign, Path(args.out), baselines=wanted, templates=templates,
+              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, text_docs=args.text_docs)
     return 0
 
 

@@ -225,16 +225,11 @@ def _hookset(model, ops, description: str):
 def mean_difference_direction(model, harmful, benign, layer: int, batch_size: int = 16) -> tuple[torch.Tensor, float]:
     """Arditi et al.'s direction at ``blocks.{layer}.hook_resid_post``, last prompt position:
     ``r = unit(mean_H x[-1] - mean_B x[-1])``; also returns ``mean_H <x, r> - mean_B <x, r>``."""
-    from trace_circuits.prompts import encode_prompts, iter_batches
-
-    device = next(model.parameters()).device
+    from trace_circuits.influence import last_position_residuals
+    from trace_circuits.prompts import encode_prompts
 
     def means(prompts):
-        enc = encode_prompts(model, prompts)
-        acc = torch.zeros(model.cfg.d_model)
-        for b in iter_batches(enc, batch_size, device):
-            acc += model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=layer + 1)[:, -1].float().sum(0).cpu()
-        return acc / len(enc)
+        return last_position_residuals(model, encode_prompts(model, prompts), batch_size, layer=layer).mean(0)
 
     diff = means(harmful) - means(benign)
     return diff / diff.norm(), float(diff.norm())
@@ -384,7 +379,7 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
     Every defense answers the same prompts (greedy, ``max_new_tokens``) and is scored by the same judges; the
     relevance threshold is calibrated once on the undefended benign answers.
     """
-    from trace_circuits.generation import generate_batch
+    from trace_circuits.generation import generate_responses
 
     harmful, benign = list(harmful), list(benign)
     if not harmful or not benign:
@@ -397,16 +392,10 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
     text = list(text) if text is not None else benign_text(tokenizer)
 
     def answer(texts, hookset, desc):
-        out, gates = [], []
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        resp = [None] * len(texts)
-        gate = [False] * len(texts)
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-            idx = order[s:s + batch_size]
-            r, g = generate_batch(model, tokenizer, [texts[i] for i in idx], max_new_tokens, hookset)
-            for i, ri, gi in zip(idx, r, g):
-                resp[i], gate[i] = ri, gi
-        return resp, gate
+        # the texts are already templated (chat=False keeps them as they are)
+        rows = generate_responses(model, tokenizer, texts, hookset, max_new_tokens, batch_size, chat=False,
+                                  progress=progress, desc=desc)
+        return [r["response"] for r in rows], [r["gate_opened"] for r in rows]
 
     benign_texts = attack_texts(tokenizer, benign, "direct")
     plain_benign, _ = answer(benign_texts, None, "calibration: undefended benign answers")

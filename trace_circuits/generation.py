@@ -52,7 +52,8 @@ def _settings_key(**settings) -> str:
 
 def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, max_new_tokens: int = 128,
                        batch_size: int = 16, chat: bool = True, system: Optional[str] = None, do_sample: bool = False,
-                       out: Optional[str | Path] = None, progress: bool = True, hookset_id: str = "") -> list[dict]:
+                       out: Optional[str | Path] = None, progress: bool = True, hookset_id: str = "",
+                       desc: Optional[str] = None) -> list[dict]:
     """Responses for ``prompts`` (input order kept): ``[{"prompt", "response", "hookset", "gate_opened", ...}]``.
 
     With ``out``, rows are also written to ``out`` (JSON lines, atomically at the end); finished batches are kept
@@ -82,7 +83,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
             if row.get("_key") == key:
                 done[int(row["index"])] = row
     order = sorted((i for i in range(len(plist)) if i not in done), key=lambda i: len(texts[i]))
-    bar = tqdm(total=len(plist), initial=len(done), desc="generating" + (" (hook set)" if hookset else ""),
+    bar = tqdm(total=len(plist), initial=len(done), desc=desc or ("generating" + (" (hook set)" if hookset else "")),
                unit="prompt", disable=not progress)
     fh = open(partial, "a") if partial is not None else None
     try:

@@ -243,7 +243,13 @@ class _Runtime:
         """Per sequence of the current batch: has the gate opened so far (None before any forward)."""
         return self.fired_before
 
-    # The three operations; each maps a hooked activation to its replacement.
+    def _where(self, op: Operation, act: torch.Tensor) -> torch.Tensor:
+        """[batch, pos] positions where a head / MLP / direction operation acts: the open gate, or everywhere."""
+        if op.gated:
+            return self._gate_for(act)
+        return torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
+
+    # The operations; each maps a hooked activation to its replacement.
 
     def sae_features(self, op: Operation, x: torch.Tensor) -> torch.Tensor:
         if op.gated and not op.gate_source and not self._gate_for(x).any():
@@ -263,7 +269,7 @@ class _Runtime:
         return (x.float() - (1.0 - op.scale) * removed).to(x.dtype)
 
     def heads(self, op: Operation, z: torch.Tensor) -> torch.Tensor:
-        where = self._gate_for(z) if op.gated else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+        where = self._where(op, z)
         if not where.any():
             return z
         z = z.clone()
@@ -272,13 +278,13 @@ class _Runtime:
         return z
 
     def mlp(self, op: Operation, m: torch.Tensor) -> torch.Tensor:
-        where = self._gate_for(m) if op.gated else torch.ones(m.shape[:2], dtype=torch.bool, device=m.device)
+        where = self._where(op, m)
         if not where.any():
             return m
         return torch.where(where[..., None], m * op.scale, m)
 
     def direction(self, op: Operation, x: torch.Tensor) -> torch.Tensor:
-        where = self._gate_for(x) if op.gated else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        where = self._where(op, x)
         if not where.any():
             return x
         r = op.tensors["r"].to(x.device, torch.float32)

@@ -110,13 +110,15 @@ def _final_hook(model) -> str:
 
 @torch.inference_mode()
 def last_position_residuals(model, encoded: EncodedPrompts, batch_size: int = 16, progress: bool = False,
-                            desc: str = "readout") -> torch.Tensor:
-    """``h_{L-1}(x)[-1]`` for every prompt: the final residual stream at the last prompt position, [n, d_model]."""
+                            desc: str = "readout", layer: Optional[int] = None) -> torch.Tensor:
+    """``h_l(x)[-1]`` for every prompt: ``blocks.{l}.hook_resid_post`` at the last prompt position, [n, d_model]
+    (default ``l`` = the last layer)."""
     device = next(model.parameters()).device
+    stop = model.cfg.n_layers if layer is None else layer + 1
     out = torch.zeros(len(encoded), model.cfg.d_model)
     n_batches = math.ceil(len(encoded) / batch_size)
     for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
-        h = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=model.cfg.n_layers)
+        h = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=stop)
         out[b.indices] = h[:, -1].float().cpu()
     return out
 
@@ -187,6 +189,14 @@ class _Batch:
     x0: torch.Tensor  # clean residual after the onset layer [B, T, d]
 
 
+def _value_mask(encoded: EncodedPrompts, b) -> torch.Tensor:
+    """[batch, pos] True at the prompt's own text and the generation prompt (where stage 2 reads features)."""
+    value = torch.zeros_like(b.attention_mask, dtype=torch.bool)
+    for r, i in enumerate(b.indices):
+        value[r, b.n_pad[r] + encoded.content_spans[i][0]:] = True
+    return value
+
+
 def _prepare(ctx: _Context, encoded: EncodedPrompts, batch_size: int) -> list[_Batch]:
     model = ctx.model
     device = next(model.parameters()).device
@@ -194,10 +204,7 @@ def _prepare(ctx: _Context, encoded: EncodedPrompts, batch_size: int) -> list[_B
     with torch.inference_mode():
         for b in iter_batches(encoded, batch_size, device):
             x0 = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=ctx.onset + 1)
-            value = torch.zeros_like(b.attention_mask, dtype=torch.bool)
-            for r, i in enumerate(b.indices):
-                value[r, b.n_pad[r] + encoded.content_spans[i][0]:] = True
-            out.append(_Batch(b.tokens, b.attention_mask.bool(), value, x0.clone()))
+            out.append(_Batch(b.tokens, b.attention_mask.bool(), _value_mask(encoded, b), x0.clone()))
     return out
 
 
@@ -375,10 +382,7 @@ def measure_one_at_a_time(ctx: _Context, encoded: EncodedPrompts, edits: Sequenc
         for bi, b in enumerate(batches):
             store = {}
             mask = b.attention_mask.bool()
-            value = torch.zeros_like(mask)
-            for r, i in enumerate(b.indices):
-                value[r, b.n_pad[r] + encoded.content_spans[i][0]:] = True
-            V = value.float()
+            V = _value_mask(encoded, b).float()
             fwd = []
             if node is not None:
                 if node.kind == "feature":
