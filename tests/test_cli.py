@@ -48,6 +48,8 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     (["trace", "--n-prompts", "0"], "--n-prompts, --n-candidates and --max-sources must be at least 1"),
     (["trace", "--features", "/nonexistent/features.json"], "is not a features.json"),
     (["run", "--benign-gate-rate", "1.5"], "--benign-gate-rate must be in [0, 1)"),
+    (["run", "--eval-batch-size", "0"], "--eval-max-new-tokens, --eval-batch-size and --text-docs must be at least 1"),
+    (["trace", "--gate-layer", "99"], "gate layer 99 is outside the model"),
     (["generate", "--prompts", "p.txt"], "pass --hookset DIR"),
     (["evaluate", "--hookset", "x", "--templates", "dan"], "--templates takes direct"),
     (["evaluate", "--hookset", "x", "--baselines", "magic"], "--baselines takes all, none or"),

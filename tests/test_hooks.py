@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model
 from trace_circuits import HookSet, Operation, TraceCircuitsError, load_hookset
-from trace_circuits.hooks import sae_feature_acts, sae_operation
+from trace_circuits.hooks import FORMAT_VERSION, sae_feature_acts, sae_operation
 from trace_circuits.models import model_fingerprint, weights_signature
 
 
@@ -114,13 +114,112 @@ def test_gate_state_carries_across_kv_cache_steps(model):
     assert torch.allclose(torch.stack(steps, 1), full[:, 2:], atol=1e-4)
 
 
+def probe_op(model, layer, seed=3):
+    torch.manual_seed(seed)
+    r = torch.randn(model.cfg.d_model)
+    return Operation(kind="prompt_probe", layer=layer, gap=2.0,
+                     tensors={"r": r / r.norm(), "mu": torch.randn(model.cfg.d_model) * 0.1})
+
+
+def test_prompt_gate_decides_at_the_end_of_the_prompt_and_cuts_the_continuation(model):
+    """Prefill: nothing changes before the probe's decision, then only its last position past the probe layer;
+    decoding steps of an opened row are cut at every layer, a shut row is never touched."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    probe = probe_op(model, 1)
+    prompt, cont = TOKENS[:, :5], TOKENS[:, 5:]
+    with torch.no_grad():
+        x = model(prompt, stop_at_layer=2)[:, -1]
+    score = ((x - probe.tensors["mu"]) @ probe.tensors["r"]) / probe.gap
+    probe.gate_threshold = float(score.mean())  # opens on exactly one of the two rows
+    opened = (score > probe.gate_threshold).tolist()
+    assert sorted(opened) == [False, True]
+    # an MLP before the probe (acts from the next forward on) and one after it (acts at the decision already)
+    hs = hookset_for(model, [probe, Operation(kind="mlp", layer=0), Operation(kind="mlp", layer=3)])
+    assert hs.gate_operation is probe and all(op.gated for op in hs.operations[1:])
+    with torch.no_grad():
+        plain = model(TOKENS)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 2)
+    ones = torch.ones_like(TOKENS)
+    with torch.no_grad(), hs.attach(model) as rt:
+        pre = model(prompt, attention_mask=ones[:, :5], past_kv_cache=cache)
+        steps = torch.cat([model(cont[:, t:t + 1], attention_mask=ones[:, :1], past_kv_cache=cache)
+                           for t in range(cont.shape[1])], 1)
+    assert rt.gate_open.tolist() == opened
+    assert torch.allclose(rt.prompt_scores, score, atol=1e-5)
+    assert torch.allclose(pre[:, :-1], plain[:, :4], atol=1e-5)  # before the decision nothing changes
+
+    def by_hand(row):
+        def mlp0(m, hook):
+            m = m.clone()
+            m[row, 5:] = 0  # the continuation
+            return m
+
+        def mlp3(m, hook):
+            m = m.clone()
+            m[row, 4:] = 0  # the decision position (after the probe's layer) and the continuation
+            return m
+
+        return model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.hook_mlp_out", mlp0), ("blocks.3.hook_mlp_out", mlp3)])
+
+    with torch.no_grad():
+        want = by_hand(opened.index(True))
+    got = torch.cat([pre, steps], 1)
+    assert torch.allclose(got, want, atol=1e-4)
+    shut = opened.index(False)
+    assert torch.allclose(got[shut], plain[shut], atol=1e-4)
+    assert (got[opened.index(True), 4:] - plain[opened.index(True), 4:]).abs().max() > 1e-3
+
+
+def test_prompt_gate_decides_at_the_end_of_the_user_turn(model):
+    """With anchor ids (the chat template's assistant header) the decision sits where they end, so a prefilled
+    answer after them does not move it; rows without a match decide at their last position."""
+    probe = probe_op(model, 1)
+    probe.anchor = [9, 3]  # ends at position 3 of row 0; row 1 has no match
+    probe.gate_threshold = float("-inf")
+    hs = hookset_for(model, [probe, Operation(kind="mlp", layer=3)])
+    with torch.no_grad():
+        plain, cache = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_post")
+        with hs.attach(model) as rt:
+            out = model(TOKENS)
+    x = cache["blocks.1.hook_resid_post"]
+    want = torch.stack([x[0, 3], x[1, 7]]) - probe.tensors["mu"]
+    assert torch.allclose(rt.prompt_scores, (want @ probe.tensors["r"]) / probe.gap, atol=1e-5)
+    changed = (out - plain).abs().amax(-1) > 1e-4
+    assert changed[0].tolist() == [False] * 3 + [True] * 5
+    assert changed[1].tolist() == [False] * 7 + [True]
+    saved = json.loads(json.dumps(probe.to_json(0)))
+    assert Operation.from_json(saved, probe.tensors).anchor == [9, 3]
+
+
+def test_prompt_gate_round_trip_and_one_gate_per_hookset(model, tmp_path):
+    probe = probe_op(model, 2)
+    probe.gate_threshold = -1e9
+    hs = hookset_for(model, [probe, sae_operation(tiny_sae(), 1, [2, 9]), Operation(kind="heads", layer=3, heads=[0])])
+    hs.save(tmp_path / "hs")
+    meta = json.loads((tmp_path / "hs" / "hookset.json").read_text())
+    assert meta["operations"][0]["kind"] == "prompt_probe" and meta["operations"][0]["gate_source"]
+    back = load_hookset(tmp_path / "hs")
+    assert back.gate_operation.kind == "prompt_probe" and back.source_operation.layer == 1
+    with torch.no_grad():
+        a = model.run_with_hooks(TOKENS, fwd_hooks=hs.fwd_hooks(model))
+        b = model.run_with_hooks(TOKENS, fwd_hooks=back.fwd_hooks(model))
+    assert torch.equal(a, b)
+    with pytest.raises(TraceCircuitsError, match="one gate"):
+        hookset_for(model, [probe, sae_operation(tiny_sae(), 1, [2], gate_source=True)])
+    bad = probe_op(model, 2)
+    bad.tensors["r"] = torch.zeros(5)
+    with pytest.raises(TraceCircuitsError, match="tensor r"):
+        hookset_for(model, [bad])
+
+
 def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
     sae = tiny_sae()
     hs = hookset_for(model, [sae_operation(sae, 1, [2, 9, 30], gate_source=True, gate_threshold=0.0),
                              Operation(kind="heads", layer=2, heads=[0, 3]), Operation(kind="mlp", layer=3)])
     hs.save(tmp_path / "hs")
     meta = json.loads((tmp_path / "hs" / "hookset.json").read_text())
-    assert meta["format_version"] == 1 and meta["model_fingerprint"] == model_fingerprint(model)
+    assert meta["format_version"] == FORMAT_VERSION and meta["model_fingerprint"] == model_fingerprint(model)
     assert [op["hook_name"] for op in meta["operations"]] == ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z",
                                                              "blocks.3.hook_mlp_out"]
     back = load_hookset(tmp_path / "hs")
@@ -146,7 +245,7 @@ def test_hookset_for_another_model_is_refused(saved):
 
 def test_newer_format_version_is_refused(saved):
     p = saved / "hookset.json"
-    p.write_text(json.dumps({**json.loads(p.read_text()), "format_version": 2}))
+    p.write_text(json.dumps({**json.loads(p.read_text()), "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(TraceCircuitsError, match="newer"):
         load_hookset(saved)
 

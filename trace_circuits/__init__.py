@@ -9,6 +9,7 @@ from trace_circuits.divergence import DivergenceResult, divergence_from_profiles
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.features import FeatureResult, differential_feature_stats, find_harmful_features
 from trace_circuits.generation import generate_responses
+from trace_circuits.gate import fit_prompt_gate, gate_decisions
 from trace_circuits.hooks import HookSet, Operation, hookset_from_circuit, load_hookset
 from trace_circuits.influence import attribution_scores, fit_readout, load_downstream_saes, trace_circuit
 from trace_circuits.models import available_models, load_hf_model, load_model, model_fingerprint
@@ -33,6 +34,8 @@ __all__ = [
     "fit_readout",
     "generate_responses",
     "hookset_from_circuit",
+    "fit_prompt_gate",
+    "gate_decisions",
     "load_downstream_saes",
     "load_hookset",
     "trace_circuit",

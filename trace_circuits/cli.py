@@ -49,11 +49,20 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                         "the harmful-benign gap. Default: 0.01")
     p.add_argument("--suppress", default="feature,head",
                    help="kinds of downstream nodes the hook set cuts (feature, head, mlp). Default: feature,head")
+    p.add_argument("--gate", default="prompt", choices=["prompt", "features"],
+                   help="when the cuts act: 'prompt' = a harmful-vs-benign probe decides once at the end of the prompt "
+                        "and the cuts act on the answer; 'features' = from the first position where the source "
+                        "features fire. Default: prompt")
+    p.add_argument("--gate-layer", type=int, default=None,
+                   help="layer of the prompt gate's probe. Default: the onset layer")
     p.add_argument("--benign-gate-rate", type=float, default=0.02,
                    help="the gate may open on at most this fraction of the benign prompts and texts. Default: 0.02")
     p.add_argument("--gate-text-docs", type=int, default=200,
-                   help="benign documents (SAE corpus train split, 128 tokens) added to the gate calibration, since "
-                        "the gate also reads generated text; 0 for prompts only. Default: 200")
+                   help="benign documents (SAE corpus train split, 128 tokens) added to the gate calibration; 0 for "
+                        "prompts only. Default: 200")
+
+
+RUN_BASELINES = "top_feature,onset_features,direction_ablation,direction_addition,layer_ablation"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass. Default: 16")
     _add_trace_args(run)
     run.add_argument("--no-evaluate", action="store_true", help="stop after the hook set (skip stage 4)")
-    run.add_argument("--eval-max-new-tokens", type=int, default=40,
-                     help="tokens per answer in the evaluation. Default: 40")
+    run.add_argument("--eval-max-new-tokens", type=int, default=32,
+                     help="tokens per answer in the evaluation. Default: 32")
+    run.add_argument("--eval-batch-size", type=int, default=50,
+                     help="prompts per generate call in the evaluation. Default: 50")
+    run.add_argument("--baselines", default=RUN_BASELINES,
+                     help="baselines to evaluate against: all, none, or a comma-separated subset (see `evaluate`). "
+                          f"Default: {RUN_BASELINES} (gated_onset_features is left out to stay under 20 minutes)")
     run.add_argument("--text-docs", type=int, default=48,
                      help="held-out benign corpus documents for the KL and CE measures. Default: 48")
     run.set_defaults(func=cmd_run)
@@ -189,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="defense success and utility of a hook set against the baselines",
                         description="Answer held-out harmful prompts (direct and under jailbreak templates) and benign "
                                     "prompts with the hook set and with each baseline (none, top feature, onset "
-                                    "features, direction ablation/addition, layer ablation); judge with refusal "
+                                    "features with and without the gate, direction ablation/addition, layer "
+                                    "ablation); judge with refusal "
                                     "substrings, a MiniLM relevance judge and a refusal logit score; measure benign "
                                     "over-refusal, next-token KL and CE change. Writes OUT/evaluation.json, "
                                     "OUT/evaluation.html and OUT/responses.jsonl.")
@@ -203,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="jailbreak templates, comma-separated. Default: all")
     ev.add_argument("--baselines", default="all",
                     help="baselines to run: all, none, or a comma-separated subset of top_feature, onset_features, "
-                         "direction_ablation, direction_addition, layer_ablation. Default: all")
+                         "gated_onset_features, direction_ablation, direction_addition, layer_ablation. Default: all")
     ev.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer. Default: 48")
     ev.add_argument("--batch-size", type=int, default=32, help="prompts per generate call. Default: 32")
     ev.add_argument("--text-docs", type=int, default=48,
@@ -282,9 +297,13 @@ def cmd_run(args) -> int:
     from trace_circuits.saes import list_saes, load_sae
 
     _suppress_kinds(args)
+    _baseline_names(args.baselines)
+    if args.eval_max_new_tokens < 1 or args.eval_batch_size < 1 or args.text_docs < 1:
+        raise TraceCircuitsError("--eval-max-new-tokens, --eval-batch-size and --text-docs must be at least 1")
     t_all = time.time()
     harmful, benign = _load_sets(args)
     model = _load_model(args)
+    _check_gate_layer(args, model)
     out = Path(args.out)
     name = canonical_name(args.model)
     stages = (3 if args.no_evaluate else 4) if list_saes(name) else 1
@@ -334,14 +353,13 @@ def cmd_run(args) -> int:
     if stages == 4:
         t0 = time.time()
         print(f"[4/{stages}] defense evaluation on the built-in test split against the baselines", flush=True)
-        from trace_circuits.evaluate import BASELINE_NAMES
         from trace_circuits.prompts import builtin_prompts
 
         test_h, test_b = list(builtin_prompts("harmful", "test")), list(builtin_prompts("benign", "test"))
         if args.limit:
             test_h, test_b = test_h[: args.limit], test_b[: args.limit]
-        parts["evaluation"] = _evaluate(hookset, name, test_h, test_b, out, baselines=list(BASELINE_NAMES),
-                                        max_new_tokens=args.eval_max_new_tokens, batch_size=32,
+        parts["evaluation"] = _evaluate(hookset, name, test_h, test_b, out, baselines=_baseline_names(args.baselines),
+                                        max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size,
                                         text_docs=args.text_docs, model=model)
         timings["stage 4: evaluation"] = time.time() - t0
     report()
@@ -511,6 +529,12 @@ def _suppress_kinds(args) -> list[str]:
     return kinds
 
 
+def _check_gate_layer(args, model) -> None:
+    if args.gate_layer is not None and not 0 <= args.gate_layer < model.cfg.n_layers:
+        raise TraceCircuitsError(f"gate layer {args.gate_layer} is outside the model (0..{model.cfg.n_layers - 1}); "
+                                 "pass --gate-layer within it or leave it out")
+
+
 def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_size: int) -> tuple:
     """Stage 3 as the CLI runs it: trace, prune, choose the nodes to suppress, export the hook set."""
     from trace_circuits.hooks import hookset_from_circuit
@@ -532,7 +556,8 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
 
     text = benign_text(model.tokenizer, max_docs=args.gate_text_docs, split="train") if args.gate_text_docs else None
     hookset = hookset_from_circuit(circuit, model, saes, harmful, benign, benign_gate_rate=args.benign_gate_rate,
-                                   chat=chat, progress=True, provenance={"command": command}, benign_text=text)
+                                   chat=chat, progress=True, provenance={"command": command}, benign_text=text,
+                                   gate=args.gate, gate_layer=args.gate_layer)
     paths = circuit.save(out)
     from trace_circuits._io import write_json_atomic
 
@@ -547,9 +572,10 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
     print(f"pruned circuit: {len(circuit.nodes)} nodes, {len(circuit.links)} links; suppressing "
           f"{len(circuit.severed_nodes)} nodes severs {sum(l.severed for l in circuit.links)} links")
     g = hookset.provenance["gate_calibration"]
-    print(f"{hookset.summary()}; gate opens on {g['gate_rate_harmful']:.0%} of harmful prompts and "
+    where = f"prompt gate at layer {g['layer']}" if g.get("gate") == "prompt" else "feature gate"
+    print(f"{hookset.summary()}; {where} opens on {g['gate_rate_harmful']:.0%} of harmful prompts and "
           f"{g['gate_rate_benign']:.0%} of benign calibration sequences ({g['n_benign']} prompts + "
-          f"{g['n_benign_text']} documents)")
+          f"{g['n_benign_text']} documents), AUROC {g['gate_score_auroc']:.3f}")
     for kind, p in paths.items():
         print(f"wrote {p}")
     return circuit, hookset
@@ -576,6 +602,7 @@ def cmd_trace(args) -> int:
             raise TraceCircuitsError(f"--features was made for {features.model}, not {name}; use --model "
                                      f"{features.model} or rerun `trace-circuits features`")
     model = _load_model(args)
+    _check_gate_layer(args, model)
     if features is None:
         hook = _sae_hook_for(name, _onset_from(args, name))
         print(f"stage 2 first: harmful SAE features at {hook}", flush=True)
@@ -624,8 +651,18 @@ def _jailbreak_names() -> list[str]:
     return list(JAILBREAKS)
 
 
-def cmd_evaluate(args) -> int:
+def _baseline_names(spec: str) -> list[str]:
     from trace_circuits.evaluate import BASELINE_NAMES as BASELINES
+
+    wanted = list(BASELINES) if spec == "all" else [] if spec == "none" else \
+        [b.strip() for b in spec.split(",") if b.strip()]
+    bad = [b for b in wanted if b not in BASELINES]
+    if bad:
+        raise TraceCircuitsError(f"--baselines takes all, none or {', '.join(BASELINES)}, not {', '.join(bad)}")
+    return wanted
+
+
+def cmd_evaluate(args) -> int:
     from trace_circuits.evaluate import JAILBREAKS
     from trace_circuits.hooks import load_hookset
     from trace_circuits.models import canonical_name
@@ -635,11 +672,7 @@ def cmd_evaluate(args) -> int:
     bad = [t for t in templates if t not in JAILBREAKS]
     if bad or not templates:
         raise TraceCircuitsError(f"--templates takes {', '.join(JAILBREAKS)}, not {', '.join(bad) or 'nothing'}")
-    wanted = BASELINES if args.baselines == "all" else [] if args.baselines == "none" else \
-        [b.strip() for b in args.baselines.split(",") if b.strip()]
-    bad = [b for b in wanted if b not in BASELINES]
-    if bad:
-        raise TraceCircuitsError(f"--baselines takes all, none or {', '.join(BASELINES)}, not {', '.join(bad)}")
+    wanted = _baseline_names(args.baselines)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise TraceCircuitsError("--max-new-tokens and --batch-size must be at least 1")
     hookset = load_hookset(args.hookset)

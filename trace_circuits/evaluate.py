@@ -16,8 +16,11 @@ A harmful response counts as **defended** when the substring judge finds a refus
 not address the request. Rates come with 95% Wilson intervals.
 
 Utility on benign prompts: over-refusal (substring refusals) and the fraction not addressed; next-token KL
-``KL(p_undefended || p_defended)`` per token over the benign prompts followed by the undefended answers, and over
-held-out benign text (the SAE corpus's held-out documents, no harmful-prompt answers); CE-loss change on that text.
+``KL(p_undefended || p_defended)`` per token, over the predictions generation samples from: the undefended answers
+given the benign prompts, and the second half of held-out benign documents given their first half (the SAE corpus's
+held-out documents, no harmful-prompt answers); CE-loss change on that text. The prompt (or first half) runs as a
+prefill and the rest on its KV cache, exactly as in generation, so a gate deciding at the end of the prompt is
+measured as deployed.
 """
 
 from __future__ import annotations
@@ -157,29 +160,95 @@ def refusal_logit_scores(model, tokenizer, texts: Sequence[str], hookset=None, b
     return torch.cat(out).numpy()
 
 
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(1, max(len(q) for q in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, q in enumerate(seqs):
+        if q:
+            sl = slice(T - len(q), T) if left else slice(0, len(q))
+            ids[i, sl] = torch.tensor(list(q))
+            mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask) -> torch.Tensor:
+    """Log-probs of the next-token predictions for each continuation token, as generation computes them: the
+    context is one forward pass (the prefill), the continuation a second one on its KV cache. [B, T_cont, vocab]"""
+    pos_c = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+    full_mask = torch.cat([ctx_mask, cont_mask], 1)
+    pos_n = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, ctx_ids.shape[1]:]
+    first = model(ctx_ids, attention_mask=ctx_mask, position_ids=pos_c, use_cache=True)
+    rest = model(cont_ids, attention_mask=full_mask, position_ids=pos_n, past_key_values=first.past_key_values,
+                 use_cache=True)
+    logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], 1)
+    return logits.float().log_softmax(-1)
+
+
+def _kl_batches(tokenizer, contexts, continuations, batch_size: int, device):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def ids(texts):
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    for s in range(0, len(contexts), batch_size):
+        yield (*_pad(ids(contexts[s:s + batch_size]), pad, True, device),
+               *_pad(ids(continuations[s:s + batch_size]), pad, False, device))
+
+
 @torch.inference_mode()
-def next_token_kl(model, tokenizer, texts: Sequence[str], hookset, batch_size: int = 16,
-                  progress: bool = False, desc: str = "KL") -> dict:
-    """Mean per-token ``KL(p_plain || p_hooked)`` over every real position, and next-token CE of both."""
+def plain_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16
+                   ) -> list[torch.Tensor]:
+    """The undefended model's continuation log-probs per batch (computed once, shared by every defense's KL)."""
     device = next(model.parameters()).device
-    kl_sum, ce_plain, ce_hook, n_tok, n_ce = 0.0, 0.0, 0.0, 0, 0
-    n_batches = math.ceil(len(texts) / batch_size)
-    for input_ids, mask, pos in tqdm(_batches(tokenizer, texts, batch_size, device), total=n_batches, desc=desc,
-                                     disable=not progress):
-        p = model(input_ids, attention_mask=mask, position_ids=pos).logits.float().log_softmax(-1)
+    return [_continuation_logprobs(model, *b)
+            for b in _kl_batches(tokenizer, contexts, continuations, batch_size, device)]
+
+
+@torch.inference_mode()
+def next_token_kl(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], hookset,
+                  batch_size: int = 16, progress: bool = False, desc: str = "KL",
+                  plain: Optional[list] = None) -> dict:
+    """Mean per-token ``KL(p_plain || p_defended)`` and CE of both, over the next-token predictions of each
+    continuation token given its context (a prompt and its answer, or a document's first and second half).
+
+    The context runs as a prefill and the continuation on its KV cache, so a gate that decides at the end of the
+    prompt acts exactly as it does while generating; the predictions measured are the ones generation samples from.
+    ``plain`` reuses :func:`plain_logprobs` of the same texts and batch size.
+    """
+    if len(contexts) != len(continuations):
+        raise TraceCircuitsError("next_token_kl needs one continuation per context")
+    device = next(model.parameters()).device
+    kl_sum, ce_plain, ce_hook, n_tok = 0.0, 0.0, 0.0, 0
+    batches = _kl_batches(tokenizer, contexts, continuations, batch_size, device)
+    for i, (ctx_ids, ctx_mask, cont_ids, cont_mask) in enumerate(
+            tqdm(batches, total=math.ceil(len(contexts) / batch_size), desc=desc, disable=not progress)):
+        if plain is not None:
+            p = plain[i]
+        else:
+            p = _continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask)
         with hookset.attach(model):
-            q = model(input_ids, attention_mask=mask, position_ids=pos).logits.float().log_softmax(-1)
-        real = mask.bool()
+            q = _continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask)
+        real = cont_mask.bool()
         kl = (p.exp() * (p - q)).sum(-1)
         kl_sum += float(kl[real].sum())
         n_tok += int(real.sum())
-        tgt = real[:, 1:] & real[:, :-1]
-        nxt = input_ids[:, 1:, None]
-        ce_plain += float(-p[:, :-1].gather(-1, nxt)[..., 0][tgt].sum())
-        ce_hook += float(-q[:, :-1].gather(-1, nxt)[..., 0][tgt].sum())
-        n_ce += int(tgt.sum())
-    return {"kl_per_token": kl_sum / max(1, n_tok), "ce_plain": ce_plain / max(1, n_ce),
-            "ce_defended": ce_hook / max(1, n_ce), "ce_change": (ce_hook - ce_plain) / max(1, n_ce), "tokens": n_tok}
+        ce_plain += float(-p.gather(-1, cont_ids[..., None])[..., 0][real].sum())
+        ce_hook += float(-q.gather(-1, cont_ids[..., None])[..., 0][real].sum())
+    n = max(1, n_tok)
+    return {"kl_per_token": kl_sum / n, "ce_plain": ce_plain / n, "ce_defended": ce_hook / n,
+            "ce_change": (ce_hook - ce_plain) / n, "tokens": n_tok}
+
+
+def split_text(tokenizer, texts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each text cut at its middle token into a context and a continuation (for :func:`next_token_kl`)."""
+    ctx, cont = [], []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        h = len(ids) // 2
+        ctx.append(tokenizer.decode(ids[:h]))
+        cont.append(tokenizer.decode(ids[h:]))
+    return ctx, cont
 
 
 def benign_text(tokenizer, max_docs: int = 48, max_tokens: int = 128, split: str = "heldout",
@@ -207,7 +276,8 @@ def benign_text(tokenizer, max_docs: int = 48, max_tokens: int = 128, split: str
 # ----------------------------------------------------------------------------------------------------------
 # Baselines
 
-BASELINE_NAMES = ("top_feature", "onset_features", "direction_ablation", "direction_addition", "layer_ablation")
+BASELINE_NAMES = ("top_feature", "onset_features", "gated_onset_features", "direction_ablation", "direction_addition",
+                  "layer_ablation")
 
 
 def _hookset(model, ops, description: str):
@@ -242,6 +312,7 @@ def build_baselines(model, hookset, harmful_train, benign_train, saes: Optional[
     * ``top_feature``: zero only the single strongest harmful SAE feature at the onset layer, wherever it is active
       (the "locality" baseline);
     * ``onset_features``: zero all of the hook set's source features at the onset layer, no downstream paths, no gate;
+    * ``gated_onset_features``: the same, behind the hook set's own gate (isolates what the downstream paths add);
     * ``direction_ablation``: project the harmful-minus-benign mean direction (onset layer, last position) out of the
       residual stream at every layer (Arditi et al. 2024);
     * ``direction_addition``: add that direction at the onset layer, scaled by the harmful-benign mean gap;
@@ -254,9 +325,10 @@ def build_baselines(model, hookset, harmful_train, benign_train, saes: Optional[
     unknown = [n for n in names if n not in BASELINE_NAMES]
     if unknown:
         raise TraceCircuitsError(f"unknown baselines {unknown}; choose from {', '.join(BASELINE_NAMES)}")
-    src = next((op for op in hookset.operations if op.gate_source), None)
+    src = hookset.source_operation
     if src is None:
-        raise TraceCircuitsError("the hook set has no gate-source SAE operation; export one with `trace-circuits trace`")
+        raise TraceCircuitsError("the hook set has no SAE operation on source features; export one with "
+                                 "`trace-circuits trace`")
     onset = src.layer
     saes = saes or load_downstream_saes(model, onset)
     sae = saes[onset]
@@ -269,6 +341,13 @@ def build_baselines(model, hookset, harmful_train, benign_train, saes: Optional[
     if "onset_features" in names:
         out["onset_features"] = _hookset(model, [sae_operation(sae, onset, src.features, gated=False, sae_id=sid)],
                                          f"zero {len(src.features)} SAE features at layer {onset}, no downstream paths")
+    if "gated_onset_features" in names:
+        gate = hookset.gate_operation
+        if gate is None or gate is src:
+            raise TraceCircuitsError("gated_onset_features needs a hook set with a prompt gate (trace --gate prompt)")
+        out["gated_onset_features"] = _hookset(
+            model, [gate, sae_operation(sae, onset, src.features, gated=True, sae_id=sid)],
+            f"zero {len(src.features)} SAE features at layer {onset} behind the same prompt gate, no downstream paths")
     if {"direction_ablation", "direction_addition"} & set(names):
         r, gap = mean_difference_direction(model, harmful_train, benign_train, onset)
         if "direction_ablation" in names:
@@ -400,7 +479,8 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
     benign_texts = attack_texts(tokenizer, benign, "direct")
     plain_benign, _ = answer(benign_texts, None, "calibration: undefended benign answers")
     calib = judge.calibrate(benign, plain_benign)
-    kl_prompts_texts = [t + r for t, r in zip(benign_texts, plain_benign)]
+    text_ctx, text_cont = split_text(tokenizer, text)
+    plain_prompts = plain_text = None
 
     results, rows = {}, []
     for name, hs in defenses.items():
@@ -443,8 +523,13 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
         util = {"over_refusal": float(ref_b.mean()), "over_refusal_ci": list(wilson(int(ref_b.sum()), len(ref_b))),
                 "benign_not_addressed": float((~addr_b).mean()), "benign_gate_opened": float(np.mean(gate_b))}
         if hs is not None:
-            kp = next_token_kl(model, tokenizer, kl_prompts_texts, hs, progress=progress, desc=f"{name}: KL prompts")
-            kt = next_token_kl(model, tokenizer, text, hs, progress=progress, desc=f"{name}: KL text")
+            if plain_prompts is None:
+                plain_prompts = plain_logprobs(model, tokenizer, benign_texts, plain_benign)
+                plain_text = plain_logprobs(model, tokenizer, text_ctx, text_cont)
+            kp = next_token_kl(model, tokenizer, benign_texts, plain_benign, hs, progress=progress,
+                               desc=f"{name}: KL prompts", plain=plain_prompts)
+            kt = next_token_kl(model, tokenizer, text_ctx, text_cont, hs, progress=progress, desc=f"{name}: KL text",
+                               plain=plain_text)
             util.update(kl_benign_prompts=kp["kl_per_token"], kl_benign_text=kt["kl_per_token"],
                         ce_change_benign_text=kt["ce_change"])
         else:

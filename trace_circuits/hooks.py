@@ -21,9 +21,24 @@ brackets, for Llama-architecture models such as SmolLM2):
 ``direction`` at ``blocks.{l}.hook_resid_post`` [output of ``model.layers[l]``] (used by the baselines)
     ``mode="ablate"``: ``x <- x - <x, r> r`` (r a unit vector, Arditi et al. 2024 direction ablation);
     ``mode="add"``: ``x <- x + alpha r``.
+``prompt_probe`` at ``blocks.{l}.hook_resid_post`` [output of ``model.layers[l]``] (a gate, changes nothing)
+    At the end of each prompt it scores the request, ``s = <x[p] - mu, r> / gap`` (a linear probe, see
+    :mod:`trace_circuits.gate`), and opens the gate for the rest of the sequence if ``s > gate_threshold``. ``p`` is
+    the end of the user's turn: the last position where the token ids ``anchor`` (the chat template's assistant
+    header) end, so an answer prefilled after the header does not move the decision; without a match, or where the
+    token ids are not seen (TransformerLens ``generate`` and ``fwd_hooks``), the last real position.
 
 Positions and gating
 --------------------
+There are two kinds of gate. The *prompt gate* (a ``prompt_probe`` operation, the default since format version 2)
+decides once per sequence, in the first forward pass (the prompt, i.e. the prefill of a generation) at the end of
+the user's turn ``p_b`` (normally its last position): gated operations after the probe's layer act from ``p_b`` on,
+and every gated operation acts at every position of the later forward passes of the sequence (the generated tokens,
+or a continuation fed with the KV cache)::
+
+    gate[b, p] = s_b > gate_threshold   for p >= p_b (layers after the probe) and every later position
+
+The *feature gate* (a ``gate_source`` SAE operation) opens at the first position where the source features fire:
 A *gated* operation acts at position ``p`` of a sequence only once some gate-source feature (the harmful
 features at the onset layer) has fired, i.e. the gate score passed ``gate_threshold`` at a real (non-padding, non-massive)
 position ``<= p`` of that sequence, counting earlier generation steps. Downstream operations are always gated;
@@ -60,10 +75,10 @@ from jaxtyping import Bool, Float
 from trace_circuits._io import write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the prompt_probe gate
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
-OP_KINDS = ("sae_features", "heads", "mlp", "direction")
+OP_KINDS = ("sae_features", "heads", "mlp", "direction", "prompt_probe")
 _SAE_TENSORS = ("W_enc", "b_enc", "b_dec", "dec_norm", "D")
 
 
@@ -75,7 +90,7 @@ _SAE_TENSORS = ("W_enc", "b_enc", "b_dec", "dec_norm", "D")
 class Operation:
     """One intervention at one hook point (see the module docstring for the formulas)."""
 
-    kind: str  # "sae_features" | "heads" | "mlp"
+    kind: str  # one of OP_KINDS
     layer: int
     gated: bool = True
     scale: float = 0.0  # 0 = zero-out; 1 = no change
@@ -83,7 +98,9 @@ class Operation:
     zero_thresholds: list[float] = field(default_factory=list)  # sae_features: act where a_f > this
     gate_source: bool = False  # sae_features: firing opens the gate
     gate_scales: list[float] = field(default_factory=list)  # gate source: s_f per feature
-    gate_threshold: float = 0.0  # gate source: open where sum_f a_f / s_f > this
+    gate_threshold: float = 0.0  # gate source: open where sum_f a_f / s_f (prompt_probe: s) > this
+    gap: float = 1.0  # prompt_probe: the harmful-benign mean gap along r (scores are divided by it)
+    anchor: list[int] = field(default_factory=list)  # prompt_probe: token ids that end the user turn (see docstring)
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction, mode "add": how far along r
@@ -94,13 +111,15 @@ class Operation:
 
     @property
     def hook_name(self) -> str:
-        return {"sae_features": f"blocks.{self.layer}.hook_resid_post", "heads": f"blocks.{self.layer}.attn.hook_z",
-                "mlp": f"blocks.{self.layer}.hook_mlp_out", "direction": f"blocks.{self.layer}.hook_resid_post"}[self.kind]
+        if self.kind == "heads":
+            return f"blocks.{self.layer}.attn.hook_z"
+        return f"blocks.{self.layer}.hook_mlp_out" if self.kind == "mlp" else f"blocks.{self.layer}.hook_resid_post"
 
     @property
     def hf_module(self) -> str:
-        return {"sae_features": f"model.layers.{self.layer}", "heads": f"model.layers.{self.layer}.self_attn.o_proj",
-                "mlp": f"model.layers.{self.layer}.mlp", "direction": f"model.layers.{self.layer}"}[self.kind]
+        if self.kind == "heads":
+            return f"model.layers.{self.layer}.self_attn.o_proj"
+        return f"model.layers.{self.layer}.mlp" if self.kind == "mlp" else f"model.layers.{self.layer}"
 
     @property
     def hf_hook(self) -> str:
@@ -114,13 +133,18 @@ class Operation:
             return f"L{self.layer} heads {self.heads}"
         if self.kind == "direction":
             return f"L{self.layer} direction {self.mode}"
+        if self.kind == "prompt_probe":
+            return f"L{self.layer} prompt gate"
         return f"L{self.layer} MLP"
 
     def to_json(self, index: int) -> dict:
+        positions = ("gate-open positions" if self.gated else
+                     "every position where a feature is active (massive-norm positions excluded)")
+        if self.kind == "prompt_probe":
+            positions = "reads the last prompt position once per sequence; changes nothing"
         d: dict[str, Any] = {"kind": self.kind, "layer": self.layer, "hook_name": self.hook_name,
                              "hf_module": self.hf_module, "hf_hook": self.hf_hook, "gated": self.gated,
-                             "scale": self.scale, "positions": "gate-open positions" if self.gated else
-                             "every position where a feature is active (massive-norm positions excluded)"}
+                             "scale": self.scale, "positions": positions}
         if self.kind == "sae_features":
             d.update(features=self.features, zero_thresholds=self.zero_thresholds, gate_source=self.gate_source,
                      gate_scales=self.gate_scales, gate_threshold=self.gate_threshold, k=self.k,
@@ -129,6 +153,10 @@ class Operation:
             d["heads"] = self.heads
         if self.kind == "direction":
             d.update(mode=self.mode, alpha=self.alpha)
+        if self.kind == "prompt_probe":
+            d.update(gate_source=True, gate_threshold=self.gate_threshold, gap=self.gap, anchor=self.anchor,
+                     score="s = <x[p] - mu, r> / gap at p = the end of the last anchor match (else the last real "
+                           "position); the gate opens if s > gate_threshold")
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape)}
                         for name, t in self.tensors.items()}
         return d
@@ -143,6 +171,7 @@ class Operation:
                    gate_threshold=float(d.get("gate_threshold", 0.0)),
                    heads=[int(h) for h in d.get("heads", [])], k=int(d.get("k", 0)),
                    mode=str(d.get("mode", "ablate")), alpha=float(d.get("alpha", 0.0)),
+                   gap=float(d.get("gap", 1.0)), anchor=[int(t) for t in d.get("anchor", [])],
                    massive_norm_threshold=d.get("massive_norm_threshold"), sae=str(d.get("sae", "")),
                    tensors=tensors)
 
@@ -206,13 +235,20 @@ class _Runtime:
         self.gate: Optional[torch.Tensor] = None  # [batch, pos] bool
         self.stats = {"forwards": 0, "gate_open_positions": 0, "positions": 0}
         self.started_by_call = False
+        self.new_sequence = True  # the current forward pass starts a sequence (the prompt gate decides in it)
+        self.input_ids: Optional[torch.Tensor] = None  # [batch, pos] token ids of this forward, when seen
+        self.prompt_scores: Optional[torch.Tensor] = None  # [batch] the prompt gate's scores of this sequence
 
-    def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool) -> None:
+    def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool,
+              input_ids: Optional[torch.Tensor] = None) -> None:
         self.stats["forwards"] += 1
         self.gate = None
+        self.input_ids = input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
         self.valid = None if attention_mask is None else attention_mask.bool()
+        self.new_sequence = new_sequence
         if new_sequence:
             self.fired_before = None
+            self.prompt_scores = None
 
     def _valid_for(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape[:2]
@@ -292,6 +328,32 @@ class _Runtime:
         new = xf - (xf @ r)[..., None] * r if op.mode == "ablate" else xf + op.alpha * r
         return torch.where(where[..., None], new, xf).to(x.dtype)
 
+    def prompt_probe(self, op: Operation, x: torch.Tensor) -> torch.Tensor:
+        """Decide the gate once per sequence from the last real prompt position; returns ``x`` unchanged."""
+        if not self.new_sequence:
+            return x  # later forward passes of the sequence keep the decision
+        B, T = x.shape[:2]
+        valid = self._valid_for(x)
+        pos = torch.arange(T, device=x.device)
+        last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)  # [B]
+        ids, n = self.input_ids, len(op.anchor)
+        if n and ids is not None and tuple(ids.shape) == (B, T) and T >= n:
+            windows = ids.to(x.device).unfold(1, n, 1)  # [B, T - n + 1, n]
+            hit = (windows == torch.tensor(op.anchor, device=x.device)).all(-1) & valid[:, n - 1:]
+            end = torch.where(hit, pos[n - 1:], torch.full_like(pos[n - 1:], -1)).max(1).values
+            last = torch.where(end >= 0, end, last)
+        t = op.tensors
+        h = x[torch.arange(B, device=x.device), last].float()
+        score = ((h - t["mu"].to(x.device)) @ t["r"].to(x.device)) / op.gap
+        fired = score > op.gate_threshold
+        self.gate = (pos[None, :] >= last[:, None]) & fired[:, None]
+        self.fired_before = fired.clone()
+        self.prompt_scores = score.detach().cpu()
+        self.new_sequence = False
+        self.stats["gate_open_positions"] += int(self.gate.sum())
+        self.stats["positions"] += B * T
+        return x
+
     def apply(self, op: Operation, act: torch.Tensor) -> torch.Tensor:
         return getattr(self, op.kind)(op, act)
 
@@ -324,7 +386,12 @@ class HookSet:
         """Shapes and parameters of every operation; gated operations must come after every gate source."""
         if not self.operations:
             raise TraceCircuitsError("a hook set needs at least one operation")
-        gate_layers = [op.layer for op in self.operations if op.gate_source]
+        gate_layers = [op.layer for op in self.operations if op.gate_source and op.kind == "sae_features"]
+        probes = [op for op in self.operations if op.kind == "prompt_probe"]
+        if probes and (len(probes) > 1 or gate_layers):
+            raise TraceCircuitsError("a hook set has one gate: either one prompt_probe or gate-source SAE features")
+        if probes:
+            gate_layers = []  # the prompt gate decides before the generated tokens: gated operations may sit anywhere
         for i, op in enumerate(self.operations):
             where = f"operation {i} ({op.kind})"
             if op.kind not in OP_KINDS:
@@ -334,7 +401,7 @@ class HookSet:
             if op.gated and not op.gate_source and gate_layers and op.layer <= max(gate_layers):
                 raise TraceCircuitsError(f"{where}: a gated operation at layer {op.layer} must come after the gate "
                                          f"layer {max(gate_layers)}; set gated=False or move it")
-            if op.gated and not gate_layers:
+            if op.gated and not gate_layers and not probes:
                 op.gated = False  # no gate source: the operation acts everywhere (documented)
             if op.kind == "heads":
                 if not op.heads or any(not 0 <= h < self.n_heads for h in op.heads):
@@ -347,6 +414,15 @@ class HookSet:
                     raise TraceCircuitsError(f"{where}: needs a tensor r of shape ({self.d_model},); re-export it")
                 if op.mode not in ("ablate", "add"):
                     raise TraceCircuitsError(f"{where}: mode must be 'ablate' or 'add', not {op.mode!r}")
+            if op.kind == "prompt_probe":
+                op.gate_source, op.gated = True, False
+                for name in ("r", "mu"):
+                    v = op.tensors.get(name)
+                    if v is None or tuple(v.shape) != (self.d_model,):
+                        raise TraceCircuitsError(f"{where}: needs a tensor {name} of shape ({self.d_model},); "
+                                                 "re-export the hook set")
+                if not op.gap > 0:
+                    raise TraceCircuitsError(f"{where}: gap must be > 0, got {op.gap}")
 
     def _check_sae_tensors(self, op: Operation, where: str) -> None:
         missing = [n for n in _SAE_TENSORS if n not in op.tensors]
@@ -388,6 +464,18 @@ class HookSet:
         if weights_signature(model) != self.weights_signature:
             raise TraceCircuitsError(f"hook set was made for model {self.model_fingerprint}, not "
                                      f"{fp or 'this model'}; trace the circuit on this model")
+
+    @property
+    def source_operation(self) -> Optional[Operation]:
+        """The SAE operation on the circuit's source features: the feature gate's source, else the lowest-layer
+        ``sae_features`` operation (None if there is none)."""
+        sae_ops = [op for op in self.operations if op.kind == "sae_features"]
+        return next((op for op in sae_ops if op.gate_source), min(sae_ops, key=lambda o: o.layer, default=None))
+
+    @property
+    def gate_operation(self) -> Optional[Operation]:
+        """The operation that opens the gate (a ``prompt_probe`` or a gate-source SAE operation), if any."""
+        return next((op for op in self.operations if op.gate_source), None)
 
     # -- attaching ---------------------------------------------------------------------------------------
 
@@ -484,8 +572,11 @@ class HookSet:
         n_heads = sum(len(op.heads) for op in self.operations if op.kind == "heads")
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
         n_dir = sum(op.kind == "direction" for op in self.operations)
+        g = self.gate_operation
+        gate = ("" if g is None else f"; prompt gate at layer {g.layer}" if g.kind == "prompt_probe"
+                else f"; feature gate at layer {g.layer}")
         return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} "
-                f"heads, {n_mlp} MLPs" + (f", {n_dir} directions" if n_dir else "") + ")")
+                f"heads, {n_mlp} MLPs" + (f", {n_dir} directions" if n_dir else "") + gate + ")")
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
@@ -573,7 +664,8 @@ def _tl_start(rt: _Runtime):
     def pre(module, args, kwargs):
         cache = kwargs.get("past_kv_cache")
         new = cache is None or cache.entries[0].past_keys.shape[1] == 0
-        rt.start(kwargs.get("attention_mask"), new_sequence=new)
+        tokens = args[0] if args else kwargs.get("input")
+        rt.start(kwargs.get("attention_mask"), new_sequence=new, input_ids=tokens)
         rt.started_by_call = kwargs.get("start_at_layer") is None  # hook_embed runs only from the embedding
         return None
 
@@ -600,7 +692,8 @@ def _hf_start(rt: _Runtime):
     def pre(module, args, kwargs):
         cache = kwargs.get("past_key_values")
         new = cache is None or cache.get_seq_length() == 0
-        rt.start(kwargs.get("attention_mask"), new_sequence=new)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rt.start(kwargs.get("attention_mask"), new_sequence=new, input_ids=ids)
         return None
 
     return pre
@@ -702,13 +795,19 @@ def calibrate_gate(model, op: Operation, harmful, benign, benign_gate_rate: floa
 def hookset_from_circuit(circuit, model, saes: dict, harmful, benign, *, nodes: Optional[Sequence[str]] = None,
                          benign_gate_rate: float = 0.02, gated_sources: bool = True, chat: Optional[bool] = None,
                          progress: bool = False, provenance: Optional[dict] = None,
-                         benign_text: Optional[Sequence[str]] = None) -> HookSet:
+                         benign_text: Optional[Sequence[str]] = None, gate: str = "prompt",
+                         gate_layer: Optional[int] = None) -> HookSet:
     """The hook set that suppresses ``nodes`` (default: the circuit's severed nodes) of a traced circuit.
 
-    Source features become one gate-source ``sae_features`` operation at the onset layer whose gate is calibrated
-    on ``harmful``/``benign`` prompts (:func:`calibrate_gate`); downstream SAE features, heads and MLPs become
-    gated operations grouped per layer. ``saes`` maps layer -> SAE (as used for tracing).
+    Source features become one ``sae_features`` operation at the onset layer; downstream SAE features, heads and
+    MLPs become gated operations grouped per layer. ``saes`` maps layer -> SAE (as used for tracing).
+    The gate, calibrated on ``harmful``/``benign`` prompts plus ``benign_text`` to open on at most
+    ``benign_gate_rate`` of the benign ones: ``gate="prompt"`` (default) a ``prompt_probe`` at ``gate_layer``
+    (default: the onset layer) that decides at the end of the prompt (:func:`trace_circuits.gate.fit_prompt_gate`); ``gate="features"`` the source features themselves, at every position
+    (:func:`calibrate_gate`).
     """
+    if gate not in ("prompt", "features"):
+        raise TraceCircuitsError(f"gate must be 'prompt' or 'features', not {gate!r}")
     from trace_circuits.models import model_fingerprint, weights_signature
 
     nmap = circuit.node_map
@@ -729,16 +828,27 @@ def hookset_from_circuit(circuit, model, saes: dict, harmful, benign, *, nodes: 
         return saes[layer]
 
     name = getattr(model, "trace_circuits_name", model.cfg.model_name)
-    src_op = sae_operation(sae_for(onset), onset, [n.index for n in srcs], gate_source=True, gated=gated_sources,
-                           sae_id=f"{name}/blocks.{onset}.hook_resid_post")
-    calib = calibrate_gate(model, src_op, harmful, benign, benign_gate_rate, chat=chat, progress=progress,
-                           benign_text=benign_text)
+    by_feature_gate = gate == "features"
+    src_op = sae_operation(sae_for(onset), onset, [n.index for n in srcs], gate_source=by_feature_gate,
+                           gated=gated_sources, sae_id=f"{name}/blocks.{onset}.hook_resid_post")
+    if by_feature_gate:
+        calib = calibrate_gate(model, src_op, harmful, benign, benign_gate_rate, chat=chat, progress=progress,
+                               benign_text=benign_text)
+        calib["gate"] = "features"
+    else:
+        if gate_layer is None:
+            gate_layer = onset  # the sensitive onset layer, where harmful and benign prompts split
+        from trace_circuits.gate import fit_prompt_gate
+
+        probe, calib = fit_prompt_gate(model, harmful, benign, gate_layer, benign_gate_rate, chat=chat,
+                                       benign_text=benign_text, progress=progress)
+        ops.append(probe)
     ops.append(src_op)
     by_layer: dict[tuple[str, int], list] = {}
     for n in picked:
         if n.kind != "source":
             by_layer.setdefault((n.kind, n.layer), []).append(n)
-    for (kind, layer), group in sorted(by_layer.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (kind, layer), group in sorted(by_layer.items(), key=lambda kv: (kv[0][1], kv[0][0])):  # probe first
         if kind == "feature":
             ops.append(sae_operation(sae_for(layer), layer, [n.index for n in group], gated=True,
                                      sae_id=f"{name}/blocks.{layer}.hook_resid_post"))

@@ -32,6 +32,17 @@ def _examples(evaluation, n_harmful: int = 6, n_benign: int = 3) -> str:
             + "".join(out) + "</table>")
 
 
+def _gate(hookset) -> str:
+    g = (hookset.provenance.get("gate_calibration") or {}) if hookset is not None else {}
+    if not g:
+        return ""
+    where = f"prompt gate at layer {g.get('layer')}" if g.get("gate") == "prompt" else "feature gate"
+    return (f"<p>Gate ({html.escape(where)}): opens on {g['gate_rate_harmful']:.0%} of harmful and "
+            f"{g['gate_rate_benign']:.1%} of benign calibration sequences ({g['n_benign']} prompts + "
+            f"{g['n_benign_text']} documents; {html.escape(g.get('rates_are', 'in-sample'))}), AUROC "
+            f"{g['gate_score_auroc']:.3f}. {html.escape(g.get('rule', ''))}</p>")
+
+
 def write_report(out_dir: str | Path, *, scan=None, features=None, circuit=None, hookset=None, evaluation=None,
                  timings: Optional[dict] = None) -> Path:
     """One self-contained HTML page (plotly.js inlined once) with every stage that ran."""
@@ -51,7 +62,7 @@ def write_report(out_dir: str | Path, *, scan=None, features=None, circuit=None,
         m = circuit.meta
         parts.append(f"<h2>3. The circuit and what the hook set severs</h2><p>{html.escape(repr(circuit))}. "
                      f"Attribution vs exact zero-out Spearman (top nodes): {m.get('attribution_spearman_top')}. "
-                     f"{html.escape(hookset.summary()) if hookset is not None else ''}</p>"
+                     f"{html.escape(hookset.summary()) if hookset is not None else ''}</p>{_gate(hookset)}"
                      f"{_fig(circuit.plot(), first)}{circuit._html_links(limit=20)}")
         first = False
     if evaluation is not None:
