@@ -205,3 +205,17 @@ def test_prompt_gate_decides_at_the_end_of_the_user_turn_on_the_real_chat_templa
     prefilled, _ = gate_decisions(real_model, hs, attack_texts(tok, prompts, "prefill"), chat=False)
     assert torch.allclose(direct, prefilled, atol=1e-2)
     assert direct[:6].mean() > direct[6:].mean()
+
+
+def test_refusal_log_odds_from_the_generation_equal_a_separate_forward(traced, hf):
+    from trace_circuits.evaluate import _refusal_token_ids, attack_texts, refusal_logit_scores
+    from trace_circuits.generation import generate_batch
+
+    hf_model, tok = hf
+    hs = load_hookset(traced / "hookset")
+    texts = attack_texts(tok, list(builtin_prompts("harmful", "test")[:3]) + list(builtin_prompts("benign", "test")[:3]),
+                         "direct")
+    ids = _refusal_token_ids(tok)
+    for h in (None, hs):
+        _, _, odds = generate_batch(hf_model, tok, texts, 2, hookset=h, first_token_ids=ids)
+        assert abs(torch.tensor(odds) - torch.tensor(refusal_logit_scores(hf_model, tok, texts, h))).max() < 1e-3

@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass. Default: 16")
     _add_trace_args(run)
     run.add_argument("--no-evaluate", action="store_true", help="stop after the hook set (skip stage 4)")
-    run.add_argument("--eval-max-new-tokens", type=int, default=32,
-                     help="tokens per answer in the evaluation. Default: 32")
+    run.add_argument("--eval-max-new-tokens", type=int, default=24,
+                     help="tokens per answer in the evaluation. Default: 24")
     run.add_argument("--eval-batch-size", type=int, default=50,
                      help="prompts per generate call in the evaluation. Default: 50")
     run.add_argument("--baselines", default=RUN_BASELINES,

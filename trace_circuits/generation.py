@@ -18,11 +18,31 @@ from trace_circuits.prompts import format_prompts
 
 
 @torch.inference_mode()
+class _FirstStepLogits:
+    """A logits processor that keeps the first generation step's logits (the prefill's last position) unchanged."""
+
+    def __init__(self):
+        self.logits: Optional[torch.Tensor] = None
+
+    def __call__(self, input_ids, scores):
+        if self.logits is None:
+            self.logits = scores.detach().float().clone()
+        return scores
+
+
+def first_token_log_odds(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """``log sum_{t in T} p(t) - log sum_{t not in T} p(t)`` of next-token logits [batch, vocab]."""
+    lp = logits.float().log_softmax(-1)
+    inside = lp[:, list(token_ids)].logsumexp(-1)
+    return inside - torch.log1p(-inside.exp().clamp(max=1 - 1e-7))
+
+
 def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int = 128, hookset=None,
                    do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
-                   min_new_tokens: Optional[int] = None) -> tuple[list[str], list[bool]]:
-    """Generate for one batch of already-templated texts; returns (responses, gate opened per prompt).
-    ``min_new_tokens`` forces a fixed length (for timing)."""
+                   min_new_tokens: Optional[int] = None, first_token_ids: Optional[Sequence[int]] = None):
+    """Generate for one batch of already-templated texts; returns (responses, gate opened per prompt), plus the
+    log-odds that the first new token is one of ``first_token_ids`` when those are given (read from the same
+    generation's first step, so no extra forward pass). ``min_new_tokens`` forces a fixed length (for timing)."""
     device = next(model.parameters()).device
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
@@ -35,6 +55,11 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     gate = [False] * len(texts)
+    first = _FirstStepLogits()
+    if first_token_ids:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([first])
     if hookset is None:
         out = model.generate(**enc, **kwargs)
     else:
@@ -43,7 +68,10 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
         if rt.gate_open is not None:
             gate = [bool(g) for g in rt.gate_open.tolist()]
     new = out[:, enc["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new, skip_special_tokens=True), gate
+    responses = tokenizer.batch_decode(new, skip_special_tokens=True)
+    if first_token_ids:
+        return responses, gate, first_token_log_odds(first.logits, first_token_ids).tolist()
+    return responses, gate
 
 
 def _settings_key(**settings) -> str:
@@ -53,8 +81,9 @@ def _settings_key(**settings) -> str:
 def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, max_new_tokens: int = 128,
                        batch_size: int = 16, chat: bool = True, system: Optional[str] = None, do_sample: bool = False,
                        out: Optional[str | Path] = None, progress: bool = True, hookset_id: str = "",
-                       desc: Optional[str] = None) -> list[dict]:
-    """Responses for ``prompts`` (input order kept): ``[{"prompt", "response", "hookset", "gate_opened", ...}]``.
+                       desc: Optional[str] = None, first_token_ids: Optional[Sequence[int]] = None) -> list[dict]:
+    """Responses for ``prompts`` (input order kept): ``[{"prompt", "response", "hookset", "gate_opened", ...}]``;
+    with ``first_token_ids`` each row also has ``first_token_log_odds`` (see :func:`generate_batch`).
 
     With ``out``, rows are also written to ``out`` (JSON lines, atomically at the end); finished batches are kept
     in ``out.partial`` so an interrupted run resumes where it stopped when called again with the same settings.
@@ -70,7 +99,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
         hookset.check_model(model)
     texts = format_prompts(tokenizer, plist, chat=chat, system=system)
     key = _settings_key(texts=texts, hookset=hookset_id or (hookset.to_json() if hookset else None),
-                        max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, first_token_ids=first_token_ids,
                         model=getattr(model, "trace_circuits_fingerprint", type(model).__name__))
     done: dict[int, dict] = {}
     partial = Path(str(out) + ".partial") if out else None
@@ -90,12 +119,15 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             t0 = time.time()
-            responses, gates = generate_batch(model, tokenizer, [texts[i] for i in idx], max_new_tokens, hookset,
-                                              do_sample)
+            got = generate_batch(model, tokenizer, [texts[i] for i in idx], max_new_tokens, hookset, do_sample,
+                                 first_token_ids=first_token_ids)
             dt = (time.time() - t0) / len(idx)
-            for i, r, g in zip(idx, responses, gates):
+            odds = got[2] if first_token_ids else [None] * len(idx)
+            for i, r, g, o in zip(idx, got[0], got[1], odds):
                 row = {"index": i, "prompt": plist[i], "response": r, "hookset": bool(hookset is not None),
                        "gate_opened": g, "seconds": round(dt, 3), "_key": key}
+                if first_token_ids:
+                    row["first_token_log_odds"] = o
                 done[i] = row
                 if fh is not None:
                     fh.write(json.dumps(row) + "\n")
