@@ -1,8 +1,9 @@
 """Benchmark generation latency with the hook set attached vs without (goal: at most 1.10x), one run.
 
 Greedy generation on the Hugging Face transformers model (the hook set as plain PyTorch forward hooks), a batch of
-test prompts, best of --repeats for each. Both gate states are timed: benign prompts (the gate stays shut, only
-the onset-layer SAE encoder runs) and harmful prompts (the gate opens and the downstream cuts run too).
+test prompts, best of --repeats for each. Both gate states are timed: benign prompts (the gate mostly stays shut:
+only the prompt gate's probe runs, once per prompt) and harmful prompts (the gate opens and every cut runs, SAE
+encoders included, at every generated token).
 
     python benchmarks/bench_generate.py [--hookset runs/latest/hookset] [--tokens 64] [--batch 16]
 

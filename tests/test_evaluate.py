@@ -19,6 +19,27 @@ def test_substring_judge_normalises_curly_apostrophes():
     assert not is_refusal("i'm sorry")  # the list is case-sensitive, as in Arditi et al.
 
 
+def test_evaluation_result_save_load_round_trip(tmp_path):
+    from trace_circuits import EvaluationResult
+
+    def metrics(d, j):
+        rate = {"rate": d, "k": 1, "n": 2, "ci": [0.1, 0.9]}
+        return {"description": "x", "dsr": {"direct": rate}, "dsr_jailbreaks": {**rate, "rate": j},
+                "judges": {"refusal_rate": 0.1, "not_addressed_rate": 0.2, "refusal_logit_rate": 0.0},
+                "utility": {"over_refusal": 0.02, "over_refusal_change": 0.0, "benign_not_addressed": 0.0,
+                            "kl_benign_prompts": 0.01, "kl_benign_text": 0.02, "ce_change_benign_text": 0.03}}
+
+    res = EvaluationResult("m", {"none": metrics(0.1, 0.4), "tracerouter": metrics(0.6, 0.7)},
+                           [{"defense": "none", "kind": "harmful", "template": "direct", "prompt": "p", "response": "r"}],
+                           {"templates": ["direct"]})
+    res.save(tmp_path / "ev")
+    back = EvaluationResult.load(tmp_path / "ev")
+    assert back.table.equals(res.table) and back.responses == res.responses and back.params == res.params
+    (tmp_path / "ev" / "evaluation.json").write_text("{}")
+    with pytest.raises(TraceCircuitsError, match="not a trace-circuits evaluation"):
+        EvaluationResult.load(tmp_path / "ev")
+
+
 def test_wilson_interval():
     lo, hi = wilson(0, 10)
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)

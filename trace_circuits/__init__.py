@@ -7,6 +7,7 @@ hook set -> evaluation. Each stage returns a small result object with ``.to_json
 from trace_circuits.circuit import Circuit
 from trace_circuits.divergence import DivergenceResult, divergence_from_profiles, scan_attention_divergence
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.evaluate import EvaluationResult, build_baselines, evaluate_defenses
 from trace_circuits.features import FeatureResult, differential_feature_stats, find_harmful_features
 from trace_circuits.generation import generate_responses
 from trace_circuits.gate import fit_prompt_gate, gate_decisions
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Circuit",
+    "EvaluationResult",
+    "build_baselines",
+    "evaluate_defenses",
     "HookSet",
     "Operation",
     "attribution_scores",

@@ -441,6 +441,28 @@ class EvaluationResult:
         paths["html"] = write_text_atomic(out / "evaluation.html", page)
         return paths
 
+    @classmethod
+    def load(cls, out_dir) -> "EvaluationResult":
+        """Read a folder written by :meth:`save` (``evaluation.json`` + ``responses.jsonl``)."""
+        import json
+        from pathlib import Path
+
+        folder = Path(out_dir)
+        path = folder / "evaluation.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise TraceCircuitsError(f"{path} is not a readable evaluation ({err}); run `trace-circuits evaluate`")
+        if not isinstance(data, dict) or data.get("kind") != "trace-circuits evaluation":
+            raise TraceCircuitsError(f"{path} is not a trace-circuits evaluation; run `trace-circuits evaluate`")
+        if not isinstance(data.get("format_version"), int) or data["format_version"] > 1:
+            raise TraceCircuitsError(f"{path} has format version {data.get('format_version')!r}, newer than this "
+                                     "trace-circuits reads (1); upgrade trace-circuits")
+        resp = folder / "responses.jsonl"
+        rows = [json.loads(line) for line in resp.read_text().splitlines() if line.strip()] if resp.exists() else []
+        return cls(model=data.get("model", ""), defenses=data["defenses"], responses=rows,
+                   params=data.get("params", {}))
+
 
 def _rate(flags) -> dict:
     k, n = int(np.sum(flags)), len(flags)
