@@ -17,7 +17,6 @@ from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.prompts import format_prompts
 
 
-@torch.inference_mode()
 class _FirstStepLogits:
     """A logits processor that keeps the first generation step's logits (the prefill's last position) unchanged."""
 
@@ -37,6 +36,7 @@ def first_token_log_odds(logits: torch.Tensor, token_ids: Sequence[int]) -> torc
     return inside - torch.log1p(-inside.exp().clamp(max=1 - 1e-7))
 
 
+@torch.inference_mode()
 def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int = 128, hookset=None,
                    do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
                    min_new_tokens: Optional[int] = None, first_token_ids: Optional[Sequence[int]] = None):

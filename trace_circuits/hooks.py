@@ -38,17 +38,17 @@ or a continuation fed with the KV cache)::
 
     gate[b, p] = s_b > gate_threshold   for p >= p_b (layers after the probe) and every later position
 
-The *feature gate* (a ``gate_source`` SAE operation) opens at the first position where the source features fire:
-A *gated* operation acts at position ``p`` of a sequence only once some gate-source feature (the harmful
-features at the onset layer) has fired, i.e. the gate score passed ``gate_threshold`` at a real (non-padding, non-massive)
-position ``<= p`` of that sequence, counting earlier generation steps. Downstream operations are always gated;
-the gate source itself is gated too by default (``gated=False`` makes it zero its features wherever they are
-active, as the influence scores measured):
+With the *feature gate* (a ``gate_source`` SAE operation) a gated operation acts at position ``p`` of a sequence
+only once some gate-source feature (the harmful features at the onset layer) has fired, i.e. the gate score passed
+``gate_threshold`` at a real (non-padding, non-massive) position ``<= p`` of that sequence, counting earlier
+generation steps; gated operations must then sit after the gate's layer. Downstream operations are always gated;
+the source features are gated too by default (``gated=False`` makes them zero wherever they are active, as the
+influence scores measured):
 
     gate[b, p] = fired_before[b]  OR  any_{p' <= p} ( sum_f a_f(x[b, p']) / s_f > gate_threshold )
 
-So on a prompt where no harmful feature fires, the hook set changes nothing downstream; once one fires, the
-downstream chain is cut for the rest of the sequence, generated tokens included. ``fired_before`` is carried
+With either gate, where it stays shut the hook set changes nothing; once it opens, the chain is cut for the rest
+of the sequence, generated tokens included. The gate state (``fired_before``) is carried
 across the decoding steps of one generation (KV cache) and reset on each new prompt (a forward pass with an
 empty cache); with :meth:`HookSet.fwd_hooks` (no cache) every forward pass is a new sequence.
 
