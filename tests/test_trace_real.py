@@ -88,13 +88,13 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
     rows in both libraries, opened rows are cut, shut rows are exactly the plain model."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    from trace_circuits.gate import prompt_probe_scores
+    from trace_circuits.gate import gate_decisions
 
     hs = load_hookset(traced / "hookset")
     hf_model, tok = hf
     prompts = list(builtin_prompts("harmful", "test")[:4]) + list(builtin_prompts("benign", "test")[:4])
     g = hs.gate_operation
-    g.gate_threshold = float(prompt_probe_scores(real_model, g, prompts).median())  # opens on half the rows
+    g.gate_threshold = float(gate_decisions(real_model, hs, prompts)[0].median())  # opens on half the rows
     b = next(iter_batches(encode_prompts(real_model, prompts), 8))
     cont = torch.tensor(tok(" Sure, here is how to do it", add_special_tokens=False)["input_ids"]).repeat(8, 1)
     full_mask = torch.cat([b.attention_mask, torch.ones_like(cont)], 1)

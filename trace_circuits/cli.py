@@ -297,7 +297,7 @@ def cmd_run(args) -> int:
     from trace_circuits.saes import list_saes, load_sae
 
     _suppress_kinds(args)
-    _baseline_names(args.baselines)
+    baselines = _baseline_names(args.baselines)
     if args.eval_max_new_tokens < 1 or args.eval_batch_size < 1 or args.text_docs < 1:
         raise TraceCircuitsError("--eval-max-new-tokens, --eval-batch-size and --text-docs must be at least 1")
     t_all = time.time()
@@ -358,7 +358,7 @@ def cmd_run(args) -> int:
         test_h, test_b = list(builtin_prompts("harmful", "test")), list(builtin_prompts("benign", "test"))
         if args.limit:
             test_h, test_b = test_h[: args.limit], test_b[: args.limit]
-        parts["evaluation"] = _evaluate(hookset, name, test_h, test_b, out, baselines=_baseline_names(args.baselines),
+        parts["evaluation"] = _evaluate(hookset, name, test_h, test_b, out, baselines=baselines,
                                         max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size,
                                         text_docs=args.text_docs, model=model)
         timings["stage 4: evaluation"] = time.time() - t0

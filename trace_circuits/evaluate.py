@@ -134,14 +134,6 @@ def _refusal_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _batches(tokenizer, texts: Sequence[str], batch_size: int, device):
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[s:s + batch_size]), return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        yield enc["input_ids"], enc["attention_mask"], pos
-
-
 @torch.inference_mode()
 def refusal_logit_scores(model, tokenizer, texts: Sequence[str], hookset=None, batch_size: int = 32) -> np.ndarray:
     """Log-odds of a refusal-start token at the first answer position (see the module docstring); the evaluation
@@ -151,7 +143,9 @@ def refusal_logit_scores(model, tokenizer, texts: Sequence[str], hookset=None, b
     device = next(model.parameters()).device
     ids = _refusal_token_ids(tokenizer)
     out = []
-    for input_ids, mask, pos in _batches(tokenizer, texts, batch_size, device):
+    for s in range(0, len(texts), batch_size):
+        input_ids, mask = _encode_padded(tokenizer, texts[s:s + batch_size], True, device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with hookset.attach(model) if hookset is not None else contextlib.nullcontext():
             logits = model(input_ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
         out.append(first_token_log_odds(logits, ids).cpu())
@@ -170,6 +164,12 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tupl
     return ids.to(device), mask.to(device)
 
 
+def _encode_padded(tokenizer, texts: Sequence[str], left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (no special tokens added) and attention mask, padded on the side asked for."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad, left, device)
+
+
 def _continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask) -> torch.Tensor:
     """Log-probs of the next-token predictions for each continuation token, as generation computes them: the
     context is one forward pass (the prefill), the continuation a second one on its KV cache. [B, T_cont, vocab]"""
@@ -184,14 +184,9 @@ def _continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask) -> tor
 
 
 def _kl_batches(tokenizer, contexts, continuations, batch_size: int, device):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def ids(texts):
-        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
     for s in range(0, len(contexts), batch_size):
-        yield (*_pad(ids(contexts[s:s + batch_size]), pad, True, device),
-               *_pad(ids(continuations[s:s + batch_size]), pad, False, device))
+        yield (*_encode_padded(tokenizer, contexts[s:s + batch_size], True, device),
+               *_encode_padded(tokenizer, continuations[s:s + batch_size], False, device))
 
 
 @torch.inference_mode()

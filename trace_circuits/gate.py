@@ -79,13 +79,6 @@ def _residuals(model, texts, layer: int, chat: Optional[bool], batch_size: int, 
                                    layer=layer)
 
 
-def prompt_probe_scores(model, op: Operation, texts, chat: Optional[bool] = None, batch_size: int = 16,
-                        progress: bool = False) -> torch.Tensor:
-    """The prompt gate's score ``s = <x[last] - mu, r> / gap`` of each text (chat-templated unless ``chat=False``)."""
-    X = _residuals(model, texts, op.layer, chat, batch_size, progress, "prompt gate")
-    return ((X - op.tensors["mu"]) @ op.tensors["r"]) / op.gap
-
-
 def fit_prompt_gate(model, harmful, benign, layer: int, benign_gate_rate: float = 0.02, *,
                     chat: Optional[bool] = None, benign_text: Optional[Sequence[str]] = None, l2: float = 0.2,
                     folds: int = 5, batch_size: int = 16, progress: bool = False) -> tuple[Operation, dict]:
