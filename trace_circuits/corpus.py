@@ -2,8 +2,8 @@
 
 Two parts, rebuilt by ``trace-circuits build-corpus`` (deterministic: fixed seed, greedy decoding):
 
-* ``chat``: chat transcripts of the model itself. Prompts are the built-in *train* harmful and benign requests
-  (never the test split) plus instructions generated from :data:`TOPICS` x :data:`FORMS`; each is wrapped in the
+* ``chat``: chat transcripts of the model itself. Prompts are the built-in *train* harmful, benign and
+  hard-negative requests (never the test split; the SmolLM2 corpus predates the hard negatives) plus instructions generated from :data:`TOPICS` x :data:`FORMS`; each is wrapped in the
   model's chat template and followed by the model's own greedy answer (``max_new_tokens``, transformers
   ``generate`` on the dequantized GGUF model). This is the distribution the toolkit analyses.
 * ``prose``: English reference text shipped with CPython: the ``pydoc_data.topics`` language reference and the
@@ -159,7 +159,7 @@ def build_corpus(out_path: str | Path, model_name: str = "smollm2-135m-instruct"
     from trace_circuits.prompts import builtin_prompts
 
     prompts, sources = [], []
-    for kind in ("harmful", "benign"):
+    for kind in ("harmful", "benign", "hard_negative"):
         ps = builtin_prompts(kind, "train")
         prompts += ps.prompts
         sources += [f"builtin-{kind}-train:{i}" for i in ps.ids]

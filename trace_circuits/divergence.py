@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from trace_circuits._io import atomic_path, write_json_atomic, write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.models import model_info
 from trace_circuits.prompts import EncodedPrompts, PromptSet, as_prompt_list, encode_prompts, iter_batches
 
 FORMAT_VERSION = 1
@@ -354,10 +355,10 @@ def scan_attention_divergence(
     Hp = collect_attention_profiles(model, enc_h, desc="attention scan (harmful)", checkpoint=ck("harmful"), **kw)
     Bp = collect_attention_profiles(model, enc_b, desc="attention scan (benign)", checkpoint=ck("benign"), **kw)
     return divergence_from_profiles(
-        Hp, Bp, model_name=getattr(model, "trace_circuits_name", model.cfg.model_name), n_bootstrap=n_bootstrap,
+        Hp, Bp, model_name=model_info(model).name, n_bootstrap=n_bootstrap,
         n_permutations=n_permutations, alpha=alpha, onset_fraction=onset_fraction, seed=seed,
         params=dict(batch_size=batch_size, n_content_bins=n_content_bins, query_positions=query_positions,
-                    chat=chat if chat is not None else bool(getattr(model, "trace_circuits_chat", False)),
+                    chat=chat if chat is not None else model_info(model).chat,
                     system=system),
         harmful_prompts=plist_h, benign_prompts=plist_b)
 

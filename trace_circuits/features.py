@@ -58,6 +58,7 @@ import pandas as pd
 
 from trace_circuits._io import write_json_atomic, write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.models import model_info
 
 FORMAT_VERSION = 1
 EFFECT_SIZE_CLIP = 1e6
@@ -468,7 +469,7 @@ def collect_prompt_features(model, sae, hook_name: str, encoded, batch_size: int
     from tqdm.auto import tqdm
 
     from trace_circuits.prompts import iter_batches
-    from trace_circuits.saes import _layer_of
+    from trace_circuits.names import layer_of as _layer_of
 
     device = next(model.parameters()).device
     sae = sae.to(device)
@@ -533,8 +534,8 @@ def find_harmful_features(model, sae, harmful, benign, hook_name: Optional[str] 
     Ha, Hw = collect_prompt_features(model, sae, hook_name, enc_h, batch_size, progress, "SAE features (harmful)")
     Ba, Bw = collect_prompt_features(model, sae, hook_name, enc_b, batch_size, progress, "SAE features (benign)")
     result = FeatureResult.from_activations(
-        Ha, Ba, model=getattr(model, "trace_circuits_name", model.cfg.model_name), hook_name=hook_name,
-        sae_id=f"{getattr(model, 'trace_circuits_name', '')}/{hook_name}",
+        Ha, Ba, model=model_info(model).name, hook_name=hook_name,
+        sae_id=f"{model_info(model).name}/{hook_name}",
         params={"aggregation": "max over content and generation-prompt tokens", "model_fingerprint":
                 model_fingerprint(model), "d_sae": int(sae.cfg.d_sae)},
         relative_fire_threshold=relative_fire_threshold, **stat_kwargs)

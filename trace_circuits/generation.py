@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from trace_circuits._io import write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.models import model_info
 from trace_circuits.prompts import format_prompts
 
 
@@ -100,7 +101,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
     texts = format_prompts(tokenizer, plist, chat=chat, system=system)
     key = _settings_key(texts=texts, hookset=hookset_id or (hookset.to_json() if hookset else None),
                         max_new_tokens=max_new_tokens, do_sample=do_sample, first_token_ids=first_token_ids,
-                        model=getattr(model, "trace_circuits_fingerprint", type(model).__name__))
+                        model=model_info(model).fingerprint)
     done: dict[int, dict] = {}
     partial = Path(str(out) + ".partial") if out else None
     if partial is not None and partial.exists():

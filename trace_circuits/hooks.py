@@ -74,6 +74,7 @@ from jaxtyping import Bool, Float
 
 from trace_circuits._io import write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.models import model_info
 
 FORMAT_VERSION = 2  # 2: the prompt_probe gate
 HOOKSET_FILE = "hookset.json"
@@ -456,9 +457,7 @@ class HookSet:
             raise TraceCircuitsError(
                 f"hook set was made for {self.model} (d_model, layers, heads, d_head = {mine}), but this model has "
                 f"{dims}; trace the circuit on this model")
-        fp = getattr(model, "trace_circuits_fingerprint", None)
-        if fp is None and hasattr(model, "cfg") and hasattr(model, "W_E"):
-            fp = model_fingerprint(model)
+        fp = model_fingerprint(model)
         if fp is not None and fp == self.model_fingerprint:
             return
         if weights_signature(model) != self.weights_signature:
@@ -652,10 +651,9 @@ def _model_dims(model) -> tuple[int, int, int, int]:
 
 
 def _check_hf_arch(model) -> None:
-    mt = getattr(model.config, "model_type", "")
-    if mt not in ("llama",):
-        raise TraceCircuitsError(f"attaching to a transformers '{mt}' model is not supported (module twins are "
-                                 "verified for Llama-architecture models such as SmolLM2); use the HookedTransformer")
+    from trace_circuits.architectures import architecture_of
+
+    architecture_of(model)
 
 
 def _tl_start(rt: _Runtime):
@@ -827,7 +825,7 @@ def hookset_from_circuit(circuit, model, saes: dict, harmful, benign, *, nodes: 
             raise TraceCircuitsError(f"no SAE for layer {layer}; pass saes={{{layer}: SAE, ...}}")
         return saes[layer]
 
-    name = getattr(model, "trace_circuits_name", model.cfg.model_name)
+    name = model_info(model).name
     by_feature_gate = gate == "features"
     src_op = sae_operation(sae_for(onset), onset, [n.index for n in srcs], gate_source=by_feature_gate,
                            gated=gated_sources, sae_id=f"{name}/blocks.{onset}.hook_resid_post")

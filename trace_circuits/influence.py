@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from trace_circuits.circuit import READOUT_ID, Circuit, Link, Node, node_depth, node_id
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.models import model_info
 from trace_circuits.prompts import EncodedPrompts, as_prompt_list, encode_prompts, iter_batches
 
 
@@ -529,9 +530,10 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
 
 def load_downstream_saes(model, onset_layer: int, model_name: Optional[str] = None) -> dict:
     """The shipped SAEs at the onset layer and every later layer, ``{layer: SAE}``."""
-    from trace_circuits.saes import _layer_of, list_saes, load_sae
+    from trace_circuits.names import layer_of as _layer_of
+    from trace_circuits.saes import list_saes, load_sae
 
-    name = model_name or getattr(model, "trace_circuits_name", model.cfg.model_name)
+    name = model_name or model_info(model).name
     out = {}
     for s in list_saes(name):
         layer = _layer_of(s["hook_name"])
@@ -571,7 +573,7 @@ def trace_circuit(model, features, harmful, benign, *, onset_layer: Optional[int
     prune it with :meth:`Circuit.prune`.
     """
     from trace_circuits.models import model_fingerprint
-    from trace_circuits.saes import _layer_of
+    from trace_circuits.names import layer_of as _layer_of
 
     t_start = time.time()
     if hasattr(features, "harmful_features"):
@@ -709,7 +711,7 @@ def trace_circuit(model, features, harmful, benign, *, onset_layer: Optional[int
     assert cand_set <= {n.id for n in nodes}
 
     meta = {
-        "model": getattr(model, "trace_circuits_name", model.cfg.model_name),
+        "model": model_info(model).name,
         "model_fingerprint": model_fingerprint(model),
         "onset_layer": onset_layer,
         "sae_layers": sorted(saes),

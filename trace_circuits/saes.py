@@ -128,11 +128,7 @@ def _right_padded(chunks: list[list[int]], idx: Sequence[int], pad: int) -> tupl
     return tokens, mask
 
 
-def _layer_of(hook_name: str) -> int:
-    parts = hook_name.split(".")
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-        raise TraceCircuitsError(f"hook '{hook_name}' is not a per-layer hook like blocks.21.hook_resid_post")
-    return int(parts[1])
+from trace_circuits.names import layer_of as _layer_of  # noqa: E402
 
 
 def check_hooks(model, hooks: Sequence[str]) -> None:
@@ -455,7 +451,8 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
                eval_tokens: int = 16_384, progress: bool = True, command: str = "") -> list[dict]:
     """Train, evaluate and save one SAE per hook in ``cfg.hooks`` (resumable: rerun the same command)."""
     from trace_circuits.corpus import read_corpus
-    from trace_circuits.models import file_sha256, model_fingerprint
+    from trace_circuits.model_files import file_sha256
+    from trace_circuits.models import model_fingerprint
 
     check_hooks(model, cfg.hooks)
     run_dir = Path(run_dir)
