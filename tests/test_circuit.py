@@ -61,8 +61,9 @@ def test_sever_marks_links_out_of_suppressed_nodes():
     c = small_circuit()
     chosen = c.harmful_path_nodes(min_readout_effect=0.01)
     assert chosen == ["L2.F1", "L2.F5", "L3.H0"]  # sources + the head; the feature's effect is too small
-    c.sever(chosen)
-    assert {(l.source, l.target) for l in c.links if l.severed} == {
+    cut = c.sever(chosen)
+    assert not any(l.severed for l in c.links)  # sever returns a new circuit; the original is unchanged
+    assert {(l.source, l.target) for l in cut.links if l.severed} == {
         ("L2.F1", "L3.H0"), ("L3.H0", "readout"), ("L2.F1", "L3.F7"), ("L2.F5", "L4.MLP"), ("L2.F1", "readout")}
     with pytest.raises(TraceCircuitsError, match="unknown"):
         c.sever(["L9.F9"])
@@ -85,8 +86,10 @@ def test_json_round_trip_and_files(tmp_path):
     assert Circuit.load(tmp_path).to_json() == c.to_json()
     html = paths["html"].read_text()
     assert "plotly" in html and "link threshold" in html
-    with pytest.raises(TraceCircuitsError, match="newer format"):
+    with pytest.raises(TraceCircuitsError, match="newer than this trace-circuits"):
         Circuit.from_json({**data, "format_version": 99})
+    with pytest.raises(TraceCircuitsError, match="not a trace-circuits circuit"):
+        Circuit.from_json({**data, "kind": "trace-circuits hook set"})
 
 
 def test_plot_has_a_threshold_slider_and_distinct_severed_links():

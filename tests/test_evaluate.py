@@ -36,7 +36,7 @@ def test_evaluation_result_save_load_round_trip(tmp_path):
     back = EvaluationResult.load(tmp_path / "ev")
     assert back.table.equals(res.table) and back.responses == res.responses and back.params == res.params
     (tmp_path / "ev" / "evaluation.json").write_text("{}")
-    with pytest.raises(TraceCircuitsError, match="not a trace-circuits evaluation"):
+    with pytest.raises(TraceCircuitsError, match="not a complete trace-circuits evaluation.*trace-circuits evaluate"):
         EvaluationResult.load(tmp_path / "ev")
 
 

@@ -15,39 +15,17 @@ JSON (``circuit.json``) has ``nodes`` (id, kind, layer, index, label, depth, sev
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 
-from trace_circuits._io import write_json_atomic, write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.names import NODE_KINDS, READOUT_ID, node_depth, node_id  # noqa: F401 (re-exported)
+from trace_circuits.results import Result
 
 FORMAT_VERSION = 1
-NODE_KINDS = ("source", "feature", "head", "mlp", "readout")
-READOUT_ID = "readout"
-
-
-def node_id(kind: str, layer: int, index: int = 0) -> str:
-    """``L21.F602`` (SAE feature), ``L24.H3`` (head), ``L24.MLP``, ``readout``."""
-    if kind in ("source", "feature"):
-        return f"L{layer}.F{index}"
-    if kind == "head":
-        return f"L{layer}.H{index}"
-    if kind == "mlp":
-        return f"L{layer}.MLP"
-    if kind == "readout":
-        return READOUT_ID
-    raise TraceCircuitsError(f"unknown node kind {kind!r}; expected one of {', '.join(NODE_KINDS)}")
-
-
-def node_depth(kind: str, layer: int) -> float:
-    """Position in the forward pass: a head in layer l runs before its MLP, which runs before resid_post l."""
-    return {"head": layer + 0.25, "mlp": layer + 0.5, "source": layer + 0.75, "feature": layer + 0.75}.get(
-        kind, float(layer) + 1.0)
 
 
 @dataclass
@@ -109,8 +87,13 @@ def _finite(v):
 
 
 @dataclass
-class Circuit:
+class Circuit(Result):
     """A traced circuit: nodes, weighted links and the measurement's metadata (``meta``)."""
+
+    KIND: ClassVar[str] = "trace-circuits circuit"
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    FILE: ClassVar[str] = "circuit.json"
+    FIX: ClassVar[str] = "run `trace-circuits trace` to write a new one"
 
     nodes: list[Node]
     links: list[Link]
@@ -230,78 +213,28 @@ class Circuit:
         return out
 
     def sever(self, node_ids: Iterable[str]) -> "Circuit":
-        """Mark ``node_ids`` as suppressed (in place); a link is severed when its source node is. Returns self."""
+        """A new circuit with ``node_ids`` marked suppressed (and no others); a link is severed when its source node
+        is. The circuit itself is not changed."""
         chosen = set(node_ids)
         unknown = chosen - set(self.node_map)
         if unknown:
             raise TraceCircuitsError(f"cannot sever unknown nodes {sorted(unknown)[:5]}")
-        for n in self.nodes:
+        nodes = [_copy_node(n) for n in self.nodes]
+        for n in nodes:
             n.severed = n.id in chosen
-        for link in self.links:
-            link.severed = link.source in chosen
-        return self
+        links = [Link(**{**vars(link), "severed": link.source in chosen}) for link in self.links]
+        return Circuit(nodes, links, dict(self.meta))
 
     # -- persistence -------------------------------------------------------------------------------------
 
-    def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "kind": "trace-circuits circuit", **{"meta": self.meta},
-                "nodes": [n.to_json() for n in self.nodes], "links": [link.to_json() for link in self.links]}
+    def _to_dict(self) -> dict:
+        return {"meta": self.meta, "nodes": [n.to_json() for n in self.nodes],
+                "links": [link.to_json() for link in self.links]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Circuit":
-        if not isinstance(data, dict) or "nodes" not in data or "links" not in data:
-            raise TraceCircuitsError("not a circuit JSON (needs 'nodes' and 'links'); write one with "
-                                     "`trace-circuits trace`")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise TraceCircuitsError("this circuit JSON has a newer format version; upgrade trace-circuits")
+    def _from_dict(cls, data: dict) -> "Circuit":
         return cls([Node.from_json(d) for d in data["nodes"]], [Link.from_json(d) for d in data["links"]],
                    dict(data.get("meta", {})))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Circuit":
-        import json
-
-        p = Path(path)
-        if p.is_dir():
-            p = p / "circuit.json"
-        try:
-            return cls.from_json(json.loads(p.read_text()))
-        except (OSError, ValueError) as err:
-            raise TraceCircuitsError(f"cannot read circuit {p}: {err}")
-
-    def save(self, out_dir: str | Path, threshold_steps: int = 6) -> dict[str, Path]:
-        """Write ``circuit.json`` and ``circuit.html`` (the interactive graph, plotly.js inlined, works offline)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": write_json_atomic(out / "circuit.json", self.to_json())}
-        fig_html = self.plot(threshold_steps=threshold_steps).to_html(full_html=False, include_plotlyjs=True)
-        m = self.meta
-        sev = self.severed_nodes
-        facts = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in _summary_facts(m))
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Circuit: {html.escape(m.get('model', ''))}"
-                f"</title></head><body><h1>Harmful circuit of {html.escape(m.get('model', ''))}</h1>"
-                f"<p>{len(self.nodes)} nodes, {len(self.links)} links; {len(sev)} nodes suppressed by the hook set, "
-                f"{sum(link.severed for link in self.links)} links severed (red dashes). Drag the slider to change "
-                f"the link threshold; hover a node for its top tokens and scores.</p><ul>{facts}</ul>{fig_html}"
-                f"<h2>Strongest links</h2>{self._html_links()}</body></html>")
-        paths["html"] = write_text_atomic(out / "circuit.html", page)
-        return paths
-
-    def _html_links(self, limit: int = 40) -> str:
-        rows = sorted(self.links, key=lambda link: -abs(link.weight))[:limit]
-        body = "".join(f"<tr><td>{html.escape(r.source)}</td><td>{html.escape(r.target)}</td><td>{r.weight:+.4f}</td>"
-                       f"<td>{'severed' if r.severed else ''}</td></tr>" for r in rows)
-        return ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>source</th><th>target"
-                f"</th><th>weight</th><th></th></tr>{body}</table>")
-
-    # -- plot --------------------------------------------------------------------------------------------
-
-    def plot(self, threshold: Optional[float] = None, threshold_steps: int = 6):
-        """Interactive plotly graph: nodes layered by depth, severed links red and dashed, a threshold slider."""
-        from trace_circuits.viz import plot_circuit
-
-        return plot_circuit(self, threshold=threshold, threshold_steps=threshold_steps)
-
 
 def _copy_node(n: Node) -> Node:
     return Node(n.id, n.kind, n.layer, n.index, n.label, n.severed, dict(n.scores), [list(t) for t in n.top_tokens])
@@ -342,10 +275,3 @@ def _on_paths(nodes: Sequence[Node], links: Sequence[Link]) -> set[str]:
     from_sources = reach([n.id for n in nodes if n.kind == "source"], fwd)
     to_readout = reach([n.id for n in nodes if n.kind == "readout"], bwd)
     return from_sources & to_readout
-
-
-def _summary_facts(meta: dict) -> list[tuple[str, object]]:
-    keys = [("model", "model"), ("onset layer", "onset_layer"), ("readout", "readout_definition"),
-            ("prompts (harmful) used for FIS", "n_prompts"), ("attribution vs exact Spearman (top nodes)",
-                                                               "attribution_spearman_top")]
-    return [(label, meta[k]) for label, k in keys if k in meta]

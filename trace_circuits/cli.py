@@ -293,7 +293,7 @@ def cmd_run(args) -> int:
     from trace_circuits.divergence import scan_attention_divergence
     from trace_circuits.features import find_harmful_features
     from trace_circuits.models import canonical_name
-    from trace_circuits.report import write_report
+    from trace_circuits.viz.report import write_report
     from trace_circuits.saes import list_saes, load_sae
 
     _suppress_kinds(args)
@@ -553,7 +553,7 @@ def _trace_and_export(model, features, harmful, benign, out: Path, args, batch_s
         circuit = full.prune(threshold=args.prune_threshold)
     else:
         circuit = full.prune(cumulative=args.prune_cumulative)
-    circuit.sever(circuit.harmful_path_nodes(args.min_readout_effect, kinds=["source", *_suppress_kinds(args)]))
+    circuit = circuit.sever(circuit.harmful_path_nodes(args.min_readout_effect, kinds=["source", *_suppress_kinds(args)]))
     command = "trace-circuits " + " ".join(sys.argv[1:]) if sys.argv and "trace-circuits" in sys.argv[0] else ""
     from trace_circuits.evaluate import benign_text
 

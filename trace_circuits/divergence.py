@@ -33,17 +33,18 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from trace_circuits._io import atomic_path, write_json_atomic, write_text_atomic
+from trace_circuits._io import atomic_path
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.models import model_info
 from trace_circuits.prompts import EncodedPrompts, PromptSet, as_prompt_list, encode_prompts, iter_batches
+from trace_circuits.results import Result
 
 FORMAT_VERSION = 1
 METRIC = "jsd_segment_attention"
@@ -203,8 +204,13 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class DivergenceResult:
+class DivergenceResult(Result):
     """Layer x head attention divergence between harmful and benign prompts, with the onset layer."""
+
+    KIND: ClassVar[str] = "trace-circuits divergence"
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    FILE: ClassVar[str] = "divergence.json"
+    FIX: ClassVar[str] = "run `trace-circuits scan` to write a new one"
 
     model: str
     per_head: np.ndarray  # [L, A]
@@ -237,9 +243,8 @@ class DivergenceResult:
         L, A = self.per_head.shape
         return [(int(i // A), int(i % A), float(self.per_head.flat[i])) for i in order]
 
-    def to_json(self) -> dict:
+    def _to_dict(self) -> dict:
         return {
-            "format_version": FORMAT_VERSION,
             "model": self.model,
             "metric": self.metric,
             "metric_definition": "D[l,h] = JSD(mean harmful segment-attention || mean benign segment-attention) "
@@ -263,12 +268,7 @@ class DivergenceResult:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "DivergenceResult":
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise TraceCircuitsError(
-                f"divergence.json has format version {data['format_version']}, newer than this trace-circuits "
-                f"({FORMAT_VERSION}); upgrade trace-circuits"
-            )
+    def _from_dict(cls, data: dict) -> "DivergenceResult":
         a = lambda k: np.asarray(data[k], dtype=float)  # noqa: E731
         return cls(model=data["model"], per_head=a("per_head"), per_layer=a("per_layer"),
                    per_layer_ci=a("per_layer_ci"), per_head_ci=a("per_head_ci"), null_threshold=a("null_threshold"),
@@ -277,14 +277,9 @@ class DivergenceResult:
                    harmful_profile=a("harmful_profile"), benign_profile=a("benign_profile"),
                    params=dict(data.get("params", {})), metric=data.get("metric", METRIC))
 
-    def plot(self):
-        from trace_circuits.viz import plot_divergence
-
-        return plot_divergence(self)
-
     def attention_view(self, model, harmful_index: int = 0, benign_index: int = 0, layer: Optional[int] = None):
         """circuitsvis view of one harmful and one benign prompt's attention heads at ``layer`` (default: onset)."""
-        from trace_circuits.viz import attention_pair_view
+        from trace_circuits.viz.divergence import attention_pair_view
 
         if not self.harmful_prompts or not self.benign_prompts:
             raise TraceCircuitsError("this result carries no prompts (loaded from JSON?); call viz.attention_pair_view")
@@ -292,25 +287,6 @@ class DivergenceResult:
         layer = int(np.argmax(self.per_layer)) if layer is None else layer
         return attention_pair_view(model, self.harmful_prompts[harmful_index], self.benign_prompts[benign_index],
                                    layer, chat=self.params.get("chat"))
-
-    def save(self, out_dir: str | Path, model=None) -> dict[str, Path]:
-        """Write ``divergence.json`` and ``divergence.html`` (plots, plus the attention view when ``model`` is given)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": write_json_atomic(out / "divergence.json", self.to_json())}
-        extra = ""
-        if model is not None and self.harmful_prompts and self.benign_prompts:
-            view = self.attention_view(model)
-            layer = self.onset_layer if self.onset_layer is not None else int(np.argmax(self.per_layer))
-            extra = (f"<h2>Attention at layer {layer}: first harmful vs first benign prompt</h2>"
-                     f"<div>{view.local_src}</div>")
-        html = self.plot().to_html(full_html=False, include_plotlyjs=True)
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Attention divergence: {self.model}</title>"
-                f"</head><body><h1>Attention divergence: {self.model}</h1><p>Onset layer: "
-                f"<b>{self.onset_layer}</b> ({self.onset_rule}). {self.n_harmful} harmful vs {self.n_benign} benign "
-                f"prompts.</p>{html}{extra}</body></html>")
-        paths["html"] = write_text_atomic(out / "divergence.html", page)
-        return paths
 
 
 def _as_encoded(model, prompts, chat, system) -> tuple[EncodedPrompts, list[str]]:

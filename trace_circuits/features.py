@@ -46,19 +46,17 @@ a generic feature that fires often on benign prompts too.
 
 from __future__ import annotations
 
-import html
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from trace_circuits._io import write_json_atomic, write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.models import model_info
+from trace_circuits.results import Result
 
 FORMAT_VERSION = 1
 EFFECT_SIZE_CLIP = 1e6
@@ -266,8 +264,13 @@ def _jsonable_examples(ex: dict) -> dict:
 
 
 @dataclass
-class FeatureResult:
+class FeatureResult(Result):
     """Stage 2 result: differential statistics of one SAE's features, harmful vs benign prompts."""
+
+    KIND: ClassVar[str] = "trace-circuits features"
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    FILE: ClassVar[str] = "features.json"
+    FIX: ClassVar[str] = "run `trace-circuits features` to write a new one"
 
     model: str
     hook_name: str
@@ -305,7 +308,7 @@ class FeatureResult:
         ex = self.examples.get(fid, self.examples.get(str(fid)))
         return ex or None
 
-    def to_json(self) -> dict:
+    def _to_dict(self) -> dict:
         """All harmful features plus the top 50 other features by effect size (each with its examples)."""
         t = self.table
         mask = t["harmful"].to_numpy(dtype=bool)
@@ -318,7 +321,6 @@ class FeatureResult:
                 r["examples"] = _jsonable_examples(ex)
             rows.append(r)
         return {
-            "format_version": FORMAT_VERSION,
             "model": self.model,
             "hook_name": self.hook_name,
             "sae_id": self.sae_id,
@@ -332,12 +334,8 @@ class FeatureResult:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "FeatureResult":
+    def _from_dict(cls, data: dict) -> "FeatureResult":
         """Rebuild from :meth:`to_json` output (the table holds only the rows that were saved)."""
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise TraceCircuitsError(
-                f"features.json has format version {data['format_version']}, newer than this trace-circuits "
-                f"({FORMAT_VERSION}); upgrade trace-circuits")
         rows = data.get("features", [])
         examples = {int(r["feature"]): r["examples"] for r in rows if r.get("examples")}
         table = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in rows], columns=COLUMNS)
@@ -348,108 +346,6 @@ class FeatureResult:
         return cls(model=data.get("model", ""), hook_name=data.get("hook_name", ""), sae_id=data.get("sae_id", ""),
                    table=table, params=dict(data.get("params", {})), n_harmful=int(data["n_harmful"]),
                    n_benign=int(data["n_benign"]), examples=examples)
-
-    def plot(self):
-        """Volcano plot (effect size vs -log10 q, coloured by status) and harmful vs benign fire rates of the top
-        20 harmful features (or the top 20 by effect size when none is harmful)."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
-        t = self.table
-        alpha = float(self.params.get("alpha", 0.05))
-        min_d = float(self.params.get("min_effect_size", 0.5))
-        harmful_ids = self.harmful_features
-        top = t[t["harmful"].to_numpy(dtype=bool)].head(20) if harmful_ids else t.head(20)
-        bar_title = ("Fire rates of the top harmful features" if harmful_ids
-                     else "Fire rates of the top features by effect size (none harmful)")
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.1,
-                            subplot_titles=("Volcano: Cohen's d vs -log10 q (BH)", bar_title))
-        d = t["effect_size"].to_numpy(dtype=float)
-        finite = np.abs(d) < EFFECT_SIZE_CLIP
-        cap = max(float(np.abs(d[finite]).max()) * 1.05 if finite.any() else 0.0, min_d * 1.5, 1.0)
-        x_all = np.clip(d, -cap, cap)
-        y_all = -np.log10(np.clip(t["q_value"].to_numpy(dtype=float), 1e-300, 1.0))
-        colours = {STATUS_HARMFUL: "crimson", STATUS_BENIGN: "darkorange", STATUS_SMALL: "goldenrod",
-                   STATUS_NOT_SIGNIFICANT: "gray", STATUS_NO_DIFFERENCE: "silver", STATUS_WEAKER: "seagreen",
-                   STATUS_CONSTANT: "lightgray"}
-        status = t["status"].to_numpy(dtype=str)
-        for s in STATUSES:
-            m = status == s
-            if not m.any():
-                continue
-            sub = t[m]
-            tokens = []
-            for fid in sub["feature"]:
-                ex = self._example(int(fid)) or {}
-                toks = ex.get("top_tokens") or []
-                tokens.append(html.escape(", ".join(repr(str(tok)) for tok, _ in toks[:8])) or "-")
-            custom = np.empty((int(m.sum()), 6), dtype=object)
-            custom[:, 0] = sub["feature"].to_numpy()
-            custom[:, 1] = sub["mean_diff"].to_numpy()
-            custom[:, 2] = sub["fire_rate_harmful"].to_numpy()
-            custom[:, 3] = sub["fire_rate_benign"].to_numpy()
-            custom[:, 4] = sub["effect_size"].to_numpy()
-            custom[:, 5] = tokens
-            fig.add_trace(go.Scatter(
-                x=x_all[m], y=y_all[m], mode="markers", name=s, customdata=custom,
-                marker=dict(color=colours[s], size=8 if s == STATUS_HARMFUL else 5,
-                            opacity=0.9 if s == STATUS_HARMFUL else 0.5),
-                hovertemplate="feature %{customdata[0]}<br>d = %{customdata[4]:.3g}, q = 10^-%{y:.2f}"
-                              "<br>mean diff = %{customdata[1]:.4g}<br>fire rate harmful %{customdata[2]:.2f}, "
-                              "benign %{customdata[3]:.2f}<br>top tokens: %{customdata[5]}<extra></extra>"),
-                row=1, col=1)
-        fig.add_hline(y=-math.log10(alpha), line=dict(color="gray", dash="dot"), row=1, col=1)
-        fig.add_vline(x=min_d, line=dict(color="gray", dash="dot"), row=1, col=1)
-        labels = [f"f{int(f)}" for f in top["feature"]]
-        fig.add_trace(go.Bar(x=labels, y=top["fire_rate_harmful"].to_numpy(dtype=float), name="fires on harmful",
-                             marker_color="crimson"), row=1, col=2)
-        fig.add_trace(go.Bar(x=labels, y=top["fire_rate_benign"].to_numpy(dtype=float), name="fires on benign",
-                             marker_color="seagreen"), row=1, col=2)
-        fig.add_hline(y=float(self.params.get("max_benign_fire_rate", 0.2)), line=dict(color="seagreen", dash="dot"),
-                      row=1, col=2)
-        fig.update_xaxes(title_text="effect size (Cohen's d)", row=1, col=1)
-        fig.update_yaxes(title_text="-log10 q", row=1, col=1)
-        fig.update_xaxes(title_text="feature", row=1, col=2)
-        fig.update_yaxes(title_text="fraction of prompts firing", range=[0, 1.05], row=1, col=2)
-        fig.update_layout(height=560, width=1200, barmode="group",
-                          title=f"Differential SAE features, harmful ({self.n_harmful}) vs benign ({self.n_benign}): "
-                                f"{self.model} {self.sae_id}".strip(),
-                          legend=dict(orientation="h", y=-0.15))
-        return fig
-
-    def _html_table(self, limit: int = 50) -> str:
-        t = self.table
-        mask = t["harmful"].to_numpy(dtype=bool)
-        rows = t[mask].head(limit) if mask.any() else t.head(min(limit, 20))
-        head = ("<tr><th>feature</th><th>status</th><th>d</th><th>q</th><th>fire harmful</th><th>fire benign</th>"
-                "<th>top tokens</th></tr>")
-        body = []
-        for _, r in rows.iterrows():
-            ex = self._example(int(r["feature"])) or {}
-            toks = ", ".join(f"{str(tok)!r} ({float(a):.2f})" for tok, a in (ex.get("top_tokens") or [])[:10])
-            body.append(f"<tr><td>{int(r['feature'])}</td><td>{html.escape(str(r['status']))}</td>"
-                        f"<td>{float(r['effect_size']):.3g}</td><td>{float(r['q_value']):.3g}</td>"
-                        f"<td>{float(r['fire_rate_harmful']):.2f}</td><td>{float(r['fire_rate_benign']):.2f}</td>"
-                        f"<td>{html.escape(toks)}</td></tr>")
-        return f"<table border='1' cellpadding='4' style='border-collapse:collapse'>{head}{''.join(body)}</table>"
-
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``features.json`` and ``features.html`` (plots with plotly.js inlined, works offline)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": write_json_atomic(out / "features.json", self.to_json())}
-        plot_html = self.plot().to_html(full_html=False, include_plotlyjs=True)
-        name = html.escape(f"{self.model} {self.hook_name} {self.sae_id}".strip())
-        n = len(self.harmful_features)
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Harmful SAE features: {name}</title>"
-                f"</head><body><h1>Harmful SAE features: {name}</h1><p><b>{n}</b> harmful feature"
-                f"{'' if n == 1 else 's'} out of {self.params.get('n_features', len(self.table))}; "
-                f"{self.n_harmful} harmful vs {self.n_benign} benign prompts.</p><p>{html.escape(self.rule)}</p>"
-                f"{plot_html}<h2>{'Harmful features' if n else 'Top features by effect size'}</h2>"
-                f"{self._html_table()}</body></html>")
-        paths["html"] = write_text_atomic(out / "features.html", page)
-        return paths
-
 
 # ----------------------------------------------------------------------------------------------------------
 # From a model and an SAE: per-prompt feature activations, examples, and the whole stage-2 call

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from trace_circuits._io import write_text_atomic
+from trace_circuits.viz.circuit import links_table
+from trace_circuits.viz.features import features_table
 
 
 def _fig(fig, first: bool) -> str:
@@ -56,14 +58,14 @@ def write_report(out_dir: str | Path, *, scan=None, features=None, circuit=None,
     if features is not None:
         parts.append(f"<h2>2. Harmful SAE features at {html.escape(features.hook_name)}</h2><p>"
                      f"{len(features.harmful_features)} harmful features. {html.escape(features.rule)}</p>"
-                     f"{_fig(features.plot(), first)}{features._html_table(limit=15)}")
+                     f"{_fig(features.plot(), first)}{features_table(features, limit=15)}")
         first = False
     if circuit is not None:
         m = circuit.meta
         parts.append(f"<h2>3. The circuit and what the hook set severs</h2><p>{html.escape(repr(circuit))}. "
                      f"Attribution vs exact zero-out Spearman (top nodes): {m.get('attribution_spearman_top')}. "
                      f"{html.escape(hookset.summary()) if hookset is not None else ''}</p>{_gate(hookset)}"
-                     f"{_fig(circuit.plot(), first)}{circuit._html_links(limit=20)}")
+                     f"{_fig(circuit.plot(), first)}{links_table(circuit, limit=20)}")
         first = False
     if evaluation is not None:
         p = evaluation.params
