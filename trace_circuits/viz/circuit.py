@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from trace_circuits.viz.pages import figure_html, page
+
 
 _KIND_STYLE = {"source": ("circle", "crimson"), "feature": ("circle", "royalblue"), "head": ("square", "darkorange"),
                "mlp": ("diamond", "seagreen"), "readout": ("star", "gold")}
@@ -133,3 +135,17 @@ def _summary_facts(meta: dict) -> list[tuple[str, object]]:
             ("prompts (harmful) used for FIS", "n_prompts"), ("attribution vs exact Spearman (top nodes)",
                                                                "attribution_spearman_top")]
     return [(label, meta[k]) for label, k in keys if k in meta]
+
+
+def circuit_body(circuit) -> str:
+    sev = circuit.severed_nodes
+    facts = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in _summary_facts(circuit.meta))
+    return (f"<p>{len(circuit.nodes)} nodes, {len(circuit.links)} links; {len(sev)} nodes suppressed by the hook set, "
+            f"{sum(link.severed for link in circuit.links)} links severed (red dashes). Drag the slider to change "
+            f"the link threshold; hover a node for its top tokens and scores.</p><ul>{facts}</ul>"
+            f"{figure_html(circuit.plot())}<h2>Strongest links</h2>{links_table(circuit)}")
+
+
+def circuit_page(circuit) -> str:
+    """The whole ``circuit.html`` page."""
+    return page(f"Harmful circuit of {circuit.meta.get('model', '')}", circuit_body(circuit))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 from typing import Optional
 
 import numpy as np
 import torch
 
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.viz.pages import figure_html
 from trace_circuits.viz.views import PairView
 
 
@@ -88,3 +90,14 @@ def attention_pair_view(model, harmful: str, benign: str, layer: int, chat: Opti
                                             attention_head_names=[f"L{layer}H{h}" for h in range(pattern.shape[0])])
         parts.append((f"{title}: {prompt}", view))
     return PairView(parts)
+
+
+def divergence_body(result, model=None) -> str:
+    extra = ""
+    if model is not None and result.harmful_prompts and result.benign_prompts:
+        view = result.attention_view(model)
+        layer = result.onset_layer if result.onset_layer is not None else int(np.argmax(result.per_layer))
+        extra = (f"<h2>Attention at layer {layer}: first harmful vs first benign prompt</h2>"
+                 f"<div>{view.local_src}</div>")
+    return (f"<p>Onset layer: <b>{result.onset_layer}</b> ({html.escape(result.onset_rule)}). {result.n_harmful} "
+            f"harmful vs {result.n_benign} benign prompts.</p>{figure_html(result.plot())}{extra}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from trace_circuits.viz.pages import figure_html
+
 
 def plot_evaluation(result):
     """Defense-utility trade-off: jailbreak and direct defense success against benign KL, one point per defense."""
@@ -25,3 +27,8 @@ def plot_evaluation(result):
                       "undefended model (nats/token, lower is better)", yaxis_title="defense success rate",
                       yaxis=dict(range=[-0.05, 1.05]), height=550, width=950)
     return fig
+
+
+def evaluation_body(result) -> str:
+    return (f"{result.table.to_html(float_format=lambda v: f'{v:.3f}')}"
+            f"{figure_html(result.plot())}")

@@ -13,6 +13,7 @@ from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.features import (EFFECT_SIZE_CLIP, STATUS_BENIGN, STATUS_CONSTANT, STATUS_HARMFUL,
                                      STATUS_NO_DIFFERENCE, STATUS_NOT_SIGNIFICANT, STATUS_SMALL, STATUS_WEAKER,
                                      STATUSES)
+from trace_circuits.viz.pages import figure_html
 from trace_circuits.viz.views import PairView
 
 
@@ -129,3 +130,11 @@ def features_table(result, limit: int = 50) -> str:
 def _example(result, fid: int):
     ex = result.examples.get(fid, result.examples.get(str(fid)))
     return ex or None
+
+
+def features_body(result) -> str:
+    n = len(result.harmful_features)
+    return (f"<p><b>{n}</b> harmful feature{'' if n == 1 else 's'} out of "
+            f"{result.params.get('n_features', len(result.table))}; {result.n_harmful} harmful vs {result.n_benign} "
+            f"benign prompts.</p><p>{html.escape(result.rule)}</p>{figure_html(result.plot())}"
+            f"<h2>{'Harmful features' if n else 'Top features by effect size'}</h2>{features_table(result)}")
