@@ -38,6 +38,9 @@ class Node:
     severed: bool = False
     scores: dict = field(default_factory=dict)
     top_tokens: list = field(default_factory=list)  # [[token, activation], ...] for SAE features
+    # top-activating prompts: [{"prompt": str, "tokens": [str, ...], "acts": [float, ...]}, ...], strongest first;
+    # acts[i] is the node's activation at tokens[i] (the user's text and the generation prompt)
+    examples: list = field(default_factory=list)
 
     def __post_init__(self):
         self.label = self.label or self.id
@@ -50,13 +53,16 @@ class Node:
         return {"id": self.id, "kind": self.kind, "layer": self.layer, "index": self.index,
                 "label": self.label, "depth": self.depth, "severed": self.severed,
                 "scores": {k: _finite(v) for k, v in self.scores.items()},
-                "top_tokens": [[str(t), float(a)] for t, a in self.top_tokens]}
+                "top_tokens": [[str(t), float(a)] for t, a in self.top_tokens],
+                "examples": [{"prompt": str(e["prompt"]), "tokens": [str(t) for t in e["tokens"]],
+                              "acts": [float(a) for a in e["acts"]]} for e in self.examples]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Node":
         return cls(id=d["id"], kind=d["kind"], layer=int(d["layer"]), index=int(d.get("index", 0)),
                    label=d.get("label", ""), severed=bool(d.get("severed", False)), scores=dict(d.get("scores", {})),
-                   top_tokens=[list(x) for x in d.get("top_tokens", [])])
+                   top_tokens=[list(x) for x in d.get("top_tokens", [])],
+                   examples=[dict(e) for e in d.get("examples", [])])
 
 
 @dataclass
@@ -237,7 +243,8 @@ class Circuit(Result):
                    dict(data.get("meta", {})))
 
 def _copy_node(n: Node) -> Node:
-    return Node(n.id, n.kind, n.layer, n.index, n.label, n.severed, dict(n.scores), [list(t) for t in n.top_tokens])
+    return Node(n.id, n.kind, n.layer, n.index, n.label, n.severed, dict(n.scores), [list(t) for t in n.top_tokens],
+                [dict(e) for e in n.examples])
 
 
 def _top_cumulative(items: list, scores: list[float], fraction: float) -> list:
