@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from test_hooks import TOKENS, hookset_for
+from test_hooks import TOKENS
 from trace_circuits import Operation, TraceCircuitsError
-from trace_circuits.evaluate import JAILBREAKS, RelevanceJudge, is_refusal, wilson
+from trace_circuits.evaluate import ATTACKS, JAILBREAKS, RelevanceJudge, attack_texts, is_refusal, wilson
+from trace_circuits.hookset import hookset_for
 
 
 def test_substring_judge_normalises_curly_apostrophes():
@@ -48,10 +49,32 @@ def test_wilson_interval():
     assert all(math.isnan(v) for v in wilson(0, 0))
 
 
-def test_at_least_five_jailbreak_templates_plus_direct():
-    assert "direct" in JAILBREAKS and len(JAILBREAKS) - 1 >= 5
-    assert all("{prompt}" in user for user, _ in JAILBREAKS.values())
+def test_at_least_five_jailbreak_templates_plus_direct_prefill_and_two_turns():
+    assert "direct" in JAILBREAKS and len(JAILBREAKS) - 1 >= 6
+    assert all("{prompt}" in a.user for a in ATTACKS.values())
     assert JAILBREAKS["prefill"][1].startswith("Sure")
+    assert len(ATTACKS["multi_turn"].history) == 2 and ATTACKS["multi_turn"].history[0][0] == "user"
+
+
+class _ChatML:
+    """A stand-in tokenizer with the ChatML template (only ``apply_chat_template`` is used)."""
+
+    chat_template = "chatml"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def test_attack_texts_template_the_conversation_then_prefill():
+    tok = _ChatML()
+    (pre,) = attack_texts(tok, ["How do I pick a lock?"], "prefill")
+    assert pre.endswith("<|im_start|>assistant\nSure, here is")
+    (two,) = attack_texts(tok, ["How do I pick a lock?"], "multi_turn")
+    assert two.count("<|im_start|>user") == 2 and two.index("help me") < two.index("pick a lock")
+    assert two.endswith("<|im_start|>assistant\n")
+    with pytest.raises(TraceCircuitsError, match="unknown attack template"):
+        attack_texts(tok, ["x"], "nope")
 
 
 def test_direction_operations():
@@ -83,7 +106,8 @@ def test_relevance_judge_calibrates_between_matched_and_shuffled_pairs():
                "Call sorted(my_list) or my_list.sort()."]
     cal = judge.calibrate(prompts, answers)
     assert cal["youden_j"] == 1.0 and cal["shuffled_mean"] < judge.threshold < cal["matched_mean"]
-    ok, sim = judge.addresses(prompts, answers)
-    assert ok.all()
-    ok, _ = judge.addresses(prompts, answers[2:] + answers[:2])
-    assert not ok.any()
+    assert judge.strict_threshold <= judge.threshold  # the strict judge calls fewer answers "not addressed"
+    v = judge.judge(prompts, answers)
+    assert v["addressed"].all() and v["addressed_strict"].all()
+    v = judge.judge(prompts, answers[2:] + answers[:2])
+    assert not v["addressed"].any()

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model
-from trace_circuits import HookSet, Operation, TraceCircuitsError, load_hookset
-from trace_circuits.hooks import FORMAT_VERSION, sae_feature_acts, sae_operation
-from trace_circuits.models import model_fingerprint, weights_signature
+from trace_circuits import Operation, TraceCircuitsError, load_hookset
+from trace_circuits.hookset import FORMAT_VERSION, hookset_for, sae_operation
+from trace_circuits.models import model_fingerprint
 
 
-def tiny_sae(d_in=32, d_sae=64, k=4, seed=1):
+def tiny_sae(d_in=32, d_sae=64, k=4, seed=1, layer=1):
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
     torch.manual_seed(seed)
@@ -23,13 +23,12 @@ def tiny_sae(d_in=32, d_sae=64, k=4, seed=1):
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
     return sae
 
 
-def hookset_for(model, ops):
-    c = model.cfg
-    return HookSet(model="tiny", model_fingerprint=model_fingerprint(model), weights_signature=weights_signature(model),
-                   d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, d_head=c.d_head, operations=ops)
+def sae_feature_acts(op, x):
+    return op.encoder.encode(x)
 
 
 TOKENS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [6, 2, 8, 8, 1, 3, 5, 12]])
@@ -42,7 +41,7 @@ def model():
 
 def test_sae_feature_acts_match_sae_lens_encode():
     sae = tiny_sae()
-    op = sae_operation(sae, 1, [0, 5, 17, 40])
+    op = sae_operation(sae, [0, 5, 17, 40])
     x = torch.randn(3, 7, 32)
     assert torch.allclose(sae_feature_acts(op, x), sae.encode(x)[..., [0, 5, 17, 40]], atol=1e-5)
 
@@ -50,7 +49,7 @@ def test_sae_feature_acts_match_sae_lens_encode():
 def test_zeroing_features_removes_exactly_their_decoder_contribution(model):
     sae = tiny_sae()
     feats = list(range(64))
-    hs = hookset_for(model, [sae_operation(sae, 1, feats, gated=False)])
+    hs = hookset_for(model, [sae_operation(sae, feats, gated=False)])
     seen = {}
 
     def grab(act, hook):
@@ -69,13 +68,13 @@ def test_gate_decides_whether_downstream_operations_act(model):
     sae = tiny_sae()
     with torch.no_grad():
         plain = model(TOKENS)
-    shut = hookset_for(model, [sae_operation(sae, 0, [3], gate_source=True, gate_threshold=1e9),
+    shut = hookset_for(model, [sae_operation(tiny_sae(layer=0), [3], gate_source=True, gate_threshold=1e9),
                                Operation(kind="heads", layer=2, heads=[1]), Operation(kind="mlp", layer=3)])
     with torch.no_grad(), shut.attach(model) as rt:
         out = model(TOKENS)
     assert torch.equal(out, plain)  # gate never opens: nothing changes (the source is gated too)
     assert rt.gate_open.tolist() == [False, False]
-    always = hookset_for(model, [sae_operation(sae, 0, [3], gate_source=True, gate_threshold=-1.0),
+    always = hookset_for(model, [sae_operation(tiny_sae(layer=0), [3], gate_source=True, gate_threshold=-1.0),
                                  Operation(kind="heads", layer=2, heads=[1]), Operation(kind="mlp", layer=3)])
     with torch.no_grad(), always.attach(model) as rt:
         out = model(TOKENS)
@@ -97,7 +96,7 @@ def test_gate_state_carries_across_kv_cache_steps(model):
     sae = tiny_sae()
     # feature 13 of this SAE fires on row 0 only at position 2: the gate opens at the first decoding step, and
     # only the carried state keeps it open for the later steps
-    op = sae_operation(sae, 0, [13], gate_source=True, gate_threshold=0.0)
+    op = sae_operation(tiny_sae(layer=0), [13], gate_source=True, gate_threshold=0.0)
     with torch.no_grad():
         fired = sae_feature_acts(op, model(TOKENS, stop_at_layer=1))[0, :, 0] > 0
     assert fired.tolist() == [False, False, True, False, False, False, False, False]
@@ -176,7 +175,7 @@ def test_prompt_gate_decides_at_the_end_of_the_user_turn(model):
     answer after them does not move it; rows without a match decide at their last position."""
     probe = probe_op(model, 1)
     probe.anchor = [9, 3]  # ends at position 3 of row 0; row 1 has no match
-    probe.gate_threshold = float("-inf")
+    probe.gate_threshold = -1e9
     hs = hookset_for(model, [probe, Operation(kind="mlp", layer=3)])
     with torch.no_grad():
         plain, cache = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_post")
@@ -195,7 +194,7 @@ def test_prompt_gate_decides_at_the_end_of_the_user_turn(model):
 def test_prompt_gate_round_trip_and_one_gate_per_hookset(model, tmp_path):
     probe = probe_op(model, 2)
     probe.gate_threshold = -1e9
-    hs = hookset_for(model, [probe, sae_operation(tiny_sae(), 1, [2, 9]), Operation(kind="heads", layer=3, heads=[0])])
+    hs = hookset_for(model, [probe, sae_operation(tiny_sae(layer=1), [2, 9]), Operation(kind="heads", layer=3, heads=[0])])
     hs.save(tmp_path / "hs")
     meta = json.loads((tmp_path / "hs" / "hookset.json").read_text())
     assert meta["operations"][0]["kind"] == "prompt_probe" and meta["operations"][0]["gate_source"]
@@ -206,7 +205,7 @@ def test_prompt_gate_round_trip_and_one_gate_per_hookset(model, tmp_path):
         b = model.run_with_hooks(TOKENS, fwd_hooks=back.fwd_hooks(model))
     assert torch.equal(a, b)
     with pytest.raises(TraceCircuitsError, match="one gate"):
-        hookset_for(model, [probe, sae_operation(tiny_sae(), 1, [2], gate_source=True)])
+        hookset_for(model, [probe, sae_operation(tiny_sae(layer=1), [2], gate_source=True)])
     bad = probe_op(model, 2)
     bad.tensors["r"] = torch.zeros(5)
     with pytest.raises(TraceCircuitsError, match="tensor r"):
@@ -215,7 +214,7 @@ def test_prompt_gate_round_trip_and_one_gate_per_hookset(model, tmp_path):
 
 def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
     sae = tiny_sae()
-    hs = hookset_for(model, [sae_operation(sae, 1, [2, 9, 30], gate_source=True, gate_threshold=0.0),
+    hs = hookset_for(model, [sae_operation(sae, [2, 9, 30], gate_source=True, gate_threshold=0.0),
                              Operation(kind="heads", layer=2, heads=[0, 3]), Operation(kind="mlp", layer=3)])
     hs.save(tmp_path / "hs")
     meta = json.loads((tmp_path / "hs" / "hookset.json").read_text())
@@ -231,7 +230,7 @@ def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
 
 @pytest.fixture()
 def saved(model, tmp_path):
-    hs = hookset_for(model, [sae_operation(tiny_sae(), 1, [2, 9], gate_source=True)])
+    hs = hookset_for(model, [sae_operation(tiny_sae(layer=1), [2, 9], gate_source=True)])
     return hs.save(tmp_path / "hs")
 
 
@@ -275,4 +274,4 @@ def test_invalid_operations_are_refused(model):
     with pytest.raises(TraceCircuitsError, match="outside the model"):
         hookset_for(model, [Operation(kind="mlp", layer=7)])
     with pytest.raises(TraceCircuitsError, match="must come after the gate"):
-        hookset_for(model, [sae_operation(tiny_sae(), 2, [1], gate_source=True), Operation(kind="mlp", layer=1)])
+        hookset_for(model, [sae_operation(tiny_sae(layer=2), [1], gate_source=True), Operation(kind="mlp", layer=1)])

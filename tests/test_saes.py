@@ -7,9 +7,9 @@ import torch
 
 from conftest import tiny_model
 from trace_circuits import TraceCircuitsError
-from trace_circuits import saes as saes_mod
 from trace_circuits.saes import (ActivationBatches, SAETrainingConfig, check_sae_fits, collect_activations,
                                  evaluate_sae, list_saes, load_sae, save_sae, train_sae)
+from trace_circuits.saes import training as training_mod
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -94,7 +94,7 @@ def test_training_learns_saves_loads_and_resumes(model, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_sae(acts, HOOK, cfg_short, tmp_path / "run", model_name="tiny", progress=False)
     monkeypatch.setattr(ActivationBatches, "__next__", real_next)
-    ckpt = saes_mod._latest_checkpoint(tmp_path / "run" / "checkpoints")
+    ckpt = training_mod._latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt is not None and int(ckpt.name) > 0
     sae = train_sae(acts, HOOK, cfg_short, tmp_path / "run", model_name="tiny", progress=False)
     assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
@@ -103,9 +103,11 @@ def test_training_learns_saves_loads_and_resumes(model, tmp_path, monkeypatch):
     assert 0.0 < metrics["explained_variance"] <= 1.0
     assert metrics["ce_zero_ablation"] > metrics["ce_clean"]
     root = tmp_path / "saes"
-    out = save_sae(sae, root / "tiny" / HOOK, {"model": "tiny", "hook_name": HOOK, "metrics": metrics})
+    out = save_sae(sae, root / "tiny" / HOOK, {"hook_name": HOOK, "metrics": metrics})
     assert (out / "cfg.json").exists() and (out / "sae_weights.safetensors").exists()
-    loaded = load_sae("tiny", HOOK, root=root)
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["metrics"] == metrics  # SAE-Lens's own metadata
+    loaded = load_sae(HOOK, model_name="tiny", root=root)
+    assert loaded.cfg.metadata.metrics == metrics and loaded.cfg.metadata.hook_name == HOOK
     assert loaded.cfg.d_in == 32 and loaded.cfg.d_sae == 64
     x = acts[:16].float()
     assert torch.allclose(loaded.encode(x), sae.encode(x), atol=0.05, rtol=0.05)
@@ -117,11 +119,11 @@ def test_training_learns_saves_loads_and_resumes(model, tmp_path, monkeypatch):
     other.cfg.d_model = 48
     with pytest.raises(TraceCircuitsError, match="d_in 32 does not fit"):
         check_sae_fits(loaded, other, HOOK)
-    loaded.trace_circuits_meta = {"model_fingerprint": "some-other-model@123"}
+    loaded.cfg.metadata.model_fingerprint = "some-other-model@123"
     with pytest.raises(TraceCircuitsError, match="trained on model some-other-model@123"):
         check_sae_fits(loaded, model, HOOK)
 
 
 def test_missing_sae_lists_what_is_available(tmp_path):
     with pytest.raises(TraceCircuitsError, match="no SAE for smollm2-135m-instruct at blocks.3.hook_resid_post"):
-        load_sae("smollm2-135m-instruct", "blocks.3.hook_resid_post", root=tmp_path)
+        load_sae("blocks.3.hook_resid_post", model_name="smollm2-135m-instruct", root=tmp_path)

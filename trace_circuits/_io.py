@@ -39,3 +39,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_output(path: str | os.PathLike, kind: str = "dir") -> Path:
+    """Check, before any work, that ``path`` can be written as a folder (``kind="dir"``) or a file: not a file where a
+    folder is wanted (or the reverse), and writable. Missing parent folders are created. One error line otherwise."""
+    from trace_circuits.errors import TraceCircuitsError
+
+    path = Path(path)
+    if kind == "dir" and path.is_file():
+        raise TraceCircuitsError(f"--out {path} is a file; pass a folder (it is created if missing)")
+    if kind == "file" and path.is_dir():
+        raise TraceCircuitsError(f"--out {path} is a folder; pass a file name such as {path / 'responses.jsonl'}")
+    folder = path if kind == "dir" else path.parent
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise TraceCircuitsError(f"cannot write to {path}: {existing} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise TraceCircuitsError(f"cannot write to {folder} ({err.strerror or type(err).__name__}); pick another --out "
+                                 "or fix its permissions") from None
+    return path

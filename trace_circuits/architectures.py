@@ -80,6 +80,15 @@ def architecture_of(model) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
+def model_type_of(model) -> str:
+    """The transformers ``model_type`` a HookedTransformer (or transformers model) corresponds to, "" if unknown."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "model_type", None):
+        return str(config.model_type)
+    tl_arch = getattr(getattr(model, "cfg", None), "original_architecture", "")
+    return next((a.model_type for a in ARCHITECTURES.values() if a.tl_architecture == tl_arch), "")
+
+
 def tl_config_kwargs(hf_config, name: str, n_ctx: int) -> dict[str, Any]:
     """HookedTransformerConfig fields for a Llama-family decoder (Llama, Qwen2): rotary, RMSNorm, gated MLP."""
     arch = architecture_of(hf_config)

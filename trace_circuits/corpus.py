@@ -204,3 +204,31 @@ def read_corpus(path: str | Path, split: Optional[str] = None) -> list[dict]:
         raise TraceCircuitsError(f"{path} is not a corpus file ({type(err).__name__}); rebuild it with "
                                  "`trace-circuits build-corpus`") from None
     return docs
+
+
+def corpus_path(model_name: str) -> Path:
+    """The shipped corpus of a model: ``saes/corpus/<model>.jsonl.gz``."""
+    from trace_circuits.models import canonical_name
+    from trace_circuits.saes.sources import sae_root
+
+    return sae_root() / "corpus" / f"{canonical_name(model_name)}.jsonl.gz"
+
+
+def benign_documents(tokenizer, model_name: str, max_docs: int = 48, max_tokens: int = 128, split: str = "heldout",
+                     chat_only: bool = False) -> list[str]:
+    """Benign documents of the model's corpus (no answers to harmful prompts), cut to ``max_tokens``: the ``heldout``
+    split for evaluation, ``train`` for calibrating a gate. ``chat_only`` keeps the chat transcripts (benign requests
+    and the model's own answers), leaving out the CPython documentation. Evenly spaced over the sources."""
+    path = corpus_path(model_name)
+    chat_sources = ("generated-instruction", "builtin-benign", "builtin-hard_negative")
+    docs = [d for d in read_corpus(path, split) if not str(d.get("source", "")).startswith("builtin-harmful")
+            and (not chat_only or str(d.get("source", "")).startswith(chat_sources))]
+    docs.sort(key=lambda d: str(d.get("source", "")))
+    step = max(1, len(docs) // max(1, max_docs))
+    out = []
+    for d in docs[::step][:max_docs]:
+        ids = tokenizer(d["text"], add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(ids) >= 16:
+            out.append(tokenizer.decode(ids))
+    return out
+

@@ -1,32 +1,40 @@
-"""The prompt gate: when a hook set's cuts act.
+"""Gates: when a hook set's cuts act.
 
-A hook set cuts the traced circuit only on requests its gate calls harmful. The prompt gate is a linear probe on the
-residual stream ``x = blocks.{l}.hook_resid_post`` at the last prompt position (by default the sensitive onset layer
-from stage 1), read once per prompt:
+The **prompt gate** (default) is a linear probe on the residual stream ``x = blocks.{l}.hook_resid_post`` at the end
+of the user's turn (the chat template's assistant header, so a prefilled answer does not move it), read once per
+prompt:
 
-    s(x) = <(x - m) / sd, w> + b        (an L2-regularised logistic regression, features standardised)
+    s(x) = <(x - m) / sd, w> + b        (an L2-regularised, class-balanced logistic regression, scikit-learn)
 
-trained on harmful prompts (label 1) against benign prompts and benign documents (label 0; a document is scored at
-its last token, as if it were a prompt), classes weighted equally. The threshold is set on *out-of-fold* scores
-(k-fold cross-fitting), so that the gate opens on at most ``benign_gate_rate`` of benign sequences it has not been
-trained on; the probe used at inference is then refitted on all of them. In the hook set it is a ``prompt_probe``
-operation with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so ``s = <x - mu, r> / gap``.
+trained on harmful requests (label 1) against benign requests and benign documents (label 0). The threshold is set on
+*out-of-fold* scores (k-fold cross-fitting) so the gate opens on at most ``benign_gate_rate`` of benign sequences it
+was not trained on; the probe used at inference is then refitted on all of them. The calibration data may hold each
+request under several framings (the attack templates) so that the probe learns intent, not framing. In a hook set it
+is a ``prompt_probe`` operation with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so
+``s = <x - mu, r> / gap``.
+
+The **feature gate** (``calibrate_feature_gate``, kept as an option) opens at the first position where the source
+SAE features' normalised activations sum past a threshold: ``g(x) = sum_f a_f(x) / s_f`` (``s_f`` the feature's mean
+per-prompt maximum on harmful prompts), threshold the ``(1 - rate)`` quantile of benign prompts' ``max_p g``.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
-from jaxtyping import Float
+from tqdm.auto import tqdm
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.hooks import Operation
+from trace_circuits.hookset.operations import Operation
+from trace_circuits.prompts import EncodedPrompts, iter_batches
+from trace_circuits.stats import auroc
 
 
 def user_turn_end(model_or_tokenizer) -> list[int]:
-    """Token ids that close a user turn in the chat template (what the template puts after the user's message, up
-    to where the assistant's answer begins), or [] if the tokenizer has no chat template."""
+    """Token ids that close a user turn in the chat template (what the template puts after the user's message, up to
+    where the assistant's answer begins), or [] if the tokenizer has no chat template."""
     from trace_circuits.prompts import format_prompts, uses_chat_template
 
     tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
@@ -38,62 +46,59 @@ def user_turn_end(model_or_tokenizer) -> list[int]:
     return list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
 
 
-def fit_logistic(X: Float[torch.Tensor, "n d"], y: Float[torch.Tensor, "n"], l2: float = 0.2,
-                 max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class-balanced logistic regression on standardised features: minimises
-    ``mean_i c_i BCE(<z_i, w> + b, y_i) + l2 / 2 |w|^2`` with ``z = (x - m) / sd`` (L-BFGS). Returns ``(w, b, m, sd)``."""
-    X, y = X.double(), y.double()
-    m, sd = X.mean(0), X.std(0).clamp_min(1e-6)
-    Z = (X - m) / sd
-    pos = y.mean().clamp(1e-6, 1 - 1e-6)
-    c = torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos))
-    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+def anchor_positions(encoded: EncodedPrompts, anchor: Sequence[int]) -> list[int]:
+    """Per prompt, the index of the last token of the last ``anchor`` match (the end of the last user turn), else
+    its last token: where the prompt gate reads, exactly as the runtime finds it."""
+    out, n = [], len(anchor)
+    for ids in encoded.input_ids:
+        end = len(ids) - 1
+        if n:
+            hits = [i + n - 1 for i in range(len(ids) - n + 1) if list(ids[i:i + n]) == list(anchor)]
+            end = hits[-1] if hits else end
+        out.append(end)
+    return out
 
-    def closure():
-        opt.zero_grad()
-        loss = (c * torch.nn.functional.binary_cross_entropy_with_logits(Z @ w + b, y, reduction="none")).mean()
-        loss = loss + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach(), m, sd
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 0.2) -> tuple[torch.Tensor, float, torch.Tensor,
+                                                                            torch.Tensor]:
+    """Class-balanced L2 logistic regression on standardised features (scikit-learn, lbfgs): minimises
+    ``sum_i c_i BCE(<z_i, w> + b, y_i) / n + l2 / 2 |w|^2`` with ``z = (x - m) / sd``. Returns ``(w, b, m, sd)``."""
+    from sklearn.linear_model import LogisticRegression
+
+    Xd = X.double()
+    m, sd = Xd.mean(0), Xd.std(0).clamp_min(1e-6)
+    Z = ((Xd - m) / sd).numpy()
+    clf = LogisticRegression(C=1.0 / (l2 * len(Z)), class_weight="balanced", max_iter=2000)
+    clf.fit(Z, y.numpy().astype(int))
+    return torch.from_numpy(clf.coef_[0]).double(), float(clf.intercept_[0]), m, sd
 
 
 def _score(X: torch.Tensor, w, b, m, sd) -> torch.Tensor:
     return (((X.double() - m) / sd) @ w + b).float()
 
 
-def _auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
-
-
-def _residuals(model, texts, layer: int, chat: Optional[bool], batch_size: int, progress: bool, desc: str):
-    from trace_circuits.influence import last_position_residuals
-    from trace_circuits.prompts import encode_prompts
-
-    return last_position_residuals(model, encode_prompts(model, list(texts), chat=chat), batch_size, progress, desc,
-                                   layer=layer)
-
-
-def fit_prompt_gate(model, harmful, benign, layer: int, benign_gate_rate: float = 0.02, *,
-                    chat: Optional[bool] = None, benign_text: Optional[Sequence[str]] = None, l2: float = 0.2,
+def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int,
+                    benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None, l2: float = 0.2,
                     folds: int = 5, batch_size: int = 16, progress: bool = False) -> tuple[Operation, dict]:
-    """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (see the module
-    docstring). ``benign_text`` (raw text, no chat template) joins the benign class."""
+    """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
+    docstring). Each set is read where the runtime will read it (the end of the last user turn); ``benign_text``
+    (documents, encoded without the chat template) is read at its last token and joins the benign class."""
+    from trace_circuits.activations import residuals_at
+
     if not 0 <= benign_gate_rate < 1:
         raise TraceCircuitsError(f"benign_gate_rate must be in [0, 1), got {benign_gate_rate!r}")
     if not 0 <= layer < model.cfg.n_layers:
         raise TraceCircuitsError(f"gate layer {layer} is outside the model (0..{model.cfg.n_layers - 1})")
     if folds < 2:
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
-    H = _residuals(model, harmful, layer, chat, batch_size, progress, "prompt gate (harmful)")
-    B = _residuals(model, benign, layer, chat, batch_size, progress, "prompt gate (benign)")
-    T = (_residuals(model, benign_text, layer, False, batch_size, progress, "prompt gate (benign text)")
-         if benign_text else H[:0])
+    anchor = user_turn_end(model) if harmful.chat is not False else []
+
+    def read(enc, desc):
+        pos = anchor_positions(enc, anchor) if enc.chat else None
+        return residuals_at(model, enc, layer, pos, batch_size, progress, desc)
+
+    H, B = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
+    T = read(benign_text, "prompt gate (benign text)") if benign_text is not None and len(benign_text) else H[:0]
     if len(H) < folds or len(B) + len(T) < folds:
         raise TraceCircuitsError(f"the prompt gate needs at least {folds} harmful and {folds} benign prompts")
     X = torch.cat([H, B, T])
@@ -106,45 +111,97 @@ def fit_prompt_gate(model, harmful, benign, layer: int, benign_gate_rate: float 
     neg = oof[len(H):]
     q = torch.quantile(neg, 1.0 - benign_gate_rate, interpolation="higher") if benign_gate_rate > 0 else neg.max()
     w, b, m, sd = fit_logistic(X, y, l2)
-    v = (w / sd)
+    v = w / sd
     gap = 1.0 / float(v.norm())
     r = v / v.norm()
-    mu = m - float(b) * r * gap
+    mu = m - b * r * gap
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
-                   gate_threshold=float(q), anchor=user_turn_end(model) if chat is not False else [],
-                   tensors={"r": r.float().contiguous(), "mu": mu.float().contiguous()})
+                   gate_threshold=float(q), anchor=anchor, tensors={"r": r.float().contiguous(),
+                                                                   "mu": mu.float().contiguous()})
     h_oof, b_oof, t_oof = oof[:len(H)], oof[len(H):len(H) + len(B)], oof[len(H) + len(B):]
-    calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression", "l2": l2, "folds": folds,
-             "benign_gate_rate_target": benign_gate_rate, "gate_threshold": float(q),
+    calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression (scikit-learn)", "l2": l2,
+             "folds": folds, "benign_gate_rate_target": benign_gate_rate, "gate_threshold": float(q),
              "gate_rate_harmful": float((h_oof > q).float().mean()), "gate_rate_benign": float((neg > q).float().mean()),
              "gate_rate_benign_prompts": float((b_oof > q).float().mean()),
              "gate_rate_benign_text": float((t_oof > q).float().mean()) if len(t_oof) else None,
-             "gate_score_auroc": _auroc(h_oof, neg), "n_harmful": len(H), "n_benign": len(B), "n_benign_text": len(T),
-             "rates_are": "out-of-fold (each sequence scored by a probe not trained on it)",
-             "rule": "at the last prompt position of layer l: s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
-                     "regression (harmful prompts vs benign prompts and texts); the gate opens for the rest of the "
+             "gate_score_auroc": auroc(h_oof.numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
+             "n_benign_text": len(T), "rates_are": "out-of-fold (each sequence scored by a probe not trained on it)",
+             "rule": "at the end of the user's turn, layer l: s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
+                     "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores"}
     return op, calib
 
 
 @torch.inference_mode()
-def gate_decisions(model, hookset, texts, chat: Optional[bool] = None, batch_size: int = 16,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a hook set's prompt gate decides on each text, exactly as at inference (the anchor included): runs the
-    HookedTransformer with the hook set attached up to the gate's layer. Returns ``(scores, opened)``."""
-    from tqdm.auto import tqdm
+def feature_gate_scores(model, op: Operation, encoded: EncodedPrompts, batch_size: int = 16,
+                        progress: bool = False) -> list[torch.Tensor]:
+    """``a_f(x[p])`` of a ``sae_features`` operation's features at every real position of each prompt (what the feature
+    gate sees at inference; massive-norm positions are 0). One [n_positions, n_features] per prompt."""
+    device = next(model.parameters()).device
+    enc_op = op.encoder.to(device)
+    limit = op.massive_norm_threshold if op.massive_norm_threshold is not None else float("inf")
+    out: list = [None] * len(encoded)
+    n_batches = (len(encoded) + batch_size - 1) // batch_size
+    for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc="feature gate",
+                  disable=not progress):
+        x = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=op.layer + 1).float()
+        ok = b.attention_mask.bool() & (x.norm(dim=-1) <= limit)
+        acts = (enc_op.encode(x) * ok[..., None]).cpu()
+        for r, i in enumerate(b.indices):
+            out[i] = acts[r, b.n_pad[r]:]
+    return out
 
-    from trace_circuits.prompts import encode_prompts, iter_batches
 
+def calibrate_feature_gate(model, op: Operation, harmful: EncodedPrompts, benign: EncodedPrompts,
+                           benign_gate_rate: float = 0.02, benign_text: Optional[EncodedPrompts] = None,
+                           batch_size: int = 16, progress: bool = False) -> tuple[Operation, dict]:
+    """A copy of a gate-source ``sae_features`` operation with ``gate_scales`` and ``gate_threshold`` set from the
+    prompts (module docstring), and the rates measured on them."""
+    if not 0 <= benign_gate_rate < 1:
+        raise TraceCircuitsError(f"benign_gate_rate must be in [0, 1), got {benign_gate_rate!r}")
+    Ha = feature_gate_scores(model, op, harmful, batch_size, progress)
+    Ba = feature_gate_scores(model, op, benign, batch_size, progress)
+    n_text = 0
+    if benign_text is not None and len(benign_text):
+        Ta = feature_gate_scores(model, op, benign_text, batch_size, progress)
+        n_text, Ba = len(Ta), Ba + Ta
+    Hm = torch.stack([a.max(0).values for a in Ha])
+    Bm = torch.stack([a.max(0).values for a in Ba])
+    s = Hm.mean(0)
+    s = torch.where(s > 0, s, torch.maximum(Hm.max(0).values, Bm.max(0).values).clamp_min(1e-6))
+    scales = [float(v) for v in s]
+
+    def scores(acts):
+        return torch.stack([(a / torch.tensor(scales)).sum(-1).max() for a in acts])
+
+    h_score, b_score = scores(Ha), scores(Ba)
+    q = torch.quantile(b_score, 1.0 - benign_gate_rate, interpolation="higher") if benign_gate_rate > 0 \
+        else b_score.max()
+    gated = Operation(**{**vars(op), "gate_source": True, "gate_scales": scales,
+                         "gate_threshold": float(max(q.item(), 1e-6))})
+    t = gated.gate_threshold
+    return gated, {"gate": "features", "layer": op.layer, "benign_gate_rate_target": benign_gate_rate,
+                   "gate_threshold": t, "gate_rate_harmful": float((h_score > t).float().mean()),
+                   "gate_rate_benign": float((b_score > t).float().mean()),
+                   "gate_score_auroc": auroc(h_score.numpy(), b_score.numpy()), "n_harmful": len(Ha),
+                   "n_benign": len(Ba) - n_text, "n_benign_text": n_text, "rates_are": "in-sample",
+                   "rule": "the gate opens at the first position p with sum_f a_f(x[p]) / s_f > gate_threshold"}
+
+
+@torch.inference_mode()
+def gate_decisions(model, hookset, encoded: EncodedPrompts, batch_size: int = 16, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """What a hook set's prompt gate decides on each prompt, exactly as at inference (the anchor included): the
+    HookedTransformer runs with the hook set attached up to the gate's layer. Returns ``(scores, opened)``."""
     op = hookset.gate_operation
     if op is None or op.kind != "prompt_probe":
-        raise TraceCircuitsError("this hook set has no prompt gate; export one with `trace-circuits trace --gate prompt`")
-    enc = encode_prompts(model, list(texts), chat=chat)
+        raise TraceCircuitsError("this hook set has no prompt gate; export one with the prompt gate")
     device = next(model.parameters()).device
-    scores = torch.zeros(len(enc))
-    n_batches = (len(enc) + batch_size - 1) // batch_size
+    scores = torch.zeros(len(encoded))
+    n_batches = (len(encoded) + batch_size - 1) // batch_size
     with hookset.attach(model) as rt:
-        for b in tqdm(iter_batches(enc, batch_size, device), total=n_batches, desc="gate", disable=not progress):
+        for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc="gate", disable=not progress):
             model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=op.layer + 1)
             scores[b.indices] = rt.prompt_scores
-    return scores, scores > op.gate_threshold
+    s = scores.numpy()
+    return s, s > op.gate_threshold

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from trace_circuits._io import write_text_atomic
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.models import model_info
 from trace_circuits.prompts import format_prompts
 
 
@@ -75,6 +74,12 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
     return responses, gate
 
 
+def _fingerprint(model) -> str:
+    from trace_circuits.models import model_fingerprint
+
+    return model_fingerprint(model)
+
+
 def _settings_key(**settings) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -101,7 +106,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
     texts = format_prompts(tokenizer, plist, chat=chat, system=system)
     key = _settings_key(texts=texts, hookset=hookset_id or (hookset.to_json() if hookset else None),
                         max_new_tokens=max_new_tokens, do_sample=do_sample, first_token_ids=first_token_ids,
-                        model=model_info(model).fingerprint)
+                        model=_fingerprint(model))
     done: dict[int, dict] = {}
     partial = Path(str(out) + ".partial") if out else None
     if partial is not None and partial.exists():
@@ -144,3 +149,20 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
         write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
         partial.unlink(missing_ok=True)
     return rows
+
+
+@torch.inference_mode()
+def gate_opens(model, tokenizer, texts: Sequence[str], hookset, batch_size: int = 32) -> list[bool]:
+    """Whether ``hookset``'s prompt gate opens on each already-templated text, from one prefill pass with the hook set
+    attached (no generation). Where it stays shut the defended model is exactly the plain one."""
+    from trace_circuits.evaluate.utility import encode_padded
+
+    device = next(model.parameters()).device
+    out: list[bool] = []
+    for s in range(0, len(texts), batch_size):
+        ids, mask = encode_padded(tokenizer, texts[s:s + batch_size], "left", device)
+        with hookset.attach(model) as rt:
+            model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+        out += [bool(g) for g in rt.gate_open.tolist()] if rt.gate_open is not None else [True] * len(ids)
+    return out
+

@@ -258,9 +258,26 @@ class EncodedPrompts:
     input_ids: list[list[int]]
     content_spans: list[tuple[int, int]]
     pad_token_id: int
+    prompts: list[str] = field(default_factory=list)  # the user's text of each prompt (before templating)
+    chat: Optional[bool] = None  # whether the chat template was applied
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def prompt(self, i: int) -> str:
+        return self.prompts[i] if self.prompts else self.texts[i]
+
+    def select(self, indices: Sequence[int]) -> "EncodedPrompts":
+        idx = list(indices)
+        return EncodedPrompts([self.texts[i] for i in idx], [self.input_ids[i] for i in idx],
+                              [self.content_spans[i] for i in idx], self.pad_token_id,
+                              [self.prompts[i] for i in idx] if self.prompts else [], self.chat)
+
+    def __add__(self, other: "EncodedPrompts") -> "EncodedPrompts":
+        return EncodedPrompts(self.texts + other.texts, self.input_ids + other.input_ids,
+                              self.content_spans + other.content_spans, self.pad_token_id,
+                              [self.prompt(i) for i in range(len(self))] + [other.prompt(i) for i in range(len(other))],
+                              self.chat if self.chat == other.chat else None)
 
     @property
     def lengths(self) -> list[int]:
@@ -328,8 +345,8 @@ def encode_prompts(model, prompts: PromptSet | Sequence[str], chat: Optional[boo
             )
         ids_all.append(ids)
         spans.append(span)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return EncodedPrompts(texts, ids_all, spans, int(pad))
+    return EncodedPrompts(texts, ids_all, spans, pad_id_of(tok), list(plist),
+                          uses_chat_template(model) if chat is None else bool(chat))
 
 
 @dataclass
@@ -342,6 +359,31 @@ class Batch:
     n_pad: list[int]
 
 
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left", device: torch.device | str = "cpu"
+                  ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    """Token ids and attention mask of ``seqs`` padded to one width on the ``left`` (generation, last-position
+    readouts) or the ``right`` (positions stay each sequence's own). The one padding helper of the package."""
+    if side not in ("left", "right"):
+        raise ValueError("side must be 'left' or 'right'")
+    width = max(1, max((len(q) for q in seqs), default=1))
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        if len(q):
+            cols = slice(width - len(q), width) if side == "left" else slice(0, len(q))
+            ids[i, cols] = torch.as_tensor(list(q), dtype=torch.long)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad token, else its EOS token, else 0."""
+    for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if t is not None:
+            return int(t)
+    return 0
+
+
 def iter_batches(encoded: EncodedPrompts, batch_size: int, device: torch.device | str = "cpu",
                  sort_by_length: bool = True) -> Iterator[Batch]:
     """Left-padded batches. Sorting by length first keeps padding (wasted compute) small."""
@@ -352,13 +394,6 @@ def iter_batches(encoded: EncodedPrompts, batch_size: int, device: torch.device 
         order.sort(key=lambda i: len(encoded.input_ids[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        width = max(len(encoded.input_ids[i]) for i in idx)
-        tokens = torch.full((len(idx), width), encoded.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        n_pad = []
-        for row, i in enumerate(idx):
-            ids = encoded.input_ids[i]
-            tokens[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-            n_pad.append(width - len(ids))
-        yield Batch(idx, tokens.to(device), mask.to(device), n_pad)
+        tokens, mask = pad_sequences([encoded.input_ids[i] for i in idx], encoded.pad_token_id, "left", device)
+        width = tokens.shape[1]
+        yield Batch(idx, tokens, mask, [width - len(encoded.input_ids[i]) for i in idx])

@@ -46,7 +46,7 @@ def _gate(hookset) -> str:
 
 
 def write_report(out_dir: str | Path, *, scan=None, features=None, circuit=None, hookset=None, evaluation=None,
-                 timings: Optional[dict] = None) -> Path:
+                 timings: Optional[dict] = None, **more) -> Path:
     """One self-contained HTML page (plotly.js inlined once) with every stage that ran."""
     parts, first = [], True
     title = "TraceRouter report"

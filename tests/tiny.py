@@ -1,0 +1,147 @@
+"""Tiny real models for the fast tests: a byte-level BPE tokenizer with a ChatML template trained on the built-in
+prompts, random transformers models of each supported architecture, their TransformerLens twins (converted with
+TransformerLens's own converters, as for the real models), and SAE-Lens SAEs of every architecture.
+
+``planted(...)`` makes a model where harmful prompts really differ: the embeddings of a few harm words carry a large
+component along a direction ``v``, and an SAE at layer 1 has a feature reading ``v``."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+HARM_WORDS = [" bomb", " meth", " weapon", " hack", " steal", " poison", " kill", " gun", " drug", " fake"]
+
+
+def tokenizer():
+    """A fresh tokenizer object (TransformerLens's ``set_tokenizer`` changes the one it is given)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained()), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.padding_side = "left"
+    return fast
+
+
+@functools.lru_cache(maxsize=1)
+def _trained() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from trace_circuits.corpus import generated_prompts
+    from trace_circuits.prompts import builtin_prompts
+
+    texts = [p for k in ("harmful", "benign", "hard_negative") for p in builtin_prompts(k, "all")]
+    texts += generated_prompts(300) + ["Sure, here is how to do it. I'm sorry, but I can't help with that."]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=[
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok.to_str()
+
+
+def hf_model(arch: str = "llama", n_layers: int = 4, seed: int = 0):
+    """A random transformers causal LM of ``arch`` (llama or qwen2): d_model 64, 4 heads (2 KV heads), vocab of the
+    tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=len(tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+              pad_token_id=tokenizer().pad_token_id, eos_token_id=tokenizer().eos_token_id, bos_token_id=None,
+              tie_word_embeddings=False)
+    model = (LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else
+             Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=False)))
+    with torch.no_grad():  # larger random weights than the default init, so that layers matter
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+            elif "bias" in name:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def tl_twin(hf):
+    """The HookedTransformer of a transformers model, unprocessed weights (hooks equal the twin modules)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from trace_circuits.architectures import convert_weights
+
+    kwargs, state = convert_weights(hf, f"tiny-{hf.config.model_type}", 256)
+    model = HookedTransformer(HookedTransformerConfig(**{**kwargs, "init_weights": False, "device": "cpu"}),
+                              move_to_device=False)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.set_tokenizer(tokenizer(), default_padding_side="left")
+    return model.eval()
+
+
+def pair(arch: str = "llama", n_layers: int = 4, seed: int = 0, plant: bool = False):
+    """``(HookedTransformer, transformers model, tokenizer)`` twins; ``plant`` writes the harm direction into the
+    embeddings of :data:`HARM_WORDS` (see :func:`harm_direction`)."""
+    hf = hf_model(arch, n_layers, seed)
+    tok = tokenizer()
+    if plant:
+        v = harm_direction(hf.config.hidden_size)
+        with torch.no_grad():
+            emb = hf.get_input_embeddings().weight
+            for w in HARM_WORDS:
+                for t in tok(w, add_special_tokens=False)["input_ids"][:1]:
+                    emb[t] += 2.0 * v
+    return tl_twin(hf), hf, tok
+
+
+def harm_direction(d: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    v = torch.randn(d, generator=g)
+    return v / v.norm()
+
+
+def sae(arch: str, hook: str, d_in: int = 64, d_sae: int = 96, k: int = 6, seed: int = 1, normalize: str = "none",
+        rescale: bool = True, plant: bool = False):
+    """An SAE-Lens inference SAE of ``arch`` (standard, jumprelu, topk, batchtopk: trained for a few steps and saved
+    for inference, which SAE-Lens does as JumpReLU), random but non-trivial weights, ``hook_name`` set."""
+    import tempfile
+
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    common = dict(d_in=d_in, d_sae=d_sae, normalize_activations=normalize)
+    if arch == "batchtopk":
+        from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        train = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+        with torch.no_grad():
+            _randomise(train, d_in)
+            train.topk_threshold.fill_(0.05)
+        train.cfg.metadata.hook_name = hook
+        with tempfile.TemporaryDirectory() as tmp:
+            train.save_inference_model(tmp)
+            out = SAE.load_from_disk(tmp)
+        out.cfg.metadata.hook_name = hook
+        return out
+    cls = {"standard": (StandardSAE, StandardSAEConfig, {}), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
+           "topk": (TopKSAE, TopKSAEConfig, {"k": k, "rescale_acts_by_decoder_norm": rescale})}[arch]
+    out = cls[0](cls[1](**common, **cls[2]))
+    with torch.no_grad():
+        _randomise(out, d_in)
+        if arch == "jumprelu":
+            out.threshold.uniform_(0.0, 0.1)
+        if plant:
+            v = harm_direction(d_in)
+            out.W_enc[:, 0] = 3.0 * v
+            out.b_enc[0] = -1.0
+            out.W_dec[0] = v
+    out.cfg.metadata.hook_name = hook
+    return out
+
+
+def _randomise(sae, d_in: int) -> None:
+    sae.W_enc.normal_(0, 1.0 / d_in ** 0.5)
+    sae.W_dec.normal_(0, 1.0 / d_in ** 0.5)
+    sae.b_enc.normal_(0, 0.05)
+    sae.b_dec.normal_(0, 0.05)

@@ -1,0 +1,46 @@
+"""Reading the model's residual stream at one position per prompt, and the difference-of-means direction built from
+it (the readout, the refusal and harm directions, the prompt gate all read here)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.prompts import EncodedPrompts, iter_batches
+
+
+@torch.inference_mode()
+def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, positions: Optional[Sequence[int]] = None,
+                 batch_size: int = 16, progress: bool = False, desc: str = "residuals"
+                 ) -> Float[torch.Tensor, "n d_model"]:
+    """``blocks.{layer}.hook_resid_post`` of every prompt at one position: ``positions[i]`` (an index into prompt
+    i's own tokens; negative counts from its end) or, by default, its last token. ``layer`` defaults to the last."""
+    device = next(model.parameters()).device
+    stop = model.cfg.n_layers if layer is None else int(layer) + 1
+    out = torch.zeros(len(encoded), model.cfg.d_model)
+    n_batches = math.ceil(len(encoded) / batch_size)
+    for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
+        h = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=stop)
+        width = h.shape[1]
+        cols = []
+        for r, i in enumerate(b.indices):
+            n = len(encoded.input_ids[i])
+            p = -1 if positions is None else int(positions[i])
+            cols.append(width - n + (p % n))
+        out[b.indices] = h[torch.arange(len(b.indices), device=device), torch.tensor(cols, device=device)].float().cpu()
+    return out
+
+
+def mean_difference(a: Float[torch.Tensor, "n d"], b: Float[torch.Tensor, "m d"]) -> tuple[torch.Tensor, float]:
+    """Difference-of-means direction and gap: ``u = unit(mean a - mean b)``, ``gap = mean_a <x, u> - mean_b <x, u>
+    = ||mean a - mean b||`` (Arditi et al. 2024's refusal direction is this with a = refusals, b = compliances)."""
+    diff = a.float().mean(0) - b.float().mean(0)
+    norm = float(diff.norm())
+    if norm == 0:
+        raise TraceCircuitsError("the two sets give identical mean activations; use sets that differ")
+    return diff / norm, norm

@@ -1,0 +1,230 @@
+"""One config dataclass per pipeline stage, and the run's config that holds them all.
+
+Every default is written once, here: the CLI's options are generated from these fields (:func:`add_options`,
+:func:`from_options`), a run folder's ``config.json`` is :meth:`RunConfig.to_json`, and ``trace-circuits run
+--config config.json`` reads it back (:meth:`RunConfig.from_json`), with options given on the command line on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from trace_circuits.errors import TraceCircuitsError
+
+FORMAT_VERSION = 1
+ALL_BASELINES = "top_feature,onset_features,direction_ablation,direction_addition,layer_ablation"
+
+
+def opt(default, help: str, flag: str = "", choices: Optional[tuple] = None, **kw):
+    """A config field with its command-line help (and an explicit flag name when the derived one would clash)."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ScanConfig:
+    """Stage 1: attention divergence and the sensitive onset layer."""
+
+    batch_size: int = opt(16, "prompts per forward pass")
+    n_content_bins: int = opt(8, "slices of the user's text", flag="content-bins")
+    query_positions: int = opt(1, "average attention over this many final positions")
+    n_bootstrap: int = opt(1000, "bootstrap resamples for the CIs", flag="bootstrap")
+    n_permutations: int = opt(1000, "label permutations for the p-values", flag="permutations")
+    alpha: float = opt(0.05, "significance level (BH over layers)")
+    onset_fraction: float = opt(0.5, "the onset needs D[l] >= this fraction of the largest D")
+    seed: int = opt(0, "random seed of the bootstrap and permutations")
+
+
+@dataclass
+class FeaturesConfig:
+    """Stage 2: SAE features that carry harmful semantics at the onset layer."""
+
+    layer: Optional[int] = opt(None, "layer of the SAE analysed (default: the onset layer, else the nearest SAE after)")
+    alpha: float = opt(0.05, "false-discovery rate")
+    min_effect_size: float = opt(0.5, "minimum Cohen's d")
+    max_benign_fire_rate: float = opt(0.2, "reject features firing on more benign prompts than this")
+    relative_fire_threshold: float = opt(0.2, "a feature fires on a prompt above this fraction of its largest "
+                                              "activation")
+    batch_size: int = opt(16, "prompts per forward pass")
+    n_examples: int = opt(5, "top-activating prompts kept per feature")
+
+
+@dataclass
+class TraceConfig:
+    """Stage 3: feature influence scores, the circuit, pruning and the nodes to suppress."""
+
+    n_prompts: int = opt(48, "harmful prompts the interventions run on")
+    n_candidates: int = opt(50, "downstream nodes (top by attribution) measured exactly for chain links")
+    max_sources: int = opt(16, "at most this many source features")
+    batch_size: int = opt(8, "prompts per forward pass")
+    copies_per_pass: int = opt(16, "ablations stacked along the batch in one forward pass")
+    prune_cumulative: float = opt(0.8, "keep the most influential nodes holding this fraction of the influence")
+    prune_threshold: Optional[float] = opt(None, "keep links with |weight| >= this instead of --prune-cumulative")
+    min_readout_effect: float = opt(0.01, "suppress downstream nodes whose zero-out lowers the readout by more than "
+                                          "this fraction of the harmful-benign gap")
+    suppress: str = opt("feature,head", "kinds of downstream nodes the hook set cuts (feature, head, mlp)")
+
+
+@dataclass
+class GateConfig:
+    """When the hook set's cuts act."""
+
+    kind: str = opt("prompt", "'prompt': a probe decides once at the end of the user's turn; 'features': the source "
+                              "features open it where they fire", choices=("prompt", "features"))
+    layer: Optional[int] = opt(None, "layer the prompt gate reads (default: the onset layer)")
+    benign_rate: float = opt(0.02, "the gate may open on at most this fraction of benign calibration sequences")
+    text_docs: int = opt(200, "benign corpus documents added to the gate calibration (0: prompts only)")
+
+
+@dataclass
+class HookSetConfig:
+    """What the exported hook set does once its gate opens."""
+
+    action: str = opt("zero", "'zero': sever the traced chains; 'reroute': also steer toward the model's refusal",
+                      choices=("zero", "reroute"))
+    gated_sources: bool = opt(True, "cut the source features only behind the gate")
+
+
+@dataclass
+class EvaluationConfig:
+    """Stage 4: defense success and utility on held-out prompts, against the baselines."""
+
+    templates: str = opt("all", "attack templates, comma-separated (direct, prefix_injection, role_play, "
+                                "refusal_suppression, hypothetical, prefill, multi_turn) or all")
+    baselines: str = opt(ALL_BASELINES, "baselines: all, none, or comma-separated names")
+    max_new_tokens: int = opt(24, "tokens per answer")
+    batch_size: int = opt(50, "prompts per generate call")
+    text_docs: int = opt(48, "held-out benign corpus documents for the KL on text")
+    limit: Optional[int] = opt(None, "use at most this many test prompts of each set")
+    harmful: Optional[str] = opt(None, "held-out harmful prompts file; default: the built-in harmful test split")
+    benign: Optional[str] = opt(None, "held-out benign prompts file; default: the built-in benign test split")
+    hard_negatives: bool = opt(True, "also measure over-refusal on the built-in hard negatives (test split)")
+
+
+STAGE_CONFIGS = {"scan": ScanConfig, "features": FeaturesConfig, "trace": TraceConfig, "gate": GateConfig,
+                 "hookset": HookSetConfig, "evaluation": EvaluationConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run: the model, the prompts, the SAEs, and each stage's settings."""
+
+    model: str = opt("smollm2-135m-instruct", "model name (offline: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct,"
+                                              " gemma-3-270m; or a locally cached TransformerLens name)")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: str = opt("float32", "weights and activations dtype", choices=("float32", "float16", "bfloat16"))
+    harmful: Optional[str] = opt(None, "harmful prompts (.txt, .jsonl or .csv); default: the built-in harmful set")
+    benign: Optional[str] = opt(None, "benign prompts (.txt, .jsonl or .csv); default: the built-in benign set")
+    split: str = opt("train", "split of the built-in prompts used when no file is given",
+                     choices=("train", "test", "all"))
+    column: Optional[str] = opt(None, "column holding the prompt in .jsonl/.csv files (auto-detected)")
+    limit: Optional[int] = opt(None, "use at most this many prompts of each set")
+    chat: bool = opt(True, "apply the chat template (--no-chat for base models)")
+    saes: list = opt([], "an SAE: a hook point of a shipped SAE, an SAE-Lens folder, or RELEASE:SAE_ID; repeatable "
+                         "(default: the shipped SAEs of the model)", flag="sae")
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    hookset: HookSetConfig = field(default_factory=HookSetConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_json(self) -> dict:
+        return {"kind": "trace-circuits run config", "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "config.json") -> "RunConfig":
+        from trace_circuits.results import check_format
+
+        check_format(data, "trace-circuits run config", FORMAT_VERSION, where, "write one with `trace-circuits run`")
+        body = {k: v for k, v in data.items() if k not in ("kind", "format_version")}
+        try:
+            return _build(cls, body, where)
+        except TypeError as err:
+            raise TraceCircuitsError(f"{where}: {err}; fix the field or write a new config with `trace-circuits run`") \
+                from None
+
+
+def _build(cls, data: dict, where: str):
+    """A config dataclass from a dict, nested configs included; unknown keys are refused by name."""
+    if not isinstance(data, dict):
+        raise TraceCircuitsError(f"{where}: expected a JSON object for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TraceCircuitsError(f"{where}: unknown field(s) {unknown} in {cls.__name__} (misspelt?); known: "
+                                 f"{', '.join(sorted(names))}")
+    kw = {}
+    for k, v in data.items():
+        t = hints[k]
+        kw[k] = _build(t, v, f"{where}.{k}") if dataclasses.is_dataclass(t) else _check_type(v, t, f"{where}.{k}")
+    return cls(**kw)
+
+
+def _check_type(v: Any, t, where: str):
+    base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+    kind = base[0]
+    if v is None and type(None) in typing.get_args(t):
+        return None
+    ok = {int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+          float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+          bool: lambda x: isinstance(x, bool), str: lambda x: isinstance(x, str),
+          list: lambda x: isinstance(x, list)}.get(kind, lambda x: True)
+    if not ok(v):
+        raise TraceCircuitsError(f"{where} must be {getattr(kind, '__name__', kind)}, got {v!r}")
+    return float(v) if kind is float else v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line options from the configs
+
+
+def _flag(f: dataclasses.Field, prefix: str) -> str:
+    name = f.metadata.get("flag") or f.name.replace("_", "-")
+    return f"--{prefix}{name}"
+
+
+def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = ()) -> None:
+    """One option per field of ``cls`` (nested configs excluded), help text and default from the field. Defaults are
+    not set on the parser (``SUPPRESS``): :func:`from_options` fills them from the dataclass, so values given on the
+    command line can be told apart from defaults (and laid over a config file)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t) or f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = _flag(f, prefix)
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        helptext = f"{f.metadata.get('help', '')}. Default: {default}"
+        base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+        if base[0] is bool:
+            neg = f"--{prefix}no-{(f.metadata.get('flag') or f.name).replace('_', '-')}"
+            parser.add_argument(neg, dest=dest, action="store_false", default=argparse.SUPPRESS,
+                                help=f"turn off: {f.metadata.get('help', '')}" if default else argparse.SUPPRESS)
+            if not default:
+                parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=helptext)
+        elif base[0] is list:
+            parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, help=helptext)
+        else:
+            parser.add_argument(flag, dest=dest, type=base[0], default=argparse.SUPPRESS, help=helptext,
+                                choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else
+                                f.name.upper())
+
+
+def from_options(cls, args: argparse.Namespace, prefix: str = "", base=None):
+    """``base`` (default: ``cls()``) with every option given on the command line laid over it."""
+    obj = base if base is not None else cls()
+    changes = {}
+    for f in dataclasses.fields(cls):
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if hasattr(args, dest):
+            changes[f.name] = getattr(args, dest)
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,60 @@
+"""From a traced circuit to the hook set that severs it."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.hookset.format import HookSet, hookset_for
+from trace_circuits.hookset.operations import Operation, sae_operation
+
+
+def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation] = None,
+                         nodes: Optional[Sequence[str]] = None, gated_sources: bool = True,
+                         steering: Sequence[Operation] = (), action: str = "zero",
+                         provenance: Optional[dict] = None) -> HookSet:
+    """The hook set that suppresses ``nodes`` (default: the circuit's severed nodes) of a traced circuit.
+
+    Source features become one ``sae_features`` operation at the onset layer (gated unless ``gated_sources`` is
+    False); downstream SAE features, heads and MLPs become gated operations grouped per layer. ``saes`` maps layer ->
+    SAE (any SAE-Lens architecture, as used for tracing). ``gate``: a ``prompt_probe`` (see
+    :func:`trace_circuits.gate.fit_prompt_gate`) or a gate-source SAE operation; without one every operation acts
+    everywhere. ``steering``: gated ``direction`` operations added by ``action="reroute"`` (see
+    :mod:`trace_circuits.refusal`)."""
+    nmap = circuit.node_map
+    chosen = list(nodes) if nodes is not None else [n.id for n in circuit.severed_nodes]
+    unknown = [k for k in chosen if k not in nmap]
+    if unknown:
+        raise TraceCircuitsError(f"nodes {unknown[:5]} are not in the circuit")
+    picked = [nmap[k] for k in chosen if nmap[k].kind != "readout"]
+    srcs = [n for n in picked if n.kind == "source"]
+    if not srcs:
+        raise TraceCircuitsError("a hook set needs at least one source feature; sever the sources")
+    onset = srcs[0].layer
+
+    def sae_for(layer):
+        if layer not in saes:
+            raise TraceCircuitsError(f"no SAE for layer {layer}; pass saes={{{layer}: SAE, ...}}")
+        return saes[layer]
+
+    ops: list[Operation] = [gate] if gate is not None and gate.kind == "prompt_probe" else []
+    if gate is not None and gate.kind == "sae_features":
+        ops.append(gate)
+    else:
+        ops.append(sae_operation(sae_for(onset), [n.index for n in srcs], gated=gated_sources))
+    by_layer: dict[tuple[str, int], list] = {}
+    for n in picked:
+        if n.kind != "source":
+            by_layer.setdefault((n.kind, n.layer), []).append(n)
+    for (kind, layer), group in sorted(by_layer.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if kind == "feature":
+            ops.append(sae_operation(sae_for(layer), [n.index for n in group], gated=True))
+        elif kind == "head":
+            ops.append(Operation(kind="heads", layer=layer, heads=sorted(n.index for n in group)))
+        else:
+            ops.append(Operation(kind="mlp", layer=layer))
+    ops += list(steering)
+    prov = {"circuit_nodes": [n.id for n in picked], "onset_layer": onset,
+            **{k: circuit.meta.get(k) for k in ("model", "readout_definition", "n_prompts")}, **(provenance or {})}
+    return hookset_for(model, ops, description=f"TraceRouter: {action} of {len(picked)} circuit nodes once the gate "
+                                               "opens", action=action, provenance=prov)

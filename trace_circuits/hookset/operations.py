@@ -1,0 +1,299 @@
+"""One intervention at one hook point: what a hook set is made of.
+
+Kinds (TransformerLens hook points; the transformers twin of each comes from :mod:`trace_circuits.architectures`):
+
+``sae_features`` at ``hook`` (default ``blocks.{l}.hook_resid_post``)
+    Remove chosen SAE features' decoder contributions, keeping the SAE's error term:
+    ``x' = x - (1 - scale) sum_f [a_f(x) > zero_threshold_f] a_f(x) D_f s(x)`` with ``a_f`` SAE-Lens's own ``encode``
+    for the SAE's architecture (standard, JumpReLU, TopK; :class:`~trace_circuits.saes.encoding.FeatureEncoder`).
+    Positions whose residual norm exceeds ``massive_norm_threshold`` (attention sinks) are left alone. With
+    ``gate_source`` the summed ``a_f / s_f`` (``gate_scales``) opens the feature gate where it passes
+    ``gate_threshold``.
+``heads`` at ``blocks.{l}.attn.hook_z``
+    ``z[:, :, h] <- scale * z[:, :, h]`` for the chosen heads (the head's output is removed before ``W_O``).
+``mlp`` at ``blocks.{l}.hook_mlp_out``
+    ``mlp_out <- scale * mlp_out``.
+``direction`` at ``blocks.{l}.hook_resid_post``
+    ``mode="ablate"``: ``x <- x - <x, r> r`` (Arditi et al. 2024); ``mode="add"``: ``x <- x + alpha r``, the
+    steering a ``reroute`` hook set adds once its gate opens (``r`` the model's refusal direction).
+``prompt_probe`` at ``blocks.{l}.hook_resid_post`` (the prompt gate; changes nothing)
+    Once per sequence, at the end of the user's turn ``p`` (the last position where the token ids ``anchor`` end,
+    else the last real position): ``s = <x[p] - mu, r> / gap``; the gate opens for the rest of the sequence if
+    ``s > gate_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.names import hook_name as make_hook_name
+from trace_circuits.names import parse_hook
+from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureEncoder, massive_limit
+
+OP_KINDS = ("sae_features", "heads", "mlp", "direction", "prompt_probe")
+DIRECTION_MODES = ("ablate", "add")
+_SAE_TENSORS = {"standard": ("W_enc", "b_enc", "b_dec", "D"), "jumprelu": ("W_enc", "b_enc", "b_dec", "D",
+                                                                          "threshold"),
+                "topk": ("W_enc", "b_enc", "b_dec", "dec_norm", "D")}
+#: JSON fields each kind may carry (beyond kind, layer, gated, scale, hook_name and the descriptive ones).
+_FIELDS = {
+    "sae_features": {"features", "zero_thresholds", "gate_source", "gate_scales", "gate_threshold", "k",
+                     "architecture", "normalize", "massive_norm_threshold", "sae"},
+    "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
+    "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score"},
+}
+_COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
+
+
+@dataclass
+class Operation:
+    """One intervention at one hook point (formulas in the module docstring)."""
+
+    kind: str
+    layer: int
+    gated: bool = True
+    scale: float = 0.0  # 0 = zero-out; 1 = no change
+    features: list[int] = field(default_factory=list)  # sae_features: SAE latent ids
+    zero_thresholds: list[float] = field(default_factory=list)  # sae_features: act where a_f > this
+    gate_source: bool = False  # feature gate (sae_features) or prompt gate (prompt_probe)
+    gate_scales: list[float] = field(default_factory=list)  # feature gate: s_f per feature
+    gate_threshold: float = 0.0  # the gate opens where its score passes this
+    gap: float = 1.0  # prompt_probe: scores are divided by it
+    anchor: list[int] = field(default_factory=list)  # prompt_probe: token ids that end the user turn
+    heads: list[int] = field(default_factory=list)  # heads: head indices
+    mode: str = "ablate"  # direction: "ablate" or "add"
+    alpha: float = 0.0  # direction "add": how far along r
+    architecture: str = "topk"  # sae_features: the SAE's inference architecture
+    k: int = 0  # sae_features (topk): active latents per token
+    normalize: str = "none"  # sae_features: the SAE's input normalisation
+    massive_norm_threshold: Optional[float] = None
+    sae: str = ""  # which SAE (provenance)
+    hook: str = ""  # sae_features: the hook point the SAE reads (default blocks.{layer}.hook_resid_post)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def hook_name(self) -> str:
+        if self.kind == "sae_features" and self.hook:
+            return self.hook
+        return make_hook_name({"heads": "z", "mlp": "mlp_out"}.get(self.kind, "resid_post"), self.layer)
+
+    @property
+    def encoder(self) -> FeatureEncoder:
+        return FeatureEncoder(self.architecture, self.features, self.tensors, self.k, self.normalize)
+
+    @property
+    def label(self) -> str:
+        return {"sae_features": f"L{self.layer} SAE features {self.features}", "heads": f"L{self.layer} heads "
+                f"{self.heads}", "direction": f"L{self.layer} direction {self.mode}", "prompt_probe":
+                f"L{self.layer} prompt gate", "mlp": f"L{self.layer} MLP"}.get(self.kind, self.kind)
+
+    def to_json(self, index: int, twin=None) -> dict:
+        """The operation as JSON; its tensors are referenced by key (``ops.{index}.{name}``). ``twin`` (an
+        :class:`~trace_circuits.architectures.Architecture`) adds the transformers module it attaches to."""
+        positions = "gate-open positions" if self.gated else "every real position"
+        if self.kind == "prompt_probe":
+            positions = "reads the end of the user's turn once per sequence; changes nothing"
+        d: dict[str, Any] = {"kind": self.kind, "layer": self.layer, "hook_name": self.hook_name,
+                             "gated": self.gated, "scale": self.scale, "positions": positions}
+        if twin is not None:
+            d["hf_module"], d["hf_hook"] = twin.twin(self.hook_name)
+        if self.kind == "sae_features":
+            d.update(features=self.features, zero_thresholds=self.zero_thresholds, gate_source=self.gate_source,
+                     gate_scales=self.gate_scales, gate_threshold=self.gate_threshold, architecture=self.architecture,
+                     k=self.k, normalize=self.normalize, massive_norm_threshold=self.massive_norm_threshold,
+                     sae=self.sae)
+        elif self.kind == "heads":
+            d["heads"] = self.heads
+        elif self.kind == "direction":
+            d.update(mode=self.mode, alpha=self.alpha)
+        elif self.kind == "prompt_probe":
+            d.update(gate_source=True, gate_threshold=self.gate_threshold, gap=self.gap, anchor=self.anchor,
+                     score="s = <x[p] - mu, r> / gap at p = the end of the last anchor match (else the last real "
+                           "position); the gate opens if s > gate_threshold")
+        d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
+                        for name, t in self.tensors.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, tensors: dict[str, torch.Tensor], where: str = "operation") -> "Operation":
+        """Rebuild from JSON, checking every field's type and that no unknown field is present."""
+        if not isinstance(d, dict):
+            raise TraceCircuitsError(f"{where} is not a JSON object; re-export the hook set")
+        kind = d.get("kind")
+        if kind not in OP_KINDS:
+            raise TraceCircuitsError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(OP_KINDS)}")
+        unknown = set(d) - _COMMON - _FIELDS[kind]
+        if unknown:
+            raise TraceCircuitsError(f"{where}: unknown field(s) {sorted(unknown)} for a {kind} operation (misspelt?); "
+                                     "remove them or re-export the hook set")
+        g = _Getter(d, where)
+        kw = dict(kind=kind, layer=g.int("layer"), gated=g.bool("gated", True), scale=g.num("scale", 0.0),
+                  tensors=tensors)
+        if kind == "sae_features":
+            hook = g.str("hook_name", "")
+            kw.update(features=g.ints("features"), zero_thresholds=g.nums("zero_thresholds", []),
+                      gate_source=g.bool("gate_source", False), gate_scales=g.nums("gate_scales", []),
+                      gate_threshold=g.num("gate_threshold", 0.0), k=g.int("k", 0),
+                      architecture=g.str("architecture", "topk"),  # format versions 1-2 held TopK SAEs only
+                      normalize=g.str("normalize", "none"), sae=g.str("sae", ""),
+                      massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True),
+                      hook="" if hook == make_hook_name("resid_post", kw["layer"]) else hook)
+        elif kind == "heads":
+            kw["heads"] = g.ints("heads")
+        elif kind == "direction":
+            kw.update(mode=g.str("mode", "ablate"), alpha=g.num("alpha", 0.0))
+        elif kind == "prompt_probe":
+            kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", 0.0), gap=g.num("gap", 1.0),
+                      anchor=g.ints("anchor", []), gated=False)
+        return cls(**kw)
+
+    def check(self, d_model: int, n_layers: int, n_heads: int, where: str) -> None:
+        """Every parameter in range and every tensor finite and of its shape (one error line naming the field)."""
+        if not 0 <= self.layer < n_layers:
+            raise TraceCircuitsError(f"{where}: layer {self.layer} is outside the model (0..{n_layers - 1})")
+        if not (math.isfinite(self.scale) and 0.0 <= self.scale <= 1.0):
+            raise TraceCircuitsError(f"{where}: scale {self.scale} must be a number in [0, 1]")
+        if not math.isfinite(self.gate_threshold):
+            raise TraceCircuitsError(f"{where}: gate_threshold {self.gate_threshold} must be a finite number")
+        for name, t in self.tensors.items():
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise TraceCircuitsError(f"{where}: tensor {name} has dtype {t.dtype}, expected float32")
+            if not torch.isfinite(t).all():
+                raise TraceCircuitsError(f"{where}: tensor {name} holds NaN or inf; re-export the hook set")
+        if self.kind == "heads":
+            if not self.heads or any(not 0 <= h < n_heads for h in self.heads):
+                raise TraceCircuitsError(f"{where}: head ids {self.heads} must be in 0..{n_heads - 1}")
+        elif self.kind == "sae_features":
+            self._check_sae(d_model, where)
+        elif self.kind == "direction":
+            if self.mode not in DIRECTION_MODES:
+                raise TraceCircuitsError(f"{where}: mode must be 'ablate' or 'add', not {self.mode!r}")
+            if not math.isfinite(self.alpha):
+                raise TraceCircuitsError(f"{where}: alpha {self.alpha} must be a finite number")
+            _vector(self, "r", d_model, where)
+        elif self.kind == "prompt_probe":
+            for name in ("r", "mu"):
+                _vector(self, name, d_model, where)
+            if not (math.isfinite(self.gap) and self.gap > 0):
+                raise TraceCircuitsError(f"{where}: gap must be a finite number > 0, got {self.gap}")
+
+    def _check_sae(self, d_model: int, where: str) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise TraceCircuitsError(f"{where}: architecture {self.architecture!r} is not one of "
+                                     f"{', '.join(ARCHITECTURES)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise TraceCircuitsError(f"{where}: normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        missing = [n for n in _SAE_TENSORS[self.architecture] if n not in self.tensors]
+        if missing:
+            raise TraceCircuitsError(f"{where}: tensors {missing} are missing; re-export the hook set")
+        n = len(self.features)
+        if n == 0 or len(self.zero_thresholds) != n or (self.gate_source and len(self.gate_scales) != n):
+            raise TraceCircuitsError(f"{where}: needs at least one feature and one zero threshold (and gate scale) per "
+                                     "feature")
+        if any(not math.isfinite(v) for v in self.zero_thresholds + self.gate_scales):
+            raise TraceCircuitsError(f"{where}: zero thresholds and gate scales must be finite numbers")
+        if self.gate_source and any(not v > 0 for v in self.gate_scales):
+            raise TraceCircuitsError(f"{where}: gate scales must be > 0")
+        if self.massive_norm_threshold is not None and not self.massive_norm_threshold > 0:
+            raise TraceCircuitsError(f"{where}: massive_norm_threshold must be > 0 or null")
+        if parse_hook(self.hook_name)[1] != self.layer:
+            raise TraceCircuitsError(f"{where}: hook {self.hook_name} is not in layer {self.layer}")
+        if self.architecture != "topk" and any(f < 0 for f in self.features):
+            raise TraceCircuitsError(f"{where}: feature ids must be >= 0")
+        self.encoder.check(d_model, where)
+
+
+def _vector(op: Operation, name: str, d_model: int, where: str) -> None:
+    v = op.tensors.get(name)
+    if v is None or tuple(v.shape) != (d_model,):
+        raise TraceCircuitsError(f"{where}: needs a tensor {name} of shape ({d_model},); re-export the hook set")
+
+
+class _Getter:
+    """Typed reads of an operation's JSON fields, each failure one line naming the field."""
+
+    def __init__(self, d: dict, where: str):
+        self.d, self.where = d, where
+
+    def _bad(self, key: str, want: str):
+        return TraceCircuitsError(f"{self.where}: field '{key}' must be {want}, got {self.d.get(key)!r}; fix or "
+                                  "re-export the hook set")
+
+    def _get(self, key, default):
+        if key not in self.d:
+            if default is _REQUIRED:
+                raise TraceCircuitsError(f"{self.where}: field '{key}' is missing; re-export the hook set")
+            return default
+        return self.d[key]
+
+    def int(self, key, default=None):
+        v = self._get(key, _REQUIRED if default is None else default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, "an integer")
+        return v
+
+    def num(self, key, default, optional: bool = False):
+        v = self._get(key, default)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (math.isnan(v)):
+            raise self._bad(key, "a number")
+        return float(v)
+
+    def bool(self, key, default):
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
+    def str(self, key, default):
+        v = self._get(key, default)
+        if not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def ints(self, key, default=None):
+        v = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise self._bad(key, "a list of integers")
+        return list(v)
+
+    def nums(self, key, default):
+        v = self._get(key, default)
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+            raise self._bad(key, "a list of numbers")
+        return [float(x) for x in v]
+
+
+_REQUIRED = object()
+
+
+def sae_operation(sae, features: Sequence[int], *, layer: Optional[int] = None, gated: bool = True,
+                  gate_source: bool = False, zero_thresholds: Optional[Sequence[float]] = None,
+                  gate_scales: Optional[Sequence[float]] = None, gate_threshold: float = 1.0, scale: float = 0.0
+                  ) -> Operation:
+    """A ``sae_features`` operation from any SAE-Lens SAE (standard, JumpReLU, TopK): what it needs to reproduce
+    ``sae.encode`` for ``features`` and remove their decoder contributions at the SAE's hook point."""
+    from trace_circuits.saes.sources import sae_hook
+
+    hook = sae_hook(sae)
+    kind, hook_layer = parse_hook(hook)
+    if hook_layer is None or kind not in ("resid_post", "resid_pre", "resid_mid", "mlp_out", "attn_out"):
+        raise TraceCircuitsError(f"hook sets cut SAE features on the residual stream or a sublayer output, not at "
+                                 f"{hook}; use an SAE at blocks.L.hook_resid_post")
+    enc = FeatureEncoder.from_sae(sae, features)
+    n = len(enc.features)
+    limit = massive_limit(sae)
+    return Operation(kind="sae_features", layer=hook_layer if layer is None else int(layer), gated=gated,
+                     scale=float(scale), features=enc.features,
+                     zero_thresholds=[float(t) for t in (zero_thresholds or [0.0] * n)], gate_source=gate_source,
+                     gate_scales=[float(t) for t in (gate_scales or [1.0] * n)] if gate_source else [],
+                     gate_threshold=float(gate_threshold), architecture=enc.architecture, k=enc.k,
+                     normalize=enc.normalize, massive_norm_threshold=None if math.isinf(limit) else limit,
+                     sae=str(sae.cfg.metadata.get("source") or hook),
+                     hook="" if kind == "resid_post" else hook, tensors=enc.tensors)
