@@ -104,6 +104,34 @@ def synthetic_evaluation(n_harmful: int = 6, n_benign: int = 4, seed: int = 0) -
     return EvaluationResult("synthetic-135m", defenses, rows, params)
 
 
+def synthetic_scan(n_layers: int = 12, onset: int = 5, seed: int = 0):
+    """A real DivergenceResult from planted attention profiles (harmful prompts' head 0 shifts from ``onset``)."""
+    import numpy as np
+
+    from trace_circuits.divergence import divergence_from_profiles
+
+    rng = np.random.default_rng(seed)
+    harmful = rng.dirichlet(np.ones(4), size=(20, n_layers, 4))
+    benign = rng.dirichlet(np.ones(4), size=(20, n_layers, 4))
+    harmful[:, onset:, 0, :] = rng.dirichlet([8, 1, 1, 1], size=(20, n_layers - onset))
+    return divergence_from_profiles(harmful, benign, model_name="synthetic-135m", n_bootstrap=100,
+                                    n_permutations=100)
+
+
+def synthetic_features(seed: int = 0):
+    """A real FeatureResult from planted SAE activations (feature 7 fires on harmful prompts only)."""
+    import numpy as np
+
+    from trace_circuits.features import FeatureResult
+
+    rng = np.random.default_rng(seed)
+    harmful, benign = np.maximum(rng.normal(size=(30, 200)) - 1, 0), np.maximum(rng.normal(size=(30, 200)) - 1, 0)
+    harmful[:25, 7] = 5.0
+    return FeatureResult.from_activations(harmful, benign, model="synthetic-135m",
+                                          hook_name="blocks.10.hook_resid_post", sae_id="layer_10",
+                                          examples={7: {"top_tokens": [["bomb", 5.0], ["weapon", 4.1]]}})
+
+
 def fake_hookset():
     """What the report reads from a HookSet: summary(), operations, provenance (with gate calibration)."""
     calib = {"gate": "prompt", "layer": 12, "gate_rate_harmful": 0.97, "gate_rate_benign": 0.02, "n_benign": 40,
@@ -173,3 +201,66 @@ def test_real_circuit_fixture_loads_and_renders():
     c = Circuit.load(REAL_CIRCUIT)
     assert len(c.nodes) > 5 and any(n.severed for n in c.nodes)
     assert len(page_data(c.plot().to_html())["nodes"]) == len(c.nodes)
+
+
+# -- the report -------------------------------------------------------------------------------------------------------
+
+
+def full_report(tmp_path, **kw) -> Path:
+    from trace_circuits.viz.report import write_report
+
+    parts = dict(scan=synthetic_scan(), features=synthetic_features(), circuit=big_circuit(), hookset=fake_hookset(),
+                 evaluation=synthetic_evaluation(), timings={"stage 1: scan": 31.0, "total": 805.0},
+                 config={"model": "synthetic-135m", "limit": 40, "templates": ["direct", "multi_turn"]})
+    parts.update(kw)
+    return write_report(tmp_path, **parts)
+
+
+def test_report_renders_every_template_judge_utility_key_and_defense(tmp_path):
+    page = full_report(tmp_path).read_text()
+    for text in ("multi_turn", "keyword harm rate", "hard negative / over refusal", "new_idea", "refusal_direction",
+                 "all jailbreak templates", "benign over-refusal"):
+        assert text in page, text
+    ids = set(re.findall(r"<section id='([\w-]+)'", page))
+    nav = re.findall(r"<nav class='tc-nav'>.*?</nav>", page, re.S)[0]
+    targets = re.findall(r"href='#([\w-]+)'", nav)
+    assert {"summary", "divergence", "features", "circuit", "hookset", "evaluation", "config", "timings"} <= ids
+    assert set(targets) - {"responses"} <= ids and "id='responses'" in page
+    assert page.count("plotly.js v") == 1  # plotly.js inlined once, however many figures
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=\s*[\"']?https?:", page, re.I)
+
+
+def test_report_summary_has_the_headline_numbers(tmp_path):
+    ev = synthetic_evaluation()
+    page = full_report(tmp_path, evaluation=ev).read_text()
+    summary = page[page.index("<section id='summary'>"):page.index("</section>")]
+    d = ev.defenses["tracerouter"]["dsr"]["direct"]
+    assert f"{d['rate']:.2f}" in summary and f"[{d['ci'][0]:.2f}, {d['ci'][1]:.2f}]" in summary
+    assert "onset layer" in summary and ">5<" in summary  # the planted onset
+    assert "118 nodes" in summary and "13 min 25 s" in summary and "prompt gate at layer 12" in summary
+
+
+def test_report_with_one_stage_and_headline_choice(tmp_path):
+    from trace_circuits.viz.report import write_report
+
+    page = write_report(tmp_path, circuit=big_circuit()).read_text()
+    assert "id='circuit'" in page and "id='evaluation'" not in page and "plotly.js v" not in page
+    page = write_report(tmp_path, evaluation=synthetic_evaluation(), headline="new_idea", title="T").read_text()
+    assert "(new_idea)" in page and "<title>T</title>" in page
+
+
+def test_evaluation_page_has_split_tables_and_the_response_browser(tmp_path):
+    ev = synthetic_evaluation()
+    paths = ev.save(tmp_path)
+    page = paths["html"].read_text()
+    assert "class='tc-table dsr'" in page and "class='tc-table judges'" in page and "class='tc-table utility'" in page
+    rows = json.loads(re.search(r"id='tc-responses-data'>(.*?)</script>", page, re.S).group(1))["rows"]
+    assert len(rows) == len(ev.responses)
+
+
+def test_evaluation_plot_needs_no_particular_template():
+    ev = synthetic_evaluation()
+    for m in ev.defenses.values():
+        m["dsr"].pop("direct")
+    fig = ev.plot()
+    assert [t.name for t in fig.data] == ["jailbreak templates"]

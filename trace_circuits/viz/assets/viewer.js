@@ -113,6 +113,10 @@
     var tok = n.top_tokens && n.top_tokens.length ? " \u201c" + tokenText(n.top_tokens[0][0]) + "\u201d" : "";
     return "F" + n.index + tok;
   }
+  function extraLabel(n) {  // a label that says more than the id ("L24 head 7" does not; "harmfulness readout" does)
+    function norm(s) { return String(s || "").toLowerCase().replace(/head\s*/g, "h").replace(/[\s.]/g, ""); }
+    return !!n.label && norm(n.label) !== norm(n.id);
+  }
   function layerName(n) { return n.kind === "readout" ? "readout" : "L" + n.layer; }
 
   var svg = d3.select("#tc-svg"), root = svg.append("g").attr("class", "root");
@@ -306,7 +310,7 @@
   }
   function nodeTip(n) {
     var eff = (n.scores || {}).readout_effect;
-    return el("div", {}, [el("b", { text: n.id }), " " + (KIND[n.kind] || {}).name, n.label && n.label !== n.id ? el("div", { text: n.label }) : null,
+    return el("div", {}, [el("b", { text: n.id }), " " + (KIND[n.kind] || {}).name, extraLabel(n) ? el("div", { text: n.label }) : null,
       el("div", { text: "FIS to readout " + fmt(eff) + " \u00b7 influence " + fmt(n.infl, 3) }),
       n.top_tokens && n.top_tokens.length ? el("div", { text: "top tokens: " + n.top_tokens.slice(0, 5).map(function (t) { return JSON.stringify(t[0]); }).join(", ") }) : null,
       n.severed ? el("div", { style: "color:#cf222e", text: "\u2702 suppressed by the hook set" }) : null]);
@@ -322,15 +326,15 @@
     a.addEventListener("click", function (ev) { ev.preventDefault(); select(id, true); });
     return a;
   }
-  function linksTable(list, end) {
-    if (!list.length) return el("div", { class: "tc-muted", text: "none" });
+  function linksTable(list, end, id) {
+    if (!list.length) return el("div", { class: "tc-muted", id: id, text: "none" });
     var vis = new Set(current.links.map(function (l) { return l.i; }));
     var rows = list.slice().sort(function (a, b) { return b.aw - a.aw; }).map(function (l) {
       return el("tr", { class: vis.has(l.i) ? "" : "hidden", title: vis.has(l.i) ? "" : "hidden by the current pruning" }, [
         el("td", {}, [nodeLink(l[end])]), el("td", { class: "v", text: (l.w >= 0 ? "+" : "") + fmt(l.w) }),
         el("td", { class: "v", text: (l.share * 100).toFixed(0) + "%" }), el("td", { text: l.severed ? "\u2702" : "" })]);
     });
-    return el("table", { class: "tc-links" }, [el("tr", {}, [el("th", { text: end === "source" ? "from" : "to" }),
+    return el("table", { class: "tc-links", id: id }, [el("tr", {}, [el("th", { text: end === "source" ? "from" : "to" }),
       el("th", { text: "weight" }), el("th", { text: "share" }), el("th")])].concat(rows));
   }
   function example(ex, maxAct) {
@@ -362,7 +366,7 @@
       el("h2", {}, [el("span", { style: "color:" + k.color, text: n.id }), n.severed ? el("span", { class: "tc-badge cut", text: "\u2702 suppressed" }) : null,
         el("span", { class: "tc-hidden-note tc-muted" })]),
       el("div", { class: "tc-muted", text: k.name + " \u00b7 layer " + n.layer + (n.kind === "readout" ? "" : " \u00b7 index " + n.index) + " \u00b7 depth " + n.depth }),
-      n.label && n.label !== n.id ? el("div", { text: n.label }) : null,
+      extraLabel(n) ? el("div", { text: n.label }) : null,
       el("div", { class: "tc-panel-buttons", style: "margin-top:6px" }, [pinBtn]),
       el("h3", { text: "Scores" }), el("table", { class: "tc-kv", id: "tc-scores" }, rows),
       n.top_tokens && n.top_tokens.length ? el("h3", { text: "Top tokens" }) : null,
@@ -372,8 +376,8 @@
       exs.length ? el("div", { id: "tc-examples" }, exs.map(function (e) { return example(e, maxAct); }))
         : el("div", { class: "tc-muted", text: n.kind === "readout" ? "The readout is the harmfulness score the FIS is measured on." :
           "No top-activating prompts stored for this node (heads and MLPs have none; older circuit.json files predate them)." }),
-      el("h3", { text: "Incoming links (" + n.ins.length + ")" }), linksTable(n.ins, "source"),
-      el("h3", { text: "Outgoing links (" + n.outs.length + ")" }), linksTable(n.outs, "target")]));
+      el("h3", { text: "Incoming links (" + n.ins.length + ")" }), linksTable(n.ins, "source", "tc-in"),
+      el("h3", { text: "Outgoing links (" + n.outs.length + ")" }), linksTable(n.outs, "target", "tc-out")]));
     if (!current.pos[id]) d.querySelector(".tc-hidden-note").textContent = " (hidden by the current pruning)";
     decorate();
     if (current.pos[id]) reveal(current.pos[id], center);
