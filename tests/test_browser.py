@@ -240,7 +240,8 @@ def test_cut_toggle_removes_severed_links(viewer):
     status = page.text_content("#tc-status")
     assert "cut applied" in status
     if all(n.severed for n in pruned.nodes if n.kind == "source"):  # every traced path starts at a cut source
-        assert status.rstrip().endswith("→ 0")
+        assert status.rstrip().endswith("→ 0") and page.locator("#tc-banner").is_visible()
+        assert page.locator("#tc-svg path.link.dead").count() == page.locator("#tc-svg path.link").count()
     page.uncheck("#tc-cut")
     assert page.locator("#tc-svg path.link").count() == n_links
     o.offline_and_clean()

@@ -171,14 +171,14 @@ def test_viewer_page_is_self_contained():
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)\s*=", page, re.I)
     assert not re.search(r"(https?:)?//(cdn|unpkg|d3js)", page.replace("https://d3js.org v7", ""))
     assert "d3js.org v7.9.2" in page  # the vendored library is inlined
-    assert page.count("</script>") == 3  # data, d3, viewer
+    assert page.count("</script>") == 4  # data, d3, the viewer's graph and page scripts
 
 
 def test_data_cannot_close_the_script_tag():
     c = Circuit([Node("L1.F1", "source", 1, 1, top_tokens=[["</script><b>", 1.0]]), Node("readout", "readout", 3)],
                 [Link("L1.F1", "readout", 0.5)])
     page = c.plot().to_html()
-    assert page.count("</script>") == 3 and page_data(page)["nodes"][0]["top_tokens"][0][0] == "</script><b>"
+    assert page.count("</script>") == 4 and page_data(page)["nodes"][0]["top_tokens"][0][0] == "</script><b>"
 
 
 def test_empty_circuit_is_one_error_line():
@@ -245,8 +245,10 @@ def test_report_with_one_stage_and_headline_choice(tmp_path):
 
     page = write_report(tmp_path, circuit=big_circuit()).read_text()
     assert "id='circuit'" in page and "id='evaluation'" not in page and "plotly.js v" not in page
-    page = write_report(tmp_path, evaluation=synthetic_evaluation(), headline="new_idea", title="T").read_text()
+    page = write_report(tmp_path, evaluation=synthetic_evaluation(), headline="new_idea", title="T",
+                        baseline_notes={"layer_ablation": "skipped"}).read_text()
     assert "(new_idea)" in page and "<title>T</title>" in page
+    assert "id='more-baseline_notes'" in page and "layer_ablation" in page  # extra results get a section too
 
 
 def test_evaluation_page_has_split_tables_and_the_response_browser(tmp_path):

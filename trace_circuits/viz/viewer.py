@@ -42,11 +42,15 @@ def inline_script(js: str) -> str:
     return "<script>" + js.replace("</script", "<\\/script") + "</script>"
 
 
-def viewer_data(circuit, title: Optional[str] = None, max_rows: int = 24) -> dict:
-    """``circuit.json`` plus the viewer's ``view`` block (influence, link shares, layout settings)."""
+def _require_nodes(circuit) -> None:
     if not circuit.nodes:
         raise TraceCircuitsError("the circuit has no nodes, nothing to show; trace again with more prompts or prune "
                                  "less (a lower --prune-threshold or higher --prune-cumulative)")
+
+
+def viewer_data(circuit, title: Optional[str] = None, max_rows: int = 24) -> dict:
+    """``circuit.json`` plus the viewer's ``view`` block (influence, link shares, layout settings)."""
+    _require_nodes(circuit)
     data = circuit.to_json()
     infl, link_infl = circuit.influence()
     incoming: dict[str, float] = {}
@@ -88,13 +92,14 @@ Circuit.prune(cumulative=...); 1.00 turns this rule off">cumulative influence
   </div>
 </header>
 <main id="tc-main">
-  <div id="tc-graph"><svg id="tc-svg" xmlns="http://www.w3.org/2000/svg"></svg><div id="tc-tip" hidden></div>
+  <div id="tc-graph"><svg id="tc-svg" xmlns="http://www.w3.org/2000/svg"></svg><div id="tc-tip" hidden></div><div id="tc-banner" hidden></div>
     <div id="tc-legend"></div></div>
   <aside id="tc-panel" class="closed"><button id="tc-close" type="button" title="close (Esc)">&#x2715;</button>
     <div id="tc-detail"></div><div id="tc-pins"></div></aside>
 </main>
 <script type="application/json" id="tc-data">{script_json(data)}</script>
 {inline_script(asset("d3.min.js"))}
+{inline_script(asset("viewer-graph.js"))}
 {inline_script(asset("viewer.js"))}
 </body></html>"""
 
@@ -104,7 +109,7 @@ class CircuitView:
     page, ``save(path)`` writes it."""
 
     def __init__(self, circuit, title: Optional[str] = None, height: int = 760, max_rows: int = 24):
-        viewer_data(circuit)  # one error line for an empty circuit, before anything else
+        _require_nodes(circuit)  # one error line now, not when the notebook renders it
         self.circuit, self.title, self.height, self.max_rows = circuit, title, int(height), int(max_rows)
 
     def to_html(self) -> str:
