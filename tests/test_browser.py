@@ -311,9 +311,13 @@ def test_screenshot_of_the_real_circuit(browser, tmp_path):
         pytest.skip("tests/data/circuit_smollm2.json not present")
     c = Circuit.load(REAL_CIRCUIT)
     o = Opened(browser, c.plot().save(tmp_path / "circuit.html"), 1400, 760)
-    best = max((n for n in c.nodes if n.kind == "feature"), key=lambda n: n.scores.get("readout_effect") or 0)
+    worded = [n for n in c.nodes if n.kind == "feature" and str(n.top_tokens[0][0]).strip().isalpha()]
+    best = max(worded, key=lambda n: n.scores.get("readout_effect") or 0)
     o.page.click(f"g.node[data-id='{best.id}']")
     assert o.page.get_attribute("#tc-node", "data-id") == best.id
+    panel_left = o.page.locator("#tc-panel").bounding_box()["x"]
+    assert all(b["x"] + b["w"] <= panel_left for b in boxes(o.page, "g.node")), "the graph refits beside the panel"
+    o.page.mouse.move(5, 300)
     screenshot(o.page, "viewer")
     o.page.keyboard.press("Escape")
     o.page.check("#tc-cut")

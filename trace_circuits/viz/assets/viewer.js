@@ -89,7 +89,8 @@
       if (n.severed) g.append("text").attr("class", "sc").attr("x", p.w - 15).attr("y", ROW / 2).text("\u2702");
       g.on("click", function (ev) { ev.stopPropagation(); if (ev.shiftKey) togglePin(n.id); else select(n.id); })
         .on("mousemove", function (ev) { tip(ev, nodeTip(n)); })
-        .on("mouseleave", untip);
+        .on("mouseenter", function () { n.ins.concat(n.outs).forEach(function (l) { hoverLink(l.i, true); }); })
+        .on("mouseleave", function () { untip(); n.ins.concat(n.outs).forEach(function (l) { hoverLink(l.i, false); }); });
     });
     decorate();
     var sev = vis.links.filter(function (l) { return l.severed; }).length;
@@ -133,7 +134,8 @@
   svg.call(zoom).on("dblclick.zoom", null);
   svg.on("click", function () { select(null); if (!state.pinned.length) openPanel(false); });
   function fit() {
-    var box = root.node().getBBox(), el = svg.node(), W = el.clientWidth, H = el.clientHeight;
+    var box = root.node().getBBox(), el = svg.node(), H = el.clientHeight;
+    var W = el.clientWidth - (panel.classList.contains("closed") ? 0 : panel.offsetWidth);  // what the panel leaves
     if (!box.width || !W || !H) return;
     var k = Math.max(0.6, Math.min(1.5, (W - 30) / box.width, (H - 60) / box.height));
     var tx = box.width * k < W ? (W - box.width * k) / 2 - box.x * k : 15 - box.x * k;
@@ -200,7 +202,11 @@
     return el("div", { class: "tc-ex" }, [el("span", { class: "max", text: "max " + fmt(peak, 3) + " \u00b7 " + ex.prompt })].concat(toks));
   }
   var panel = document.getElementById("tc-panel");
-  function openPanel(open) { panel.classList.toggle("closed", !open); }
+  function openPanel(open) {
+    var was = !panel.classList.contains("closed");
+    panel.classList.toggle("closed", !open);
+    if (was !== open && !state.userZoom) fit();
+  }
   function select(id, center) {
     state.selected = id;
     var d = document.getElementById("tc-detail");
