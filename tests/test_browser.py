@@ -402,7 +402,7 @@ def test_report_response_browser_filters(report):
 
 
 def test_report_of_the_real_circuit_screenshot(browser, tmp_path):
-    """The README's report screenshot: the real circuit in the report (evaluation synthetic unless a run is given)."""
+    """The README's report screenshots, from a real run folder: TRACE_CIRCUITS_RUN=runs/latest."""
     if os.environ.get("TRACE_CIRCUITS_SCREENSHOTS") != "1":
         pytest.skip("only writes screenshots")
     run = os.environ.get("TRACE_CIRCUITS_RUN")
