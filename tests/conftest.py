@@ -30,3 +30,10 @@ def real_model():
     from trace_circuits import load_model
 
     return load_model(device="cpu", progress=False)
+
+
+# the naive reference implementations live with the benchmarks
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent.parent / "benchmarks"))

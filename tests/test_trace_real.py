@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from trace_circuits import Circuit, builtin_prompts, encode_prompts, load_hookset
+from naive import measure_one_at_a_time
+from trace_circuits import Circuit, builtin_prompts, encode_prompts, load_hookset, shipped_saes
 from trace_circuits.cli import main
-from trace_circuits.influence import (NodeRef, _Context, _prepare, attribution_scores, fit_readout,
-                                      load_downstream_saes, measure_ablations, measure_one_at_a_time)
+from trace_circuits.influence import TraceContext, attribution_scores, fit_readout, measure_ablations, prepare_batches
+from trace_circuits.names import NodeRef
 from trace_circuits.prompts import iter_batches
 
 pytestmark = pytest.mark.slow
@@ -18,17 +19,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ctx(real_model):
-    saes = load_downstream_saes(real_model, 21)
+    saes = shipped_saes(real_model, 21)
     h, b = builtin_prompts("harmful", "train")[:24], builtin_prompts("benign", "train")[:24]
     readout = fit_readout(real_model, encode_prompts(real_model, h), encode_prompts(real_model, b))
-    return _Context(real_model, 21, saes, readout)
+    return TraceContext(real_model, 21, saes, readout)
 
 
 def test_batched_exact_fis_equals_one_forward_per_ablation(ctx):
     enc = encode_prompts(ctx.model, builtin_prompts("harmful", "train")[:4])
     edits = [NodeRef("feature", 21, 602), NodeRef("feature", 21, 83), NodeRef("head", 24, 3), NodeRef("mlp", 26),
              NodeRef("feature", 25, 864)]
-    fast = measure_ablations(ctx, _prepare(ctx, enc, 2), edits, copies_per_pass=2)
+    fast = measure_ablations(ctx, prepare_batches(ctx, enc, 2), edits, copies_per_pass=2)
     slow = measure_one_at_a_time(ctx, enc, edits, batch_size=2)
     assert torch.allclose(fast.readout_drop, slow.readout_drop, atol=1e-4)
     assert fast.readout_drop.abs().max() > 1e-3  # the ablations do move the readout
@@ -43,7 +44,7 @@ def test_attribution_ranks_nodes_like_exact_zero_out(ctx):
     from scipy.stats import spearmanr
 
     enc = encode_prompts(ctx.model, builtin_prompts("harmful", "train")[:8])
-    batches = _prepare(ctx, enc, 4)
+    batches = prepare_batches(ctx, enc, 4)
     attr = attribution_scores(ctx, batches)
     nodes = [NodeRef("head", 22 + i % 8, i % 9) for i in range(0, 40, 3)] + [NodeRef("mlp", l) for l in range(22, 30)]
     exact = measure_ablations(ctx, batches, nodes, copies_per_pass=12).readout_drop / 8
@@ -69,7 +70,8 @@ def test_trace_writes_circuit_and_hookset(traced, capsys):
     full = Circuit.load(traced / "circuit_full.json")
     assert len(full.links) >= len(c.links)
     assert full.meta["attribution_spearman_candidates"] is not None
-    assert "plotly" in (traced / "circuit.html").read_text()[:20000].lower()
+    assert "tc-viewer" in (traced / "circuit.html").read_text()
+    assert any(n.examples for n in c.nodes if n.kind in ("source", "feature"))  # top prompts with token activations
     hs = load_hookset(traced / "hookset")
     assert hs.gate_operation.kind == "prompt_probe" and hs.source_operation.features == [n.index for n in c.sources]
     g = hs.provenance["gate_calibration"]
@@ -94,7 +96,8 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
     hf_model, tok = hf
     prompts = list(builtin_prompts("harmful", "test")[:4]) + list(builtin_prompts("benign", "test")[:4])
     g = hs.gate_operation
-    g.gate_threshold = float(gate_decisions(real_model, hs, prompts)[0].median())  # opens on half the rows
+    scores = sorted(gate_decisions(real_model, hs, encode_prompts(real_model, prompts))[0])
+    g.gate_threshold = float(scores[3] + scores[4]) / 2  # opens on half the rows
     b = next(iter_batches(encode_prompts(real_model, prompts), 8))
     cont = torch.tensor(tok(" Sure, here is how to do it", add_special_tokens=False)["input_ids"]).repeat(8, 1)
     full_mask = torch.cat([b.attention_mask, torch.ones_like(cont)], 1)
@@ -130,26 +133,28 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
 
 
 def test_continuation_kl_is_measured_as_generation_sees_it(traced, hf):
-    from trace_circuits.evaluate import _continuation_logprobs, _pad, next_token_kl, plain_logprobs
+    from trace_circuits.evaluate.utility import continuation_logprobs, encode_padded, next_token_kl, plain_logprobs
 
     hf_model, tok = hf
     hs = load_hookset(traced / "hookset")
     ctx = ["The capital of France is", "Water boils at"]
     cont = [" Paris, a city on the Seine.", " 100 degrees Celsius at sea level."]
     ids = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
-    c_ids, c_mask = _pad(ids(ctx), tok.pad_token_id, True, "cpu")
-    n_ids, n_mask = _pad(ids(cont), tok.pad_token_id, False, "cpu")
+    c_ids, c_mask = encode_padded(tok, ctx, "left", "cpu")
+    n_ids, n_mask = encode_padded(tok, cont, "right", "cpu")
     with torch.no_grad():
-        two_step = _continuation_logprobs(hf_model, c_ids, c_mask, n_ids, n_mask)
+        two_step = continuation_logprobs(hf_model, c_ids, c_mask, n_ids, n_mask)
         for r in range(2):
             a, n = ids(ctx)[r], ids(cont)[r]
             one = hf_model(torch.tensor([a + n])).logits[0].float().log_softmax(-1)
             assert (two_step[r, :len(n)] - one[len(a) - 1:len(a) + len(n) - 1]).abs().max() < 1e-3
     g = hs.gate_operation
-    g.gate_threshold = float("inf")
+    g.gate_threshold = 1e9
     shut = next_token_kl(hf_model, tok, ctx, cont, hs)
-    g.gate_threshold = float("-inf")
+    g.gate_threshold = -1e9
     opened = next_token_kl(hf_model, tok, ctx, cont, hs)
+    skipped = next_token_kl(hf_model, tok, ctx, cont, hs, only=[False, False])  # a shut gate need not be run
+    assert skipped["kl_per_token"] == 0
     assert shut["kl_per_token"] == 0 and shut["ce_change"] == 0
     reused = next_token_kl(hf_model, tok, ctx, cont, hs, plain=plain_logprobs(hf_model, tok, ctx, cont))
     assert abs(reused["kl_per_token"] - opened["kl_per_token"]) < 1e-6
@@ -180,13 +185,15 @@ def test_evaluate_command_on_a_few_prompts(traced, tmp_path, capsys):
     data = json.loads((out / "evaluation.json").read_text())
     assert set(data["defenses"]) == {"none", "tracerouter", "top_feature", "layer_ablation"}
     for m in data["defenses"].values():
-        assert set(m["dsr"]) == {"direct", "prefill"}
+        assert set(m["dsr"]) == set(m["dsr_strict"]) == {"direct", "prefill"}
         assert 0 <= m["dsr"]["direct"]["ci"][0] <= m["dsr"]["direct"]["rate"] <= m["dsr"]["direct"]["ci"][1] <= 1
-        assert {"over_refusal", "kl_benign_prompts", "kl_benign_text", "ce_change_benign_text"} <= set(m["utility"])
+        assert {"over_refusal", "hard_negative_over_refusal", "kl_benign_prompts", "kl_benign_text",
+                "ce_change_benign_text"} <= set(m["utility"])
+        assert m["dsr_strict"]["direct"]["rate"] <= m["dsr"]["direct"]["rate"]  # the strict judge is stricter
     assert data["defenses"]["none"]["utility"]["kl_benign_text"] == 0
     assert data["defenses"]["layer_ablation"]["utility"]["kl_benign_text"] > 0.01  # zeroing a layer shows up
     rows = [json.loads(l) for l in (out / "responses.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * (4 * 2 + 4)
+    assert len(rows) == 4 * (4 * 2 + 4 + 4)  # harmful x 2 templates, benign, hard negatives
     assert all(r["response"].startswith("Sure, here is") for r in rows if r["template"] == "prefill")
     assert "plotly" in (out / "evaluation.html").read_text()[:200000].lower()
 
@@ -201,21 +208,29 @@ def test_prompt_gate_decides_at_the_end_of_the_user_turn_on_the_real_chat_templa
     assert hs.gate_operation.anchor == user_turn_end(real_model)
     assert tok.decode(hs.gate_operation.anchor).endswith("assistant\n")
     prompts = list(builtin_prompts("harmful", "test")[:6]) + list(builtin_prompts("benign", "test")[:6])
-    direct, _ = gate_decisions(real_model, hs, attack_texts(tok, prompts, "direct"), chat=False)
-    prefilled, _ = gate_decisions(real_model, hs, attack_texts(tok, prompts, "prefill"), chat=False)
-    assert torch.allclose(direct, prefilled, atol=1e-2)
+    enc = lambda texts: encode_prompts(real_model, texts, chat=False)  # noqa: E731  (already templated)
+    direct, _ = gate_decisions(real_model, hs, enc(attack_texts(tok, prompts, "direct")))
+    prefilled, _ = gate_decisions(real_model, hs, enc(attack_texts(tok, prompts, "prefill")))
+    assert abs(direct - prefilled).max() < 1e-2
     assert direct[:6].mean() > direct[6:].mean()
 
 
 def test_refusal_log_odds_from_the_generation_equal_a_separate_forward(traced, hf):
-    from trace_circuits.evaluate import _refusal_token_ids, attack_texts, refusal_logit_scores
-    from trace_circuits.generation import generate_batch
+    import contextlib
+
+    from trace_circuits.evaluate import attack_texts, refusal_token_ids
+    from trace_circuits.evaluate.utility import encode_padded
+    from trace_circuits.generation import first_token_log_odds, generate_batch
 
     hf_model, tok = hf
     hs = load_hookset(traced / "hookset")
     texts = attack_texts(tok, list(builtin_prompts("harmful", "test")[:3]) + list(builtin_prompts("benign", "test")[:3]),
                          "direct")
-    ids = _refusal_token_ids(tok)
+    ids = refusal_token_ids(tok)
+    input_ids, mask = encode_padded(tok, texts, "left", "cpu")
     for h in (None, hs):
         _, _, odds = generate_batch(hf_model, tok, texts, 2, hookset=h, first_token_ids=ids)
-        assert abs(torch.tensor(odds) - torch.tensor(refusal_logit_scores(hf_model, tok, texts, h))).max() < 1e-3
+        with torch.no_grad(), (h.attach(hf_model) if h is not None else contextlib.nullcontext()):
+            logits = hf_model(input_ids, attention_mask=mask,
+                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        assert abs(torch.tensor(odds) - first_token_log_odds(logits, ids)).max() < 1e-3

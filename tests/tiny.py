@@ -2,8 +2,9 @@
 prompts, random transformers models of each supported architecture, their TransformerLens twins (converted with
 TransformerLens's own converters, as for the real models), and SAE-Lens SAEs of every architecture.
 
-``planted(...)`` makes a model where harmful prompts really differ: the embeddings of a few harm words carry a large
-component along a direction ``v``, and an SAE at layer 1 has a feature reading ``v``."""
+``pair(..., plant=True)`` makes a model where harmful prompts really differ: the embeddings of the tokens that occur in
+built-in harmful prompts and never in benign ones carry a component along a direction ``v``, and ``sae(...,
+plant=True)`` has a feature (0) reading ``v``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import torch
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
           "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
-HARM_WORDS = [" bomb", " meth", " weapon", " hack", " steal", " poison", " kill", " gun", " drug", " fake"]
 
 
 def tokenizer():
@@ -40,7 +40,7 @@ def _trained() -> str:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=[
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=3000, special_tokens=[
         "<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok.to_str()
 
@@ -89,10 +89,18 @@ def pair(arch: str = "llama", n_layers: int = 4, seed: int = 0, plant: bool = Fa
         v = harm_direction(hf.config.hidden_size)
         with torch.no_grad():
             emb = hf.get_input_embeddings().weight
-            for w in HARM_WORDS:
-                for t in tok(w, add_special_tokens=False)["input_ids"][:1]:
-                    emb[t] += 2.0 * v
+            for t in harm_tokens(tok):
+                emb[t] += 3.0 * v
     return tl_twin(hf), hf, tok
+
+
+def harm_tokens(tok) -> set[int]:
+    """Tokens of the built-in harmful prompts that no built-in benign prompt (nor the chat template) has."""
+    from trace_circuits.prompts import builtin_prompts
+
+    ids = lambda kind: {t for p in builtin_prompts(kind, "all") for t in tok(p, add_special_tokens=False)["input_ids"]}  # noqa
+    template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return ids("harmful") - ids("benign") - set(tok(template, add_special_tokens=False)["input_ids"])
 
 
 def harm_direction(d: int) -> torch.Tensor:
@@ -134,7 +142,7 @@ def sae(arch: str, hook: str, d_in: int = 64, d_sae: int = 96, k: int = 6, seed:
         if plant:
             v = harm_direction(d_in)
             out.W_enc[:, 0] = 3.0 * v
-            out.b_enc[0] = -1.0
+            out.b_enc[0] = -3.0
             out.W_dec[0] = v
     out.cfg.metadata.hook_name = hook
     return out

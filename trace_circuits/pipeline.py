@@ -254,7 +254,8 @@ class Run:
                     hard_negatives=list(self.prompts("hard_negative_test")) if ec.hard_negatives else [],
                     templates=templates, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
                     judge=RelevanceJudge(), chat=self.config.chat, progress=self.progress,
-                    text=benign_documents(tok, model_info(self.model).name, max_docs=ec.text_docs))
+                    text=benign_documents(tok, model_info(self.model).name, max_docs=ec.text_docs) if ec.text_docs
+                    else [])
             self._save("evaluation")
         return self.results["evaluation"]
 

@@ -1,0 +1,118 @@
+"""The whole pipeline on a tiny real model (transformers Llama + its TransformerLens twin, a planted harm direction,
+SAE-Lens SAEs): Run's stages, the hook set, the baselines, the evaluation and the report, save/load, and the config's
+JSON round trip. Fast: no real model is loaded."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import tiny
+from trace_circuits import (GateConfig, Run, RunConfig, TraceCircuitsError, TraceConfig, builtin_prompts,
+                            encode_prompts, fit_prompt_gate)
+from trace_circuits.config import EvaluationConfig, FeaturesConfig, ScanConfig
+
+
+@pytest.fixture(scope="module")
+def planted():
+    tl, hf, tok = tiny.pair("llama", n_layers=4, plant=True)
+    saes = {1: tiny.sae("topk", "blocks.1.hook_resid_post", plant=True),
+            2: tiny.sae("standard", "blocks.2.hook_resid_post"), 3: tiny.sae("jumprelu", "blocks.3.hook_resid_post")}
+    return tl, hf, tok, saes
+
+
+def small_config() -> RunConfig:
+    return RunConfig(model="tiny-llama", limit=40, scan=ScanConfig(n_bootstrap=50, n_permutations=50),
+                     features=FeaturesConfig(layer=1),
+                     trace=TraceConfig(n_prompts=8, n_candidates=10, max_sources=4, copies_per_pass=4),
+                     gate=GateConfig(text_docs=0),
+                     evaluation=EvaluationConfig(templates="direct,prefill,multi_turn", limit=6, max_new_tokens=4,
+                                                 batch_size=12, text_docs=0,
+                                                 baselines="top_feature,direction_ablation,layer_ablation"))
+
+
+def test_prompt_gate_finds_a_planted_direction(planted):
+    """The harm direction planted in the embeddings reaches the end of the user's turn through attention; the gate
+    fitted on training prompts separates held-out ones, read at inference exactly as the runtime reads them."""
+    from trace_circuits.gate import gate_decisions
+    from trace_circuits.hookset import hookset_for
+
+    tl, _, _, _ = planted
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:80])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:80])
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05)
+    assert calib["gate_score_auroc"] > 0.9 and calib["gate_rate_benign"] <= 0.1, calib
+    assert op.anchor and op.tensors["r"].shape == (64,)
+    hs = hookset_for(tl, [op])
+    _, opened_h = gate_decisions(tl, hs, encode_prompts(tl, builtin_prompts("harmful", "test")))
+    _, opened_b = gate_decisions(tl, hs, encode_prompts(tl, builtin_prompts("benign", "test")))
+    assert opened_h.mean() > 0.6 and opened_b.mean() < 0.15, (opened_h.mean(), opened_b.mean())
+    # with nothing planted the same probe separates nothing
+    plain, _, _ = tiny.pair("llama", n_layers=4)
+    _, calib0 = fit_prompt_gate(plain, encode_prompts(plain, builtin_prompts("harmful", "train")[:80]),
+                                encode_prompts(plain, builtin_prompts("benign", "train")[:80]), layer=2)
+    assert calib0["gate_score_auroc"] < calib["gate_score_auroc"] - 0.2
+
+
+def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
+    tl, hf, tok, saes = planted
+    run = Run(small_config(), model=tl, hf=(hf, tok), saes=saes, out=tmp_path / "run", progress=False)
+    assert run.scan().n_harmful == 40
+    feats = run.features()
+    assert 0 in feats.harmful_features  # the planted feature is found
+    circuit = run.trace()
+    assert circuit.sources and circuit.severed_nodes and run.results["circuit_full"].meta["onset_layer"] == 1
+    hs = run.export()
+    assert hs.gate_operation.kind == "prompt_probe" and hs.action == "zero"
+    assert hs.source_operation.layer == 1 and hs.source_operation.architecture == "topk"
+    ev = run.evaluate()
+    assert set(ev.defenses) == {"none", "tracerouter", "top_feature", "direction_ablation", "layer_ablation"}
+    assert set(ev.defenses["tracerouter"]["dsr"]) == {"direct", "prefill", "multi_turn"}
+    assert ev.defenses["layer_ablation"]["utility"]["kl_benign_prompts"] > 0
+    run.save(run.out)
+    for name in ("config.json", "run.json", "report.html", "divergence.json", "features.json", "circuit.json",
+                 "circuit_full.json", "hookset/hookset.json", "evaluation.json", "responses.jsonl"):
+        assert (run.out / name).exists(), name
+    back = Run.load(run.out, model=tl, hf=(hf, tok), saes=saes, progress=False)
+    assert back.config == run.config
+    assert back.results["features"].harmful_features == feats.harmful_features
+    assert back.results["hookset"].to_json() == hs.to_json()
+    assert back.results["evaluation"].table.equals(ev.table)
+    assert back.evaluate() is back.results["evaluation"]  # loaded results are not recomputed
+    assert set(run.plot()) == {"scan", "features", "circuit", "hookset", "evaluation"}
+    report = (run.out / "report.html").read_text()
+    assert "tracerouter" in report and "direction_ablation" in report
+
+
+def test_reroute_adds_gated_steering(planted):
+    tl, hf, tok, saes = planted
+    cfg = dataclasses.replace(small_config(), hookset=dataclasses.replace(small_config().hookset, action="reroute"))
+    run = Run(cfg, model=tl, hf=(hf, tok), saes=saes, progress=False)
+    hs = run.export()
+    steer = [op for op in hs.operations if op.kind == "direction" and op.mode == "add"]
+    assert hs.action == "reroute" and steer and all(op.gated and op.alpha > 0 for op in steer)
+
+
+def test_config_round_trips_through_json_and_refuses_unknown_fields():
+    cfg = small_config()
+    data = json.loads(json.dumps(cfg.to_json()))
+    assert RunConfig.from_json(data) == cfg
+    data["trace"]["n_promts"] = 3
+    with pytest.raises(TraceCircuitsError, match=r"unknown field\(s\) \['n_promts'\] in TraceConfig"):
+        RunConfig.from_json(data)
+    with pytest.raises(TraceCircuitsError, match="must be int"):
+        RunConfig.from_json({**cfg.to_json(), "limit": "ten"})
+    with pytest.raises(TraceCircuitsError, match="newer than this trace-circuits"):
+        RunConfig.from_json({**cfg.to_json(), "format_version": 99})
+
+
+def test_stage_without_sae_at_the_onset_is_one_line(planted):
+    tl, hf, tok, saes = planted
+    run = Run(dataclasses.replace(small_config(), features=FeaturesConfig(layer=3)), model=tl, saes={1: saes[1]},
+              progress=False)
+    with pytest.raises(TraceCircuitsError, match="no SAE at or after layer 3"):
+        run.features()
+
+
+_ = torch
