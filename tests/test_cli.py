@@ -45,13 +45,13 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     (["scan", "--limit", "1"], "--limit must be at least 2"),
     (["scan", "--device", "tpu"], "device"),
     (["trace", "--suppress", "neurons"], "--suppress takes feature, head and/or mlp, not neurons"),
-    (["trace", "--n-prompts", "0"], "--n-prompts, --n-candidates and --max-sources must be at least 1"),
-    (["trace", "--features", "/nonexistent/features.json"], "is not a features.json"),
-    (["run", "--benign-gate-rate", "1.5"], "--benign-gate-rate must be in [0, 1)"),
-    (["run", "--eval-batch-size", "0"], "--eval-max-new-tokens, --eval-batch-size and --text-docs must be at least 1"),
-    (["trace", "--gate-layer", "99"], "gate layer 99 is outside the model"),
+    (["trace", "--n-prompts", "0"], "--n-prompts (--trace-n-prompts in run) must be at least 1"),
+    (["trace", "--features", "/nonexistent/features.json"], "--features /nonexistent/features.json does not exist"),
+    (["run", "--gate-benign-rate", "1.5"], "--gate-benign-rate must be in [0, 1)"),
+    (["run", "--eval-batch-size", "0"], "--batch-size (--eval-batch-size in run) must be at least 1"),
+    (["run", "--config", "/nonexistent/config.json"], "config.json does not exist"),
     (["generate", "--prompts", "p.txt"], "pass --hookset DIR"),
-    (["evaluate", "--hookset", "x", "--templates", "dan"], "--templates takes direct"),
+    (["evaluate", "--hookset", "x", "--templates", "dan"], "--templates takes all or direct"),
     (["evaluate", "--hookset", "x", "--baselines", "magic"], "--baselines takes all, none or"),
     (["evaluate", "--hookset", "/nonexistent/hs"], "is not a hook set folder"),
     (["generate", "--prompts", "p.txt", "--hookset", "/nonexistent/hs"], "is not a hook set folder"),
@@ -82,12 +82,12 @@ def test_every_command_has_help(cmd, capsys):
 
 def test_generate_reads_prompts_before_loading_a_model(tmp_path, capsys):
     from conftest import tiny_model
-    from test_hooks import hookset_for, tiny_sae
+    from test_hooks import tiny_sae
 
-    from trace_circuits.hooks import sae_operation
+    from trace_circuits.hookset import hookset_for, sae_operation
 
     model = tiny_model()
-    hs = hookset_for(model, [sae_operation(tiny_sae(), 1, [3], gate_source=True)]).save(tmp_path / "hs")
+    hs = hookset_for(model, [sae_operation(tiny_sae(), [3], gate_source=True)]).save(tmp_path / "hs")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     assert main(["generate", "--hookset", str(hs), "--prompts", str(empty), "--out", str(tmp_path / "o.jsonl")]) == 2
@@ -96,4 +96,24 @@ def test_generate_reads_prompts_before_loading_a_model(tmp_path, capsys):
     assert main(["generate", "--hookset", str(hs), "--prompts", str(tmp_path / "p.txt"),
                  "--out", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown model 'tiny'") and "\n" not in err
+    assert err.startswith("error: unknown model") and "\n" not in err
+
+
+def test_run_config_reproduces_a_run_and_flags_override_it(tmp_path, capsys, real_model):
+    """`run --config config.json` reads the settings of an earlier run; options given on the command line win."""
+    from trace_circuits.config import RunConfig
+
+    first = tmp_path / "first"
+    assert main(["run", "--limit", "8", "--scan-bootstrap", "20", "--scan-permutations", "20", "--no-evaluate",
+                 "--trace-n-prompts", "4", "--trace-n-candidates", "6", "--trace-max-sources", "3",
+                 "--gate-text-docs", "10", "--out", str(first)]) == 0
+    cfg = RunConfig.from_json(json.loads((first / "config.json").read_text()))
+    assert cfg.limit == 8 and cfg.trace.n_prompts == 4 and cfg.gate.text_docs == 10
+    second = tmp_path / "second"
+    assert main(["run", "--config", str(first / "config.json"), "--no-evaluate", "--trace-n-candidates", "5",
+                 "--out", str(second)]) == 0
+    again = RunConfig.from_json(json.loads((second / "config.json").read_text()))
+    assert again.trace.n_candidates == 5 and again.limit == 8 and again.trace.n_prompts == 4
+    a, b = (json.loads((d / "divergence.json").read_text()) for d in (first, second))
+    assert a["per_layer"] == b["per_layer"]  # the same settings give the same scan
+    assert (second / "report.html").exists() and (second / "hookset" / "hookset.json").exists()

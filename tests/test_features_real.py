@@ -31,19 +31,19 @@ def test_shipped_saes_meet_the_quality_bar():
 @pytest.fixture(scope="module")
 def onset_sae(real_model):
     hook = min((s["hook_name"] for s in shipped()), key=lambda h: int(h.split(".")[1]))
-    return hook, load_sae(MODEL, hook, model=real_model)
+    return hook, load_sae(hook, model=real_model)
 
 
 def test_harmful_features_generalise_to_the_test_split(real_model, onset_sae):
     hook, sae = onset_sae
     res = find_harmful_features(real_model, sae, builtin_prompts("harmful", "train"),
-                                builtin_prompts("benign", "train"), hook, progress=False)
+                                builtin_prompts("benign", "train"), progress=False)
     feats = res.harmful_features
     assert len(feats) >= 5
     t = res.table.loc[feats]
     assert (t["fire_rate_benign"] <= 0.2).all() and (t["q_value"] < 0.05).all()
     assert all(res.examples[f]["top_tokens"] for f in feats[:5])
-    auroc = heldout_auroc(real_model, sae, hook, feats[:10], builtin_prompts("harmful", "test"),
+    auroc = heldout_auroc(real_model, sae, feats[:10], builtin_prompts("harmful", "test"),
                           builtin_prompts("benign", "test"))
     assert auroc >= 0.9
 
@@ -54,15 +54,19 @@ def test_features_command_writes_json_and_html(tmp_path, capsys, real_model):
     data = json.loads((out / "features.json").read_text())
     assert data["n_harmful"] == data["n_benign"] == 40 and data["hook_name"].startswith("blocks.")
     assert "plotly" in (out / "features.html").read_text().lower()
+    # a user's SAE-Lens folder works the same way
+    sae_dir = shipped()[0]["path"]
+    assert main(["features", "--limit", "12", "--sae", sae_dir, "--out", str(out / "own")]) == 0
+    assert json.loads((out / "own" / "features.json").read_text())["sae_id"] == sae_dir
     assert "harmful features at" in capsys.readouterr().out
 
 
 def test_mismatched_sae_is_refused(real_model, capsys, tmp_path):
     hook = shipped()[0]["hook_name"]
     other = "blocks.3.hook_resid_post"
-    assert main(["features", "--hook", other, "--limit", "4", "--out", str(tmp_path)]) == 2
+    assert main(["features", "--sae", other, "--limit", "4", "--out", str(tmp_path)]) == 2
     assert "no SAE for smollm2-135m-instruct at blocks.3.hook_resid_post" in capsys.readouterr().err
-    sae = load_sae(MODEL, hook)
+    sae = load_sae(hook, model_name=MODEL)
     from trace_circuits import TraceCircuitsError
     from trace_circuits.saes import check_sae_fits
 
@@ -75,8 +79,8 @@ def test_train_sae_command_end_to_end_on_a_tiny_budget(tmp_path, capsys, real_mo
                  "--batch-size", "512", "--d-sae", "256", "--k", "8", "--run-dir", str(tmp_path / "run"),
                  "--out-root", str(tmp_path / "saes")])
     assert code == 0
-    sae = load_sae(MODEL, "blocks.2.hook_resid_post", model=real_model, root=tmp_path / "saes")
+    sae = load_sae("blocks.2.hook_resid_post", model=real_model, root=tmp_path / "saes")
     assert sae.cfg.d_sae == 256
-    meta = json.loads((tmp_path / "saes" / MODEL / "blocks.2.hook_resid_post" / "trace_circuits.json").read_text())
-    assert meta["metrics"]["l0"] <= 8 + 1e-6 and meta["corpus_sha256"]
+    meta = json.loads((tmp_path / "saes" / MODEL / "blocks.2.hook_resid_post" / "cfg.json").read_text())["metadata"]
+    assert meta["metrics"]["l0"] <= 8 + 1e-6 and meta["provenance"]["corpus_sha256"]
     assert "blocks.2.hook_resid_post" in (tmp_path / "saes" / "README.md").read_text()

@@ -1,7 +1,6 @@
 """Stage 2 statistics: differential SAE-feature activation (pure numpy/scipy, no model)."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -161,15 +160,12 @@ def test_bad_input_one_line_error(harmful, benign, kwargs, words):
     assert words in msg and "\n" not in msg
 
 
-def test_speed_realistic_size():
+def test_realistic_size_of_pure_noise_flags_almost_nothing():
     rng = np.random.default_rng(0)
     H = sparse_noise(rng, 150, 4608)
     B = sparse_noise(rng, 150, 4608)
-    differential_feature_stats(H[:, :10], B[:, :10])  # warm up scipy imports
-    t0 = time.perf_counter()
     t = differential_feature_stats(H, B)
-    assert time.perf_counter() - t0 < 3.0  # ~0.1 s normally; loose bound for a busy machine
-    assert len(t) == 4608
+    assert len(t) == 4608 and t["harmful"].sum() <= 0.01 * 4608  # BH keeps false discoveries rare
 
 
 def make_result():

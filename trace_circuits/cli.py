@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompts. Writes OUT/features.json and OUT/features.html.")
     _base(fe)
     _stage_options(fe, FeaturesConfig, "")
-    fe.add_argument("--scan", default=None, help="divergence.json of a scan: use its onset layer")
+    fe.add_argument("--scan", dest="scan_file", default=None, help="divergence.json of a scan: use its onset layer")
     fe.add_argument("--out", default="runs/features", help="output folder. Default: runs/features")
     fe.set_defaults(func=cmd_features)
 
@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_options(tr, TraceConfig, "")
     _stage_options(tr, GateConfig, "gate-")
     _stage_options(tr, HookSetConfig, "hookset-")
-    tr.add_argument("--features", default=None, help="features.json of `trace-circuits features` (default: run stage 2)")
-    tr.add_argument("--scan", default=None, help="divergence.json of a scan: use its onset layer")
+    tr.add_argument("--features", dest="features_file", default=None,
+                    help="features.json of `trace-circuits features` (default: run stage 2)")
+    tr.add_argument("--scan", dest="scan_file", default=None, help="divergence.json of a scan: use its onset layer")
     tr.add_argument("--out", default="runs/trace", help="output folder. Default: runs/trace")
     tr.set_defaults(func=cmd_trace)
 
@@ -136,7 +137,8 @@ def _run(args, cfg: RunConfig, out_kind: str = "dir"):
     from trace_circuits._io import check_output
     from trace_circuits.pipeline import Run
 
-    out = check_output(args.out, out_kind)  # before any model is loaded
+    cfg.check()  # every setting, then the output folder, before any model is loaded
+    out = check_output(args.out, out_kind)
     return Run(cfg, out=out)
 
 
@@ -183,8 +185,8 @@ def cmd_features(args) -> int:
     from trace_circuits.divergence import DivergenceResult
 
     run = _run(args, _config(args, stages=[("features", FeaturesConfig, "")]))
-    if args.scan:
-        run.results["scan"] = _load_result(DivergenceResult, args.scan, "--scan")
+    if args.scan_file:
+        run.results["scan"] = _load_result(DivergenceResult, args.scan_file, "--scan")
     _print_features(run.features())
     print(f"wrote {run.out / 'features.json'} and {run.out / 'features.html'}")
     return 0
@@ -198,10 +200,10 @@ def cmd_trace(args) -> int:
     cfg = _config(args, stages=[("trace", TraceConfig, ""), ("gate", GateConfig, "gate-"),
                                 ("hookset", HookSetConfig, "hookset-")])
     run = _run(args, cfg)
-    if args.scan:
-        run.results["scan"] = _load_result(DivergenceResult, args.scan, "--scan")
-    if args.features:
-        feats = _load_result(FeatureResult, args.features, "--features")
+    if args.scan_file:
+        run.results["scan"] = _load_result(DivergenceResult, args.scan_file, "--scan")
+    if args.features_file:
+        feats = _load_result(FeatureResult, args.features_file, "--features")
         if feats.model and feats.model != canonical_name(cfg.model):
             raise TraceCircuitsError(f"--features was made for {feats.model}, not {cfg.model}; use --model "
                                      f"{feats.model} or rerun `trace-circuits features`")
@@ -214,8 +216,8 @@ def cmd_evaluate(args) -> int:
     from trace_circuits.hookset import load_hookset
     from trace_circuits.models import canonical_name
 
+    cfg = _config(args, stages=[("evaluation", EvaluationConfig, "")]).check()
     hookset = load_hookset(args.hookset)
-    cfg = _config(args, stages=[("evaluation", EvaluationConfig, "")])
     if not hasattr(args, "model"):
         cfg = dataclasses.replace(cfg, model=canonical_name(hookset.model))
     run = _run(args, cfg)

@@ -40,6 +40,12 @@ class ScanConfig:
     onset_fraction: float = opt(0.5, "the onset needs D[l] >= this fraction of the largest D")
     seed: int = opt(0, "random seed of the bootstrap and permutations")
 
+    def check(self) -> None:
+        _at_least(self, 1, "batch_size", "n_content_bins", "query_positions")
+        _at_least(self, 0, "n_bootstrap", "n_permutations")
+        _between(self, "alpha", 0, 1, closed=False)
+        _between(self, "onset_fraction", 0, 1)
+
 
 @dataclass
 class FeaturesConfig:
@@ -53,6 +59,13 @@ class FeaturesConfig:
                                               "activation")
     batch_size: int = opt(16, "prompts per forward pass")
     n_examples: int = opt(5, "top-activating prompts kept per feature")
+
+    def check(self) -> None:
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "n_examples", "min_effect_size")
+        _between(self, "alpha", 0, 1, closed=False)
+        _between(self, "max_benign_fire_rate", 0, 1)
+        _between(self, "relative_fire_threshold", 0, 1)
 
 
 @dataclass
@@ -70,6 +83,15 @@ class TraceConfig:
                                           "this fraction of the harmful-benign gap")
     suppress: str = opt("feature,head", "kinds of downstream nodes the hook set cuts (feature, head, mlp)")
 
+    def check(self) -> None:
+        _at_least(self, 1, "n_prompts", "n_candidates", "max_sources", "batch_size", "copies_per_pass")
+        _between(self, "prune_cumulative", 0, 1)
+        if self.prune_threshold is not None and self.prune_threshold < 0:
+            raise TraceCircuitsError(f"--prune-threshold must be >= 0, got {self.prune_threshold}")
+        bad = [k for k in self.suppress.split(",") if k.strip() not in ("feature", "head", "mlp")]
+        if bad:
+            raise TraceCircuitsError(f"--suppress takes feature, head and/or mlp, not {', '.join(bad)}")
+
 
 @dataclass
 class GateConfig:
@@ -81,6 +103,12 @@ class GateConfig:
     benign_rate: float = opt(0.02, "the gate may open on at most this fraction of benign calibration sequences")
     text_docs: int = opt(200, "benign corpus documents added to the gate calibration (0: prompts only)")
 
+    def check(self) -> None:
+        _between(self, "benign_rate", 0, 1, hi_open=True)
+        _at_least(self, 0, "text_docs")
+        if self.layer is not None and self.layer < 0:
+            raise TraceCircuitsError(f"--gate-layer must be >= 0, got {self.layer}")
+
 
 @dataclass
 class HookSetConfig:
@@ -89,6 +117,9 @@ class HookSetConfig:
     action: str = opt("zero", "'zero': sever the traced chains; 'reroute': also steer toward the model's refusal",
                       choices=("zero", "reroute"))
     gated_sources: bool = opt(True, "cut the source features only behind the gate")
+
+    def check(self) -> None:
+        pass
 
 
 @dataclass
@@ -105,6 +136,23 @@ class EvaluationConfig:
     harmful: Optional[str] = opt(None, "held-out harmful prompts file; default: the built-in harmful test split")
     benign: Optional[str] = opt(None, "held-out benign prompts file; default: the built-in benign test split")
     hard_negatives: bool = opt(True, "also measure over-refusal on the built-in hard negatives (test split)")
+
+    def check(self) -> None:
+        from trace_circuits.evaluate.attacks import ATTACKS
+        from trace_circuits.evaluate.baselines import BASELINE_NAMES
+
+        _at_least(self, 1, "max_new_tokens", "batch_size")
+        _at_least(self, 0, "text_docs")
+        if self.limit is not None and self.limit < 2:
+            raise TraceCircuitsError("--limit must be at least 2")
+        names = [t.strip() for t in self.templates.split(",") if t.strip()]
+        bad = [t for t in names if t not in ATTACKS] if self.templates != "all" else []
+        if bad or not names:
+            raise TraceCircuitsError(f"--templates takes all or {', '.join(ATTACKS)}, not {', '.join(bad) or 'nothing'}")
+        names = [b.strip() for b in self.baselines.split(",") if b.strip()]
+        bad = [b for b in names if b not in BASELINE_NAMES] if self.baselines not in ("all", "none") else []
+        if bad:
+            raise TraceCircuitsError(f"--baselines takes all, none or {', '.join(BASELINE_NAMES)}, not {', '.join(bad)}")
 
 
 STAGE_CONFIGS = {"scan": ScanConfig, "features": FeaturesConfig, "trace": TraceConfig, "gate": GateConfig,
@@ -135,6 +183,18 @@ class RunConfig:
     hookset: HookSetConfig = field(default_factory=HookSetConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
+    def check(self) -> "RunConfig":
+        """Every setting in range (one error line naming the option), before any model is loaded."""
+        from trace_circuits.models import resolve_device, resolve_dtype
+
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
+        if self.limit is not None and self.limit < 2:
+            raise TraceCircuitsError("--limit must be at least 2")
+        for name in STAGE_CONFIGS:
+            getattr(self, name).check()
+        return self
+
     def to_json(self) -> dict:
         return {"kind": "trace-circuits run config", "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
@@ -149,6 +209,33 @@ class RunConfig:
         except TypeError as err:
             raise TraceCircuitsError(f"{where}: {err}; fix the field or write a new config with `trace-circuits run`") \
                 from None
+
+
+def _option(cfg, name: str) -> str:
+    """The option that sets ``name``: e.g. ``--batch-size (--eval-batch-size in run)``."""
+    f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    flag = (f.metadata.get("flag") or name).replace("_", "-")
+    always = {"GateConfig": "gate-", "HookSetConfig": "hookset-"}.get(type(cfg).__name__)
+    if always:
+        return f"--{always}{flag}"
+    in_run = {"ScanConfig": "scan-", "FeaturesConfig": "features-", "TraceConfig": "trace-",
+              "EvaluationConfig": "eval-"}.get(type(cfg).__name__)
+    return f"--{flag} (--{in_run}{flag} in run)" if in_run else f"--{flag}"
+
+
+def _at_least(cfg, low, *names) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v < low:
+            raise TraceCircuitsError(f"{_option(cfg, n)} must be at least {low}, got {v}")
+
+
+def _between(cfg, name, lo, hi, closed: bool = True, hi_open: bool = False) -> None:
+    v = getattr(cfg, name)
+    ok = (lo < v < hi) if not closed else (lo <= v < hi) if hi_open else (lo <= v <= hi)
+    if not ok:
+        shape = f"({lo}, {hi})" if not closed else f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+        raise TraceCircuitsError(f"{_option(cfg, name)} must be in {shape}, got {v}")
 
 
 def _build(cls, data: dict, where: str):
@@ -223,7 +310,10 @@ def from_options(cls, args: argparse.Namespace, prefix: str = "", base=None):
     """``base`` (default: ``cls()``) with every option given on the command line laid over it."""
     obj = base if base is not None else cls()
     changes = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
         dest = f"{prefix.replace('-', '_')}{f.name}"
         if hasattr(args, dest):
             changes[f.name] = getattr(args, dest)

