@@ -1,5 +1,7 @@
-"""Every notebook runs top to bottom on the real default model."""
+"""Every notebook runs top to bottom on the real model, and what it computes is checked: each notebook's last cell
+prints ``CHECK {json}`` with its key results."""
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -12,12 +14,31 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+def check(nb) -> dict:
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.output_type == "stream")
+    lines = [line for line in text.splitlines() if line.startswith("CHECK ")]
+    assert lines, "the notebook printed no CHECK line"
+    return json.loads(lines[-1][len("CHECK "):])
+
+
+EXPECT = {
+    "01_attention_divergence.ipynb": lambda c: c["n_layers"] == 30 and c["onset_layer"] is not None and c["max_D"] > 0,
+    "02_sae_features.ipynb": lambda c: c["n_harmful_features"] >= 5 and c["auroc"] >= 0.85,
+    "03_trace_and_sever.ipynb": lambda c: c["tl_hf_max_diff"] < 1e-3 and c["same_gate"] and c["n_severed"] >= 2,
+    "04_evaluate.ipynb": lambda c: {"none", "tracerouter", "direction_ablation"} <= set(c["defenses"])
+    and 0 <= c["dsr_direct"] <= 1 and c["kl_text"] >= 0,
+    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct" and c["refusal_rate_none"] > 0.5,
+}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes_and_computes_what_it_says(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    # every code cell ran
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    result = check(nb)
+    assert EXPECT[path.name](result), result
