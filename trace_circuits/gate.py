@@ -77,12 +77,39 @@ def _score(X: torch.Tensor, w, b, m, sd) -> torch.Tensor:
     return (((X.double() - m) / sd) @ w + b).float()
 
 
+def calibration_texts(tokenizer, harmful: Sequence[str], benign: Sequence[str], templates: Sequence[str],
+                      passes: int = 2, chat: bool = True) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The gate's calibration requests as the model sees them: each request asked directly, then ``passes`` more
+    times, each time under the next attack template in turn (round-robin, so every template gets its share). The
+    prefill template is left out: the gate reads the end of the user's turn, before any prefilled answer.
+    Returns ``(harmful texts, their templates, benign texts, their templates)``."""
+    from trace_circuits.evaluate.attacks import attack_texts
+
+    framings = [t for t in templates if t not in ("direct", "prefill")]
+
+    def expand(prompts):
+        texts, names = attack_texts(tokenizer, list(prompts), "direct", chat), ["direct"] * len(prompts)
+        for k in range(passes if framings else 0):
+            for i, p in enumerate(prompts):
+                t = framings[(i + k * max(1, len(framings) // max(1, passes))) % len(framings)]
+                texts += attack_texts(tokenizer, [p], t, chat)
+                names.append(t)
+        return texts, names
+
+    h, hn = expand(harmful)
+    b, bn = expand(benign)
+    return h, hn, b, bn
+
+
 def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int,
                     benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None, l2: float = 0.2,
-                    folds: int = 5, batch_size: int = 16, progress: bool = False) -> tuple[Operation, dict]:
+                    folds: int = 5, batch_size: int = 16, progress: bool = False,
+                    groups: Optional[tuple[Sequence[str], Sequence[str]]] = None) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
-    docstring). Each set is read where the runtime will read it (the end of the last user turn); ``benign_text``
-    (documents, encoded without the chat template) is read at its last token and joins the benign class."""
+    docstring). Requests are read where the runtime reads them (the end of the last user turn, found from the chat
+    template's anchor tokens, else the last token); ``benign_text`` (documents, no chat template) is read at its last
+    token and joins the benign class. ``groups`` (a label per harmful and per benign request, e.g. its attack
+    template) breaks the out-of-fold gate rates down by group."""
     from trace_circuits.activations import residuals_at
 
     if not 0 <= benign_gate_rate < 1:
@@ -91,14 +118,14 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError(f"gate layer {layer} is outside the model (0..{model.cfg.n_layers - 1})")
     if folds < 2:
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
-    anchor = user_turn_end(model) if harmful.chat is not False else []
+    anchor = user_turn_end(model)
 
-    def read(enc, desc):
-        pos = anchor_positions(enc, anchor) if enc.chat else None
+    def read(enc, desc, at_anchor=True):
+        pos = anchor_positions(enc, anchor) if at_anchor else None
         return residuals_at(model, enc, layer, pos, batch_size, progress, desc)
 
     H, B = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
-    T = read(benign_text, "prompt gate (benign text)") if benign_text is not None and len(benign_text) else H[:0]
+    T = read(benign_text, "prompt gate (benign text)", False) if benign_text is not None and len(benign_text) else H[:0]
     if len(H) < folds or len(B) + len(T) < folds:
         raise TraceCircuitsError(f"the prompt gate needs at least {folds} harmful and {folds} benign prompts")
     X = torch.cat([H, B, T])
@@ -129,6 +156,11 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
              "rule": "at the end of the user's turn, layer l: s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
                      "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores"}
+    if groups is not None:
+        for name, scores, labels in (("harmful", h_oof, groups[0]), ("benign", b_oof, groups[1])):
+            calib[f"gate_rate_{name}_by_group"] = {
+                g: float((scores[[i for i, x in enumerate(labels) if x == g]] > q).float().mean())
+                for g in dict.fromkeys(labels)}
     return op, calib
 
 

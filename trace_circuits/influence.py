@@ -119,10 +119,19 @@ class TraceContext:
 
 @dataclass
 class PreparedBatch:
+    """A left-padded batch and what its clean run leaves for the ablated ones: the residual after the onset layer,
+    the keys and values of every later layer (the shared clean prefix), and per SAE layer the clean feature
+    activations at value positions and the first position each feature is active at."""
+
     tokens: torch.Tensor
     mask: torch.Tensor  # [B, T] real tokens
     value: torch.Tensor  # [B, T] the prompt's own text and generation prompt
     x0: torch.Tensor  # clean residual after the onset layer [B, T, d]
+    kv: dict = field(default_factory=dict)  # layer -> (keys, values) [B, T, n_kv_heads, d_head], before rotary
+    feat: dict = field(default_factory=dict)  # layer -> clean feature activations at value positions [B, T, F]
+    first_active: dict = field(default_factory=dict)  # layer -> [F] first position any row's feature is active
+    head_den: list = field(default_factory=list)  # per downstream layer: clean sum_p ||z_h[p]|| over value pos [B, H]
+    mlp_den: list = field(default_factory=list)  # per downstream layer: clean sum_p ||mlp_out[p]|| [B]
 
 
 def value_mask(encoded: EncodedPrompts, batch) -> torch.Tensor:
@@ -135,13 +144,69 @@ def value_mask(encoded: EncodedPrompts, batch) -> torch.Tensor:
 
 @torch.inference_mode()
 def prepare_batches(ctx: TraceContext, encoded: EncodedPrompts, batch_size: int) -> list[PreparedBatch]:
-    """Left-padded batches with the clean residual after the onset layer (computed once, reused by every pass)."""
-    device = next(ctx.model.parameters()).device
+    """Left-padded batches and their clean run (module docstring), computed once and reused by every pass."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    model = ctx.model
+    device = next(model.parameters()).device
     out = []
     for b in iter_batches(encoded, batch_size, device):
-        x0 = ctx.model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=ctx.onset + 1)
-        out.append(PreparedBatch(b.tokens, b.attention_mask.bool(), value_mask(encoded, b), x0.clone()))
+        x0 = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=ctx.onset + 1).clone()
+        pb = PreparedBatch(b.tokens, b.attention_mask.bool(), value_mask(encoded, b), x0)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(b.indices))
+        T = b.tokens.shape[1]
+
+        def read(layer):
+            def hook(act, hook):
+                x = act.float()
+                ok = pb.mask & (x.norm(dim=-1) <= ctx.limit[layer])
+                a = ctx.saes[layer].encode(x) * ok[..., None]
+                pos = torch.arange(T, device=x.device)[None, :, None].expand_as(a)
+                pb.first_active[layer] = torch.where(a > 0, pos, T).amin(dim=(0, 1))
+                pb.feat[layer] = a * pb.value[..., None]
+                return None
+
+            return hook
+
+        V = pb.value.float()
+        n = len(ctx.down_layers)
+        pb.head_den, pb.mlp_den = [None] * n, [None] * n
+
+        def den(j, kind):
+            def hook(act, hook):
+                norms = act.float().norm(dim=-1)  # [B, T, H] for z, [B, T] for the MLP output
+                if kind == "z":
+                    pb.head_den[j] = (norms * V[:, :, None]).sum(1).clamp_min(1e-12)
+                else:
+                    pb.mlp_den[j] = (norms * V).sum(1).clamp_min(1e-12)
+                return None
+
+            return hook
+
+        fwd = [(hook_name("resid_post", layer), read(layer)) for layer in ctx.sae_layers]
+        fwd += [(hook_name("z", layer), den(j, "z")) for j, layer in enumerate(ctx.down_layers)]
+        fwd += [(hook_name("mlp_out", layer), den(j, "m")) for j, layer in enumerate(ctx.down_layers)]
+        model.run_with_hooks(x0, start_at_layer=ctx.onset + 1, attention_mask=b.attention_mask, return_type=None,
+                             past_kv_cache=cache, fwd_hooks=fwd)
+        pb.kv = {layer: (cache[layer].past_keys, cache[layer].past_values) for layer in ctx.down_layers}
+        out.append(pb)
     return out
+
+
+def shared_prefix(ctx: TraceContext, batch: PreparedBatch, X: torch.Tensor, edits: Sequence[NodeRef]) -> int:
+    """How many leading positions every copy shares with the clean run (nothing before them changes, by causality):
+    the first position an onset-layer edit changed, a downstream feature is active at, or a head / MLP is zeroed."""
+    B, T = batch.mask.shape
+    first = T - 1  # the last position is always recomputed (the readout reads it)
+    changed = (X.view(-1, B, *X.shape[1:]) != batch.x0[None]).any(-1).any(0).any(0)  # [T]
+    if changed.any():
+        first = min(first, int(changed.nonzero()[0]))
+    for node in edits:
+        if node.kind == "feature" and node.layer > ctx.onset:
+            first = min(first, int(batch.first_active[node.layer][node.index]))
+        elif node.kind in ("head", "mlp"):
+            first = min(first, int(batch.mask.any(0).nonzero()[0]))
+    return max(0, first)
 
 
 @dataclass
@@ -171,14 +236,15 @@ class Measure:
 def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef],
                top_tokens: Optional[dict] = None) -> Measure:
     """One forward pass over ``len(edits) + 1`` stacked copies of ``batch`` (copy 0 clean, copy c ablates
-    ``edits[c-1]``), reading every downstream node."""
+    ``edits[c-1]``), reading every downstream node. Positions every copy shares with the clean run
+    (:func:`shared_prefix`) are not recomputed: their keys and values come from the clean run."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
     model = ctx.model
     C = len(edits) + 1
     B, T, _ = batch.x0.shape
     X = batch.x0.repeat(C, 1, 1)
-    M = batch.mask.repeat(C, 1)
-    V = batch.value.float()
-    VC = (M & batch.value.repeat(C, 1))  # [C*B, T] positions the readings use
     by_hook: dict[str, list[tuple[int, NodeRef]]] = defaultdict(list)
     for c, node in enumerate(edits, start=1):
         rows = slice(c * B, (c + 1) * B)
@@ -188,6 +254,14 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
             by_hook[node.hook_name].append((c, node))
         else:
             raise TraceCircuitsError(f"cannot ablate {node.id}: only nodes at or after the onset layer {ctx.onset}")
+    P = shared_prefix(ctx, batch, X, edits)
+    M, V = batch.mask.repeat(C, 1), batch.value.float()
+    Vs = V[:, P:]  # the positions this pass computes
+    read_at = (M & batch.value.repeat(C, 1))[:, P:]  # where the feature readings look
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, next(model.parameters()).device, C * B)
+    for layer, (k, v) in batch.kv.items():
+        cache.entries[layer] = TransformerLensKeyValueCacheEntry(k[:, :P].repeat(C, 1, 1, 1),
+                                                                 v[:, :P].repeat(C, 1, 1, 1))
 
     def edit_hook(items):
         def hook(act, hook):
@@ -195,7 +269,7 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
             for c, node in items:
                 rows = slice(c * B, (c + 1) * B)
                 if node.kind == "feature":
-                    act[rows] = ctx.feature_edit(node.layer, act[rows], batch.mask, node.index)
+                    act[rows] = ctx.feature_edit(node.layer, act[rows], batch.mask[:, P:], node.index)
                 elif node.kind == "head":
                     act[rows, :, node.index] = 0
                 else:
@@ -209,15 +283,22 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
     H = model.cfg.n_heads
     out.head_rel = torch.zeros(C, len(down), H)
     out.mlp_rel = torch.zeros(C, len(down))
+    Ts = T - P
 
     def read_features(layer):
         def hook(act, hook):
             x = act.float()
-            ok = VC & (x.norm(dim=-1) <= ctx.limit[layer])
-            flat = torch.zeros(C * B * T, ctx.saes[layer].cfg.d_sae, device=x.device)
+            ok = read_at & (x.norm(dim=-1) <= ctx.limit[layer])
+            flat = torch.zeros(C * B * Ts, ctx.saes[layer].cfg.d_sae, device=x.device)
             sel = ok.flatten()
-            flat[sel] = ctx.saes[layer].encode(x.reshape(C * B * T, -1)[sel])  # encode only where it is read
-            v, where = flat.view(C, B, T, -1).max(dim=2)  # [C, B, F]
+            flat[sel] = ctx.saes[layer].encode(x.reshape(C * B * Ts, -1)[sel])  # encode only where it is read
+            v, where = flat.view(C, B, Ts, -1).max(dim=2)  # [C, B, F] over the computed positions
+            if P > 0:  # the shared prefix: clean values
+                pre, pre_where = batch.feat[layer][:, :P].max(dim=1)
+                take = pre[None] > v
+                v, where = torch.where(take, pre[None], v), torch.where(take, pre_where[None], where + P)
+            else:
+                where = where + P
             out.feat_clean[layer] = v[0].sum(0).cpu()
             out.feat_drop[layer] = (v[0:1] - v).sum(1).cpu()
             if top_tokens is not None:
@@ -228,20 +309,18 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
 
     def read_heads(j):
         def hook(z, hook):
-            z = z.float().view(C, B, T, H, -1)
-            num = ((z - z[0:1]).norm(dim=-1) * V[None, :, :, None]).sum(2)  # [C, B, H]
-            den = (z[0].norm(dim=-1) * V[:, :, None]).sum(1).clamp_min(1e-12)  # [B, H]
-            out.head_rel[:, j] = (num / den).sum(1).cpu()
+            z = z.float().view(C, B, Ts, H, -1)
+            num = ((z - z[0:1]).norm(dim=-1) * Vs[None, :, :, None]).sum(2)  # [C, B, H]
+            out.head_rel[:, j] = (num / batch.head_den[j]).sum(1).cpu()
             return None
 
         return hook
 
     def read_mlp(j):
         def hook(m, hook):
-            m = m.float().view(C, B, T, -1)
-            num = ((m - m[0:1]).norm(dim=-1) * V[None]).sum(2)  # [C, B]
-            den = (m[0].norm(dim=-1) * V).sum(1).clamp_min(1e-12)
-            out.mlp_rel[:, j] = (num / den).sum(1).cpu()
+            m = m.float().view(C, B, Ts, -1)
+            num = ((m - m[0:1]).norm(dim=-1) * Vs[None]).sum(2)  # [C, B]
+            out.mlp_rel[:, j] = (num / batch.mlp_den[j]).sum(1).cpu()
             return None
 
         return hook
@@ -257,7 +336,8 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
     fwd += [(hook_name("z", layer), read_heads(j)) for j, layer in enumerate(down)]
     fwd += [(hook_name("mlp_out", layer), read_mlp(j)) for j, layer in enumerate(down)]
     fwd += [(ctx.readout.hook_name, read_final)]
-    model.run_with_hooks(X, start_at_layer=ctx.onset + 1, attention_mask=M.long(), return_type=None, fwd_hooks=fwd)
+    model.run_with_hooks(X[:, P:], start_at_layer=ctx.onset + 1, attention_mask=M.long(), past_kv_cache=cache,
+                         return_type=None, fwd_hooks=fwd)
     return out
 
 

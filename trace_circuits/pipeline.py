@@ -210,9 +210,10 @@ class Run:
                 if gc.kind == "prompt":
                     from trace_circuits.gate import fit_prompt_gate
 
-                    gate, calib = fit_prompt_gate(self.model, self.encoded("harmful"), self.encoded("benign"),
-                                                  onset if gc.layer is None else gc.layer, gc.benign_rate,
-                                                  benign_text=text, progress=self.progress)
+                    h, b, groups = self.gate_calibration_sets()
+                    gate, calib = fit_prompt_gate(self.model, h, b, onset if gc.layer is None else gc.layer,
+                                                  gc.benign_rate, benign_text=text, progress=self.progress,
+                                                  groups=groups)
                 else:
                     from trace_circuits.gate import calibrate_feature_gate
 
@@ -220,16 +221,34 @@ class Run:
                     gate, calib = calibrate_feature_gate(self.model, sae_operation(self.saes[onset], srcs),
                                                          self.encoded("harmful"), self.encoded("benign"),
                                                          gc.benign_rate, text, progress=self.progress)
-                steering = []
+                steering, steer = [], None
                 if hc.action == "reroute":
                     from trace_circuits.refusal import steering_operations
 
-                    steering = steering_operations(self, circuit)
+                    steering, steer = steering_operations(self, circuit)
                 self.results["hookset"] = hookset_from_circuit(
                     circuit, self.model, self.saes, gate=gate, gated_sources=hc.gated_sources, steering=steering,
-                    action=hc.action, provenance={"gate_calibration": calib, "config": self.config.to_json()})
+                    action=hc.action, provenance={"gate_calibration": calib, "steering": steer,
+                                                  "config": self.config.to_json()})
             self._save("hookset")
         return self.results["hookset"]
+
+    def gate_calibration_sets(self):
+        """The prompt gate's calibration requests, encoded: the harmful and benign training requests (and the hard
+        negatives' training split) asked directly and under the attack templates (:func:`gate.calibration_texts`);
+        returns ``(harmful, benign, (harmful templates, benign templates))``."""
+        from trace_circuits.evaluate.attacks import ATTACKS
+        from trace_circuits.gate import calibration_texts
+        from trace_circuits.prompts import encode_prompts
+
+        gc = self.config.gate
+        benign = list(self.prompts("benign")) + (list(self.prompts("hard_negative_train")) if gc.hard_negatives
+                                                 else [])
+        templates = [] if gc.templates == "none" else list(ATTACKS) if gc.templates == "all" else [
+            t.strip() for t in gc.templates.split(",")]
+        h, hn, b, bn = calibration_texts(self.model.tokenizer, list(self.prompts("harmful")), benign, templates,
+                                         gc.passes, chat=self.config.chat)
+        return encode_prompts(self.model, h, chat=False), encode_prompts(self.model, b, chat=False), (hn, bn)
 
     def evaluate(self):
         """Stage 4: the hook set and the baselines on held-out prompts, judged the same way."""

@@ -102,6 +102,11 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
                         "disagree_substring_vs_relevance": float((refusal != ~verdict["addressed"])[harm].mean()),
                         "disagree_default_vs_strict": float((defended != strict)[harm].mean())},
              "gate": {t: float(np.mean([opened[j] for j in np.flatnonzero(sel)])) for t, sel in by_t.items()}}
+        if gated:  # does the gate read intent or framing? benign requests under every template (no generation)
+            for a in attacks:
+                if a.name != "direct":
+                    opens = gate_opens(model, tokenizer, attack_texts(tokenizer, benign, a, chat), hs, batch_size)
+                    m["gate"][f"benign:{a.name}"] = float(np.mean(opens))
         util = {}
         for kind in ("benign", "hard_negative"):
             sel = np.array([k[0] == kind for k in keys])
