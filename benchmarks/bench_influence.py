@@ -29,7 +29,8 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from trace_circuits import builtin_prompts, encode_prompts, find_harmful_features, load_model, shipped_saes
-    from trace_circuits.influence import TraceContext, attribution_scores, fit_readout, measure_ablations, prepare_batches
+    from trace_circuits.attribution import attribution_scores
+    from trace_circuits.influence import TraceContext, fit_readout, measure_ablations, prepare_batches
     from trace_circuits.names import NodeRef, parse_node_id
 
     print(f"# bench_influence  torch {torch.__version__}  threads {torch.get_num_threads()}")

@@ -3,9 +3,9 @@ transformers and converted with TransformerLens's own converters: with a hook se
 a prompt and a continuation on its KV cache give the same logits and the same gate decisions in both libraries."""
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from trace_circuits import TraceCircuitsError
 from trace_circuits.architectures import ARCHITECTURES, architecture_of
 

@@ -15,8 +15,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from test_viewer import REAL_CIRCUIT, big_circuit, full_report
+
 from trace_circuits import Circuit
 from trace_circuits.circuit import Link, Node
 

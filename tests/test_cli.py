@@ -1,7 +1,6 @@
 """The command line on the real default model, and its one-line answers to bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from trace_circuits import DivergenceResult, TraceCircuitsError, divergence_from_profiles, scan_attention_divergence
 from trace_circuits.divergence import collect_attention_profiles, jsd_bits, segment_ids
 from trace_circuits.prompts import EncodedPrompts

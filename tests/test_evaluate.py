@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
 from test_hooks import TOKENS
+
 from trace_circuits import Operation, TraceCircuitsError
 from trace_circuits.evaluate import ATTACKS, JAILBREAKS, RelevanceJudge, attack_texts, is_refusal, wilson
 from trace_circuits.hookset import hookset_for

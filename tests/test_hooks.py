@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
 from trace_circuits import Operation, TraceCircuitsError, load_hookset
 from trace_circuits.hookset import FORMAT_VERSION, hookset_for, sae_operation
 from trace_circuits.models import model_fingerprint
@@ -65,7 +65,7 @@ def test_zeroing_features_removes_exactly_their_decoder_contribution(model):
 
 
 def test_gate_decides_whether_downstream_operations_act(model):
-    sae = tiny_sae()
+    tiny_sae()
     with torch.no_grad():
         plain = model(TOKENS)
     shut = hookset_for(model, [sae_operation(tiny_sae(layer=0), [3], gate_source=True, gate_threshold=1e9),
@@ -93,7 +93,7 @@ def test_gate_state_carries_across_kv_cache_steps(model):
     """Incremental decoding with a KV cache under the hook set equals one full forward pass under it."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    sae = tiny_sae()
+    tiny_sae()
     # feature 13 of this SAE fires on row 0 only at position 2: the gate opens at the first decoding step, and
     # only the carried state keeps it open for the later steps
     op = sae_operation(tiny_sae(layer=0), [13], gate_source=True, gate_threshold=0.0)

@@ -2,12 +2,13 @@
 numbers as one full forward pass per ablation; attribution patching ranks nodes like the exact zero-out."""
 
 import pytest
-import torch
-
 import tiny
+import torch
 from naive import measure_one_at_a_time
+
 from trace_circuits import builtin_prompts, encode_prompts
-from trace_circuits.influence import TraceContext, attribution_scores, fit_readout, measure_ablations, prepare_batches
+from trace_circuits.attribution import attribution_scores
+from trace_circuits.influence import TraceContext, fit_readout, measure_ablations, prepare_batches
 from trace_circuits.names import NodeRef
 
 

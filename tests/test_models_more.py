@@ -3,9 +3,9 @@ Qwen2 architecture) and Gemma 3 270M (base; Gemma 3 architecture). Logits match,
 kind gives the same logits and gate decisions on a prompt and its KV-cache continuation in both libraries."""
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from trace_circuits import encode_prompts, load_model
 from trace_circuits import models as models_mod
 

@@ -28,7 +28,7 @@ EXPECT = {
     "03_trace_and_sever.ipynb": lambda c: c["tl_hf_max_diff"] < 1e-3 and c["same_gate"] and c["n_severed"] >= 2,
     "04_evaluate.ipynb": lambda c: {"none", "tracerouter", "direction_ablation"} <= set(c["defenses"])
     and 0 <= c["dsr_direct"] <= 1 and c["kl_text"] >= 0,
-    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct" and c["refusal_rate_none"] > 0.5,
+    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct" and c["dsr_direct_none"] > 0.5,
 }
 
 

@@ -6,11 +6,19 @@ import dataclasses
 import json
 
 import pytest
+import tiny
 import torch
 
-import tiny
-from trace_circuits import (GateConfig, Run, RunConfig, TraceCircuitsError, TraceConfig, builtin_prompts,
-                            encode_prompts, fit_prompt_gate)
+from trace_circuits import (
+    GateConfig,
+    Run,
+    RunConfig,
+    TraceCircuitsError,
+    TraceConfig,
+    builtin_prompts,
+    encode_prompts,
+    fit_prompt_gate,
+)
 from trace_circuits.config import EvaluationConfig, FeaturesConfig, ScanConfig
 
 

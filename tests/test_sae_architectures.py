@@ -3,9 +3,9 @@ and its zero-out removes exactly that feature's decoder contribution, in Transfo
 SAEs load from an SAE-Lens folder and feed stage 2."""
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from trace_circuits import TraceCircuitsError, find_harmful_features, load_sae
 from trace_circuits.hookset import hookset_for, load_hookset, sae_operation
 from trace_circuits.prompts import encode_prompts, iter_batches

@@ -4,11 +4,20 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from trace_circuits import TraceCircuitsError
-from trace_circuits.saes import (ActivationBatches, SAETrainingConfig, check_sae_fits, collect_activations,
-                                 evaluate_sae, list_saes, load_sae, save_sae, train_sae)
+from trace_circuits.saes import (
+    ActivationBatches,
+    SAETrainingConfig,
+    check_sae_fits,
+    collect_activations,
+    evaluate_sae,
+    list_saes,
+    load_sae,
+    save_sae,
+    train_sae,
+)
 from trace_circuits.saes import training as training_mod
 
 HOOK = "blocks.1.hook_resid_post"
@@ -79,7 +88,7 @@ def test_activation_batches_resume_at_the_same_position():
 def test_training_learns_saves_loads_and_resumes(model, tmp_path, monkeypatch):
     cs = chunks(60)
     acts = collect_activations(model, cs, [HOOK], tmp_path / "acts", progress=False)[HOOK]
-    cfg = small_cfg()
+
     calls = {"n": 0}
     real_next = ActivationBatches.__next__
 

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-
 from naive import measure_one_at_a_time
+
 from trace_circuits import Circuit, builtin_prompts, encode_prompts, load_hookset, shipped_saes
+from trace_circuits.attribution import attribution_scores
 from trace_circuits.cli import main
-from trace_circuits.influence import TraceContext, attribution_scores, fit_readout, measure_ablations, prepare_batches
+from trace_circuits.influence import TraceContext, fit_readout, measure_ablations, prepare_batches
 from trace_circuits.names import NodeRef
 from trace_circuits.prompts import iter_batches
 

@@ -115,7 +115,7 @@ def sae(arch: str, hook: str, d_in: int = 64, d_sae: int = 96, k: int = 6, seed:
     for inference, which SAE-Lens does as JumpReLU), random but non-trivial weights, ``hook_name`` set."""
     import tempfile
 
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
     torch.manual_seed(seed)
     common = dict(d_in=d_in, d_sae=d_sae, normalize_activations=normalize)

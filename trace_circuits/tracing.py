@@ -19,10 +19,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from trace_circuits.attribution import attribution_scores
 from trace_circuits.circuit import Circuit, Link, Node
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.influence import (Measure, TraceContext, attribution_scores, fit_readout,
-                                      measure_ablations, prepare_batches)
+from trace_circuits.influence import Measure, TraceContext, fit_readout, measure_ablations, prepare_batches
 from trace_circuits.names import READOUT_ID, NodeRef, hook_name, layer_of, node_id, parse_node_id
 from trace_circuits.prompts import EncodedPrompts, iter_batches
 from trace_circuits.stats import spearman

@@ -2,8 +2,13 @@
 
 from trace_circuits.evaluate.attacks import ATTACKS, JAILBREAKS, Attack, attack, attack_texts
 from trace_circuits.evaluate.baselines import BASELINE_NAMES, build_baselines, check_baseline_names
-from trace_circuits.evaluate.judges import (REFUSAL_STARTS, REFUSAL_SUBSTRINGS, RelevanceJudge, is_refusal,
-                                            refusal_token_ids)
+from trace_circuits.evaluate.judges import (
+                                            REFUSAL_STARTS,
+                                            REFUSAL_SUBSTRINGS,
+                                            RelevanceJudge,
+                                            is_refusal,
+                                            refusal_token_ids,
+)
 from trace_circuits.evaluate.result import EvaluationResult
 from trace_circuits.evaluate.run import evaluate_defenses
 from trace_circuits.evaluate.utility import next_token_kl, plain_logprobs, split_text

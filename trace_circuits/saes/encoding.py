@@ -19,8 +19,8 @@ Zeroing feature ``f`` while keeping the SAE's error term removes exactly its dec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from jaxtyping import Float

@@ -10,7 +10,6 @@ where CE_sae splices the SAE reconstruction into the forward pass at the hook an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 

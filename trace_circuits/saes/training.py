@@ -18,7 +18,6 @@ Quality is measured on held-out corpus text (:mod:`trace_circuits.saes.quality`)
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

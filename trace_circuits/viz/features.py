@@ -10,9 +10,17 @@ import numpy as np
 import torch
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.feature_stats import (EFFECT_SIZE_CLIP, STATUS_BENIGN, STATUS_CONSTANT, STATUS_HARMFUL,
-                                          STATUS_NO_DIFFERENCE, STATUS_NOT_SIGNIFICANT, STATUS_SMALL, STATUS_WEAKER,
-                                          STATUSES)
+from trace_circuits.feature_stats import (
+    EFFECT_SIZE_CLIP,
+    STATUS_BENIGN,
+    STATUS_CONSTANT,
+    STATUS_HARMFUL,
+    STATUS_NO_DIFFERENCE,
+    STATUS_NOT_SIGNIFICANT,
+    STATUS_SMALL,
+    STATUS_WEAKER,
+    STATUSES,
+)
 from trace_circuits.viz.pages import figure_html
 from trace_circuits.viz.views import PairView
 
