@@ -41,6 +41,26 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``dest`` in one rename; an old ``dest`` is moved aside first and deleted
+    only once the new one is in place (an interruption leaves the old or the new folder, never neither). Every file
+    in ``tmp`` is flushed to disk before the rename."""
+    import shutil
+
+    tmp, dest = Path(tmp), Path(dest)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = dest.with_name(dest.name + f".old{os.getpid()}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
 def check_output(path: str | os.PathLike, kind: str = "dir") -> Path:
     """Check, before any work, that ``path`` can be written as a folder (``kind="dir"``) or a file: not a file where a
     folder is wanted (or the reverse), and writable. Missing parent folders are created. One error line otherwise."""

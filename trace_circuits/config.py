@@ -124,8 +124,8 @@ class GateConfig:
 class HookSetConfig:
     """What the exported hook set does once its gate opens."""
 
-    action: str = opt("zero", "'zero': sever the traced chains; 'reroute': also steer toward the model's refusal",
-                      choices=("zero", "reroute"))
+    action: str = opt("reroute", "'zero': sever the traced chains (the paper's operation); 'reroute': also steer "
+                                 "toward the model's own refusal", choices=("zero", "reroute"))
     gated_sources: bool = opt(True, "cut the source features only behind the gate")
     steer_strength: float = opt(0.4, "reroute: steer by this multiple of the refusal-compliance gap at each layer")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trace_circuits._io import write_json_atomic
+from trace_circuits._io import replace_dir, write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.model_files import WheelFile, cache_root, ensure_file, installed
 
@@ -207,15 +207,9 @@ def _write_cache(dest: Path, cfg_kwargs: dict, state_dict: dict, tokenizer, meta
     tmp.mkdir(parents=True)
     # Tied embeddings share storage in the HF model; safetensors needs separate tensors.
     save_file({k: v.clone() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
-    with open(tmp / "model.safetensors", "rb") as fh:
-        os.fsync(fh.fileno())
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     write_json_atomic(tmp / "config.json", {**meta, "cfg": cfg_kwargs})
-    old = dest.with_name(dest.name + f".old{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)  # the old entry stays until the new one is in place
-    os.replace(tmp, dest)  # the folder appears complete or not at all
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dest)  # the folder appears complete or not at all; the old entry stays until then
 
 
 def _read_cache(cdir: Path, meta: dict):

@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
-from trace_circuits._io import write_json_atomic
+from trace_circuits._io import replace_dir, write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.operations import Operation
 from trace_circuits.results import check_format, read_json
@@ -201,16 +201,8 @@ class HookSet:
         tensors = {f"ops.{i}.{name}": t.detach().float().cpu().contiguous()
                    for i, op in enumerate(self.operations) for name, t in op.tensors.items()}
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": KIND, "format_version": str(FORMAT_VERSION)})
-        with open(tmp / TENSORS_FILE, "rb") as fh:
-            os.fsync(fh.fileno())
         write_json_atomic(tmp / HOOKSET_FILE, self.to_json())
-        old = out.with_name(out.name + f".old{os.getpid()}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return out
+        return replace_dir(tmp, out)
 
     @classmethod
     def load(cls, path: str | Path) -> "HookSet":

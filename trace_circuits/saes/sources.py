@@ -235,16 +235,9 @@ def save_sae(sae, out_dir: str | Path, metadata: Optional[dict] = None, float16:
         save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(wpath))
         cfg["dtype"] = "float16"
     (tmp / "cfg.json").write_text(json.dumps(cfg))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    from trace_circuits._io import replace_dir
+
+    return replace_dir(tmp, out_dir)
 
 
 def by_layer(saes) -> dict[int, object]:
