@@ -138,6 +138,7 @@ class HookSet:
         runtime (``.gate_open``, ``.prompt_scores``, ``.stats``)."""
         from trace_circuits.hookset.runtime import attached
 
+        self.validate()  # again: a field changed since loading (a NaN threshold) must not switch the defense off
         return attached(self, model)
 
     def fwd_hooks(self, model=None) -> list[tuple[str, Callable]]:
@@ -145,6 +146,7 @@ class HookSet:
         sequence)."""
         from trace_circuits.hookset.runtime import fwd_hooks
 
+        self.validate()
         return fwd_hooks(self, model)
 
     # -- persistence --------------------------------------------------------------------------------------------
