@@ -271,6 +271,11 @@ def test_identical_harmful_and_benign_sets_are_one_line_before_the_model(tmp_pat
                                             str(tmp_path / "o")])
 
 
+def test_an_unreadable_prompt_file_is_one_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["scan", "--harmful", "/proc/self/mem", "--out", str(tmp_path)])
+    assert "cannot read prompt file /proc/self/mem (Input/output error)" in err
+
+
 def test_a_few_shared_prompts_are_a_warning():
     from trace_circuits.prompts import check_distinct
 

@@ -117,6 +117,8 @@ def load_prompts(path: str | Path, column: Optional[str] = None, max_chars: int 
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise TraceCircuitsError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise TraceCircuitsError(f"cannot read prompt file {path} ({err.strerror or type(err).__name__})") from None
     if not text.strip():
         raise TraceCircuitsError(f"prompt file {path} is empty; put one prompt per line (.txt) or one per row")
     suffix = path.suffix.lower()
