@@ -204,6 +204,23 @@ def test_tampered_tensors_are_one_line_naming_file_and_tensor(exported, tmp_path
     assert_one_line(info.value, str(hs), field)
 
 
+def test_a_defense_whose_every_scale_is_1_is_refused(twins, tmp_path):
+    """scale 1 leaves an activation unchanged: a 'zero' hook set with every scale set to 1 is a defense that is off."""
+    from trace_circuits.hookset import Operation, hookset_for, sae_operation
+
+    tl = twins[0]
+    hs = hookset_for(tl, [sae_operation(tiny.sae("topk", "blocks.1.hook_resid_post"), [0, 3]),
+                          Operation(kind="heads", layer=2, heads=[1]), Operation(kind="mlp", layer=3)], action="zero")
+    saved = hs.save(tmp_path / "export")
+    load_hookset(tampered(saved, tmp_path, op(1, scale=1.0)))  # one operation off: a weaker, still acting defense
+
+    def all_off(meta):
+        for o in meta["operations"]:
+            o["scale"] = 1.0
+    with pytest.raises(TraceCircuitsError, match="every operation has scale 1 .* would change nothing"):
+        load_hookset(tampered(saved, tmp_path / "off", all_off))
+
+
 def test_unreadable_tensors_file_is_one_line(exported, tmp_path):
     hs = tampered(exported, tmp_path)
     data = (hs / "tensors.safetensors").read_bytes()

@@ -102,6 +102,10 @@ class HookSet:
                 op.gate_source, op.gated = True, False
             elif op.gated and not feature_gates and not probes:
                 op.gated = False  # no gate at all: the operation acts everywhere (documented)
+        if self.action != "none" and all(op.kind == "prompt_probe" or (op.kind != "direction" and op.scale == 1.0)
+                                         for op in self.operations):
+            raise TraceCircuitsError(f"{where}: every operation has scale 1 (leaves its activations unchanged), so this "
+                                     f"'{self.action}' hook set would change nothing; re-export the hook set")
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one the hook set was made for (shape first, then identity)."""
