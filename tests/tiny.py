@@ -195,7 +195,7 @@ def kv_parity(tl, hf, tok, hs, prompts, continuation: str = " Sure, here is how 
     return plain_tl, plain_hf, cut_tl, cut_hf, rt_tl, rt_hf, full_mask.bool()
 
 
-def all_kinds_hookset(tl, sae_layer: int = 2):
+def all_kinds_hookset(tl, sae_layer: int = 2, threshold: float = 0.0):
     """A prompt gate at layer 1 and, after it, one operation of every kind (SAE features of two architectures)."""
     from trace_circuits import Operation
     from trace_circuits.gate import user_turn_end
@@ -204,7 +204,7 @@ def all_kinds_hookset(tl, sae_layer: int = 2):
     torch.manual_seed(5)
     d, L = tl.cfg.d_model, tl.cfg.n_layers
     r, v = torch.randn(d), torch.randn(d)
-    probe = Operation(kind="prompt_probe", layer=1, gap=1.0, anchor=user_turn_end(tl),
+    probe = Operation(kind="prompt_probe", layer=1, gap=1.0, anchor=user_turn_end(tl), gate_threshold=threshold,
                       tensors={"r": r / r.norm(), "mu": torch.zeros(d)})
     return hookset_for(tl, [probe, sae_operation(sae("topk", f"blocks.{sae_layer}.hook_resid_post", d_in=d), [0, 3, 7]),
                             sae_operation(sae("jumprelu", f"blocks.{sae_layer}.hook_mlp_out", d_in=d), [1, 2]),

@@ -5,17 +5,14 @@ evaluation -> report. :class:`Run` holds the model, the encoded prompts and the 
 stage's result object has ``save(dir)`` / ``load(dir)``, ``to_json()`` / ``from_json()`` and ``plot()``.
 """
 
-from trace_circuits.attribution import attribution_scores
-from trace_circuits.circuit import Circuit, Link, Node
-from trace_circuits.config import (
-                                   EvaluationConfig,
-                                   FeaturesConfig,
-                                   GateConfig,
-                                   HookSetConfig,
-                                   RunConfig,
-                                   ScanConfig,
-                                   TraceConfig,
-)
+from trace_circuits.model_files import default_offline
+
+default_offline()  # HF_HUB_OFFLINE=1 unless the user chose, before transformers / huggingface_hub are imported
+
+from trace_circuits.attribution import attribution_scores  # noqa: E402
+from trace_circuits.circuit import Circuit, Link, Node  # noqa: E402
+from trace_circuits.config import (EvaluationConfig, FeaturesConfig, GateConfig, HookSetConfig, RunConfig, ScanConfig,
+                                   TraceConfig)
 from trace_circuits.divergence import DivergenceResult, divergence_from_profiles, scan_attention_divergence
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.evaluate import EvaluationResult, RelevanceJudge, build_baselines, evaluate_defenses

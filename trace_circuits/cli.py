@@ -146,9 +146,20 @@ def _run(args, cfg: RunConfig, out_kind: str = "dir"):
     from trace_circuits._io import check_output
     from trace_circuits.pipeline import Run
 
-    cfg.check()  # every setting, then the output folder, before any model is loaded
+    cfg.check()  # every setting, the output folder and the prompt files, before any model is loaded
     out = check_output(args.out, out_kind)
-    return Run(cfg, out=out)
+    run = Run(cfg, out=out)
+    _check_prompts(run, args)
+    return run
+
+
+def _check_prompts(run, args) -> None:
+    """Read the prompt sets (files: one error line each) and refuse identical harmful / benign sets, before any model
+    is loaded."""
+    from trace_circuits.prompts import check_distinct
+
+    kinds = ("harmful_test", "benign_test") if args.command == "evaluate" else ("harmful", "benign")
+    check_distinct(run.prompts(kinds[0]), run.prompts(kinds[1]))
 
 
 def _load_result(cls, path: str, option: str):
@@ -350,6 +361,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, no permission, I/O error: one line, not a traceback
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; free space or fix permissions and run again", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,26 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
     return responses, gate
 
 
+def context_length(model) -> Optional[int]:
+    """The most positions a transformers model (``max_position_embeddings``) or HookedTransformer (``n_ctx``) takes."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    n = n or getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model, tokenizer, prompts: Sequence[str], texts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse, before any generation, a prompt that with ``max_new_tokens`` new tokens does not fit the model's
+    context (one error line naming the prompt), as the scan does for its prompts."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    for raw, n in zip(prompts, lengths):
+        if n + max_new_tokens > limit:
+            raise TraceCircuitsError(f"a prompt is {n} tokens, and {n} + {max_new_tokens} new tokens is over the model's "
+                                     f"context of {limit}; shorten it, drop it or lower --max-new-tokens: {raw[:60]!r}")
+
+
 def _fingerprint(model) -> str:
     from trace_circuits.models import model_fingerprint
 
@@ -104,6 +124,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
     if hookset is not None:
         hookset.check_model(model)
     texts = format_prompts(tokenizer, plist, chat=chat, system=system)
+    check_context(model, tokenizer, plist, texts, max_new_tokens)
     key = _settings_key(texts=texts, hookset=hookset_id or (hookset.to_json() if hookset else None),
                         max_new_tokens=max_new_tokens, do_sample=do_sample, first_token_ids=first_token_ids,
                         model=_fingerprint(model))

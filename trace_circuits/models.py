@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import weakref
@@ -200,36 +199,52 @@ def _cache_dir(spec: ModelSpec) -> Path:
 
 
 def _write_cache(dest: Path, cfg_kwargs: dict, state_dict: dict, tokenizer, meta: dict) -> None:
+    """Build the entry beside ``dest`` and rename it into place (the old entry stays until the new one is there);
+    ``config.json`` records the weights file's size and SHA-256 (:func:`trace_circuits.model_files.file_record`)."""
     from safetensors.torch import save_file
 
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Tied embeddings share storage in the HF model; safetensors needs separate tensors.
-    save_file({k: v.clone() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    write_json_atomic(tmp / "config.json", {**meta, "cfg": cfg_kwargs})
-    replace_dir(tmp, dest)  # the folder appears complete or not at all; the old entry stays until then
+    from trace_circuits._io import staging_dir
+    from trace_circuits.model_files import file_record
+
+    tmp = staging_dir(dest)
+    try:
+        # Tied embeddings share storage in the HF model; safetensors needs separate tensors.
+        save_file({k: v.clone() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        write_json_atomic(tmp / "config.json", {**meta, "cfg": cfg_kwargs,
+                                                "weights": file_record(tmp / "model.safetensors")})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, dest)
 
 
 def _read_cache(cdir: Path, meta: dict):
-    """``(cfg kwargs, state dict, tokenizer)`` from a cache entry made for ``meta``, else None (then it is rebuilt)."""
-    from safetensors import SafetensorError
+    """``(cfg kwargs, state dict, tokenizer)`` from a cache entry made for ``meta``, else None (then it is rebuilt
+    from the checked model file: a damaged entry costs a conversion, with one warning line naming it)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    from trace_circuits.model_files import check_record
+
+    if not (cdir / "config.json").exists():
+        return None
     try:
         cached = json.loads((cdir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not all(cached.get(k) == v for k, v in meta.items()):
-        return None
-    try:
-        return cached["cfg"], load_file(str(cdir / "model.safetensors")), AutoTokenizer.from_pretrained(
-            str(cdir / "tokenizer"))
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        log.warning("model cache entry %s is damaged (%s); converting again", cdir, type(err).__name__)
-        return None
+        if not isinstance(cached, dict) or not all(cached.get(k) == v for k, v in meta.items()):
+            return None  # made by another converter or cache version: converted again beside it
+        problem = check_record(cdir / "model.safetensors", cached.get("weights"))
+        if problem is None:
+            state = load_file(str(cdir / "model.safetensors"))
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            problem = None if bad is None else f"{bad} holds NaN or inf"
+        if problem is None and isinstance(cached.get("cfg"), dict):
+            return cached["cfg"], state, AutoTokenizer.from_pretrained(str(cdir / "tokenizer"))
+        problem = problem or "config.json has no cfg"
+    except Exception as err:  # noqa: BLE001 - any damage to derived data means: convert again
+        problem = f"{type(err).__name__}: {str(err)[:80]}"
+    log.warning("model cache entry %s is damaged (%s); converting it again from the checked model file", cdir, problem)
+    return None
 
 
 def model_fingerprint(model) -> str:
@@ -328,13 +343,15 @@ def _load_tl_pretrained(name: str, dev: torch.device, dt: torch.dtype):
         raise TraceCircuitsError(
             f"unknown model '{name}'; use one of {', '.join(available_models())} or a TransformerLens model name"
         ) from None
-    try:
-        model = HookedTransformer.from_pretrained_no_processing(official, device=str(dev), dtype=dt)
+    from trace_circuits.model_files import from_hub
+
+    try:  # the local cache first; the hub only if the user allowed it (HF_HUB_OFFLINE=0), after one quick test
+        model = from_hub(lambda: HookedTransformer.from_pretrained_no_processing(official, device=str(dev), dtype=dt),
+                         f"TransformerLens model '{official}'", "download it on a connected machine into "
+                         f"~/.cache/huggingface or use {DEFAULT_MODEL}")
     except (OSError, EnvironmentError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TraceCircuitsError(
-            f"weights for '{official}' are not in the local Hugging Face cache and the hub cannot be reached "
-            f"({first[:120]}); download them on a connected machine into ~/.cache/huggingface or use "
-            f"{DEFAULT_MODEL}") from None
+        raise TraceCircuitsError(f"TransformerLens cannot load '{official}' ({first[:120]}); download it on a "
+                                 f"connected machine into ~/.cache/huggingface or use {DEFAULT_MODEL}") from None
     _INFO[model] = ModelInfo(official, _tl_fingerprint(model), bool(getattr(model.tokenizer, "chat_template", None)))
     return model

@@ -117,6 +117,8 @@ def load_prompts(path: str | Path, column: Optional[str] = None, max_chars: int 
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise TraceCircuitsError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise TraceCircuitsError(f"cannot read prompt file {path} ({err.strerror or type(err).__name__})") from None
     if not text.strip():
         raise TraceCircuitsError(f"prompt file {path} is empty; put one prompt per line (.txt) or one per row")
     suffix = path.suffix.lower()
@@ -225,6 +227,24 @@ def _clean(raw: list[tuple[str, str]], path: Path, max_chars: int) -> PromptSet:
     if not prompts:
         raise TraceCircuitsError(f"{path} holds no usable prompts (all blank, duplicate or too long)")
     return PromptSet(prompts, cats, ids, source=str(path))
+
+
+def check_distinct(harmful: Sequence[str], benign: Sequence[str], max_shared: float = 0.5) -> None:
+    """Refuse harmful and benign sets that are the same prompts (identical, or sharing ``max_shared`` of the smaller
+    set, ignoring case, punctuation and spacing): every contrast between them would be noise. A few shared prompts
+    are a warning."""
+    norm = lambda p: " ".join("".join(c if c.isalnum() else " " for c in p.lower()).split())  # noqa: E731
+    h, b = {norm(p) for p in harmful}, {norm(p) for p in benign}
+    shared = h & b
+    if not shared:
+        return
+    example = next(p for p in harmful if norm(p) in shared)[:60]
+    if h == b or len(shared) >= max_shared * min(len(h), len(b)):
+        raise TraceCircuitsError(f"the harmful and benign prompt sets are {'identical' if h == b else 'nearly identical'}"
+                                 f": {len(shared)} of {min(len(h), len(b))} prompts are in both (e.g. {example!r}); "
+                                 "pass two different sets")
+    warnings.warn(f"{len(shared)} prompt(s) are in both the harmful and the benign set (e.g. {example!r}); they blur "
+                  "the contrast", stacklevel=2)
 
 
 def as_prompt_list(prompts: PromptSet | Sequence[str] | str | Path) -> list[str]:

@@ -27,21 +27,43 @@ def check_format(data: Any, kind: str, version: int, where: str, fix: str) -> di
     if found is not None and found != kind:
         raise TraceCircuitsError(f"{where} is a {found}, not a {kind}; {fix}")
     v = data.get("format_version", 0)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TraceCircuitsError(f"{where} has format version {v!r}, not an integer; {fix}")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise TraceCircuitsError(f"{where} has format version {v!r}, not a non-negative integer; {fix}")
     if v > version:
         raise TraceCircuitsError(f"{where} has format version {v}, newer than this trace-circuits reads ({version}); "
                                  "upgrade trace-circuits")
     return data
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (``json`` would silently keep the last value)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(f"key '{k}' appears twice in one object")
+        out[k] = v
+    return out
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that refuses an object naming a key twice (:class:`DuplicateKeyError`)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
 def read_json(path: Path, kind: str, fix: str) -> dict:
-    """A JSON file, with one error line if it is missing or not JSON."""
+    """A JSON file, with one error line if it is missing, not UTF-8 JSON, or names a key twice in one object."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return loads_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TraceCircuitsError(f"{path} does not exist; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except IsADirectoryError:
+        raise TraceCircuitsError(f"{path} is a folder, not a {kind} file; {fix}") from None
+    except DuplicateKeyError as err:
+        raise TraceCircuitsError(f"{path}: {err} (which one counts is ambiguous); {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise TraceCircuitsError(f"{path} is not a readable {kind} ({type(err).__name__}: {str(err)[:80]}); {fix}") \
             from None
 
@@ -81,7 +103,7 @@ class Result:
         check_format(data, cls.KIND, cls.FORMAT_VERSION, where or cls.FILE, cls.FIX)
         try:
             return cls._from_dict(data)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             raise TraceCircuitsError(f"{where or cls.FILE} is not a complete {cls.KIND} ({type(err).__name__}: "
                                      f"{str(err)[:80]}); {cls.FIX}") from None
 

@@ -7,12 +7,24 @@ attached: a NaN threshold or a misspelt key must never switch the defense off si
 ``error:`` line naming the file and the field.
 
 Format versions: 1 (feature gate, TopK SAEs), 2 (+ prompt gate), 3 (+ any SAE architecture, ``action``, strict
-validation). Older files load unchanged.
+validation), 4 (+ ``tensors_sha256``: the SHA-256 of ``tensors.safetensors``, so the two files of one export stay
+together). Older files load unchanged, under the same checks.
+
+What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
+names a key twice or a key this version does not know; a field of the wrong type; an operation of an unknown kind,
+with an unknown field, or without a field its effect depends on (``gated``, ``scale``, a gate's ``gate_threshold``,
+a probe's ``gap``, a direction's ``mode``); a NaN or infinite number, a ``scale`` outside [0, 1], a layer, head or
+feature id outside the model or SAE, a repeated head or feature; a ``hook_name``, ``hf_module`` or ``hf_hook`` that
+is not where the operation acts; a tensor missing, of another shape or dtype than declared, not finite, not under
+its own key ``ops.{i}.{name}``, meaningless for its operation, or in the file without an operation naming it; a
+``direction`` (ablate) or probe vector that is not a unit vector; a steering step beyond float16's range; a gate
+other than the one ``provenance.gate_calibration`` records (kind, layer, threshold); a tensors file whose SHA-256
+is not the recorded one.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +32,13 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
-from trace_circuits._io import replace_dir, write_json_atomic
+from trace_circuits._io import leftover_dirs, replace_dir, staging_dir, write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.operations import Operation
+from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
 KIND = "trace-circuits hook set"
@@ -34,7 +47,9 @@ KIND = "trace-circuits hook set"
 #: baselines that are not TraceRouter hook sets.
 ACTIONS = ("zero", "reroute", "none")
 _TOP_KEYS = {"format_version", "kind", "model", "model_fingerprint", "weights_signature", "architecture", "d_model",
-             "n_layers", "n_heads", "d_head", "description", "semantics", "action", "operations", "provenance"}
+             "n_layers", "n_heads", "d_head", "description", "semantics", "action", "operations", "provenance",
+             "tensors_sha256"}
+_SPEC_KEYS = {"key", "shape", "dtype"}
 
 
 @dataclass
@@ -87,6 +102,10 @@ class HookSet:
                 op.gate_source, op.gated = True, False
             elif op.gated and not feature_gates and not probes:
                 op.gated = False  # no gate at all: the operation acts everywhere (documented)
+        if self.action != "none" and all(op.kind == "prompt_probe" or (op.kind != "direction" and op.scale == 1.0)
+                                         for op in self.operations):
+            raise TraceCircuitsError(f"{where}: every operation has scale 1 (leaves its activations unchanged), so this "
+                                     f"'{self.action}' hook set would change nothing; re-export the hook set")
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one the hook set was made for (shape first, then identity)."""
@@ -123,6 +142,7 @@ class HookSet:
         runtime (``.gate_open``, ``.prompt_scores``, ``.stats``)."""
         from trace_circuits.hookset.runtime import attached
 
+        self.validate()  # again: a field changed since loading (a NaN threshold) must not switch the defense off
         return attached(self, model)
 
     def fwd_hooks(self, model=None) -> list[tuple[str, Callable]]:
@@ -130,6 +150,7 @@ class HookSet:
         sequence)."""
         from trace_circuits.hookset.runtime import fwd_hooks
 
+        self.validate()
         return fwd_hooks(self, model)
 
     # -- persistence --------------------------------------------------------------------------------------------
@@ -164,44 +185,60 @@ class HookSet:
         for key in ("model", "model_fingerprint", "weights_signature"):
             if not isinstance(meta.get(key), str):
                 raise TraceCircuitsError(f"{where}: field '{key}' must be a string; re-export the hook set")
+        for key in ("description", "architecture", "semantics", "action"):
+            if key in meta and not isinstance(meta[key], str):
+                raise TraceCircuitsError(f"{where}: field '{key}' must be a string, got {meta[key]!r}; fix or "
+                                         "re-export the hook set")
+        arch = meta.get("architecture", "")
+        if arch and arch not in _architectures():
+            raise TraceCircuitsError(f"{where}: field 'architecture' is {arch!r}, not one of "
+                                     f"{', '.join(_architectures())} (or empty); fix or re-export the hook set")
+        prov = meta.get("provenance", {})
+        if not isinstance(prov, dict):
+            raise TraceCircuitsError(f"{where}: field 'provenance' must be a JSON object, got {prov!r}; fix or "
+                                     "re-export the hook set")
+        claimed: set[str] = set()
         ops = []
         for i, d in enumerate(ops_json):
             at = f"{where}, operation {i}"
-            own = {}
-            for name, spec in (d.get("tensors", {}) if isinstance(d, dict) else {}).items():
-                key = spec.get("key") if isinstance(spec, dict) else None
-                if key not in tensors:
-                    raise TraceCircuitsError(f"{at}: tensor {key} is missing from {TENSORS_FILE}; re-export the hook "
-                                             "set")
-                if list(tensors[key].shape) != list(spec.get("shape", [])):
-                    raise TraceCircuitsError(f"{at}: tensor {key} has shape {list(tensors[key].shape)} but "
-                                             f"{HOOKSET_FILE} says {spec.get('shape')}; re-export the hook set")
-                own[name] = tensors[key].float()
+            own = _op_tensors(i, d, tensors, at, claimed)
             ops.append(Operation.from_json(d, own, at))
-        prov = meta.get("provenance", {})
         try:
-            return cls(model=meta["model"], model_fingerprint=meta["model_fingerprint"],
-                       weights_signature=meta["weights_signature"], d_model=meta.get("d_model"),
-                       n_layers=meta.get("n_layers"), n_heads=meta.get("n_heads"), d_head=meta.get("d_head"),
-                       operations=ops, provenance=prov if isinstance(prov, dict) else {},
-                       description=str(meta.get("description", "")), action=meta.get("action", "zero"),
-                       architecture=str(meta.get("architecture", "") or ""))
+            hs = cls(model=meta["model"], model_fingerprint=meta["model_fingerprint"],
+                     weights_signature=meta["weights_signature"], d_model=meta.get("d_model"),
+                     n_layers=meta.get("n_layers"), n_heads=meta.get("n_heads"), d_head=meta.get("d_head"),
+                     operations=ops, provenance=prov, description=meta.get("description", ""),
+                     action=meta.get("action", "zero"), architecture=arch)
         except TraceCircuitsError as err:
-            raise TraceCircuitsError(str(err).replace("hook set:", f"{where}:", 1)) from None
+            msg = str(err)
+            raise TraceCircuitsError(where + msg[len("hook set"):] if msg.startswith("hook set") else msg) from None
+        for i, (op, d) in enumerate(zip(ops, ops_json)):
+            _check_twin(op, d, arch, f"{where}, operation {i}")
+        unclaimed = sorted(set(tensors) - claimed)
+        if unclaimed:
+            raise TraceCircuitsError(f"{where}: {TENSORS_FILE} holds tensor(s) {unclaimed[:5]} that no operation "
+                                     "names (from another export?); re-export the hook set")
+        _check_calibration(hs, where)
+        return hs
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``hookset.json`` + ``tensors.safetensors`` into ``out_dir``: the folder is built beside it, flushed
-        to disk, then renamed into place; an old hook set there is removed only once the new one is in place."""
+        """Write ``hookset.json`` + ``tensors.safetensors`` into ``out_dir``: the folder is built beside it, every file
+        flushed to disk, then renamed into place; an old hook set there is removed only once the new one is in place.
+        ``hookset.json`` records the SHA-256 of the tensors file, so the two files of one export stay together."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = {f"ops.{i}.{name}": t.detach().float().cpu().contiguous()
-                   for i, op in enumerate(self.operations) for name, t in op.tensors.items()}
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": KIND, "format_version": str(FORMAT_VERSION)})
-        write_json_atomic(tmp / HOOKSET_FILE, self.to_json())
+        tmp = staging_dir(out)
+        try:
+            tensors = {f"ops.{i}.{name}": t.detach().float().cpu().contiguous()
+                       for i, op in enumerate(self.operations) for name, t in op.tensors.items()}
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": KIND,
+                                                                  "format_version": str(FORMAT_VERSION)})
+            meta = {**self.to_json(), "tensors_sha256": file_sha256(tmp / TENSORS_FILE)}
+            write_json_atomic(tmp / HOOKSET_FILE, meta)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return replace_dir(tmp, out)
 
     @classmethod
@@ -236,21 +273,121 @@ def load_hookset(path: str | Path) -> HookSet:
         folder = folder.parent
     meta_path, tensor_path = folder / HOOKSET_FILE, folder / TENSORS_FILE
     if not meta_path.exists():
+        left = leftover_dirs(folder) if not folder.exists() else []
+        if left:
+            raise TraceCircuitsError(f"{folder} is missing but an interrupted save left the previous hook set in "
+                                     f"{left[-1]}; rename it to {folder} or export the hook set again")
         raise TraceCircuitsError(f"{folder} is not a hook set folder (no {HOOKSET_FILE}); export one with "
                                  "`trace-circuits trace`")
     meta = read_json(meta_path, "hook set", "re-export the hook set")
     check_format(meta, KIND, FORMAT_VERSION, str(meta_path), "re-export the hook set")
     if not tensor_path.exists():
         raise TraceCircuitsError(f"{tensor_path} is missing; copy the whole hook set folder")
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
+        with safe_open(str(tensor_path), framework="pt") as f:
+            header = f.metadata() or {}
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise TraceCircuitsError(f"{tensor_path} is not a readable safetensors file ({str(err)[:60]}); re-export the "
                                  "hook set") from None
-    return HookSet.from_json(meta, tensors, where=str(meta_path))
+    if header.get("format", KIND) != KIND:
+        raise TraceCircuitsError(f"{tensor_path} holds {header['format']!r} tensors, not a hook set's; copy the whole "
+                                 "hook set folder of one export")
+    hs = HookSet.from_json(meta, tensors, where=str(meta_path))
+    want = meta.get("tensors_sha256")
+    if want is None and meta.get("format_version", 0) >= 4:
+        raise TraceCircuitsError(f"{meta_path}: field 'tensors_sha256' is missing; re-export the hook set")
+    if want is not None and (not isinstance(want, str) or file_sha256(tensor_path) != want):
+        raise TraceCircuitsError(f"{tensor_path} does not match {meta_path} (its SHA-256 is not the recorded "
+                                 "tensors_sha256: the tensors were changed or come from another export); copy both "
+                                 "files of one export or re-export the hook set")
+    return hs
+
+
+def _architectures() -> list[str]:
+    from trace_circuits.architectures import ARCHITECTURES
+
+    return sorted(ARCHITECTURES)
+
+
+def _op_tensors(i: int, d, tensors: dict[str, torch.Tensor], at: str, claimed: set[str]) -> dict[str, torch.Tensor]:
+    """Operation ``i``'s tensors, each named in ``hookset.json`` as ``{"key": "ops.{i}.{name}", "shape": [...],
+    "dtype": "float32"}`` and stored under that key with that shape and dtype (one error line otherwise)."""
+    specs = d.get("tensors", {}) if isinstance(d, dict) else {}
+    if not isinstance(specs, dict):
+        raise TraceCircuitsError(f"{at}: field 'tensors' must be a JSON object, got {specs!r}; re-export the hook set")
+    own = {}
+    for name, spec in specs.items():
+        field_ = f"tensors.{name}"
+        if not isinstance(spec, dict) or set(spec) - _SPEC_KEYS:
+            extra = sorted(set(spec) - _SPEC_KEYS) if isinstance(spec, dict) else None
+            raise TraceCircuitsError(f"{at}: field '{field_}' must be an object with key, shape and dtype"
+                                     + (f" (unknown: {extra})" if extra else f", got {spec!r}") +
+                                     "; re-export the hook set")
+        key, shape, dtype = spec.get("key"), spec.get("shape"), spec.get("dtype", "float32")
+        if key != f"ops.{i}.{name}":
+            raise TraceCircuitsError(f"{at}: field '{field_}.key' is {key!r}, not 'ops.{i}.{name}'; re-export the "
+                                     "hook set")
+        if key not in tensors:
+            raise TraceCircuitsError(f"{at}: tensor {key} is missing from {TENSORS_FILE}; re-export the hook set")
+        if not isinstance(shape, list) or any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
+            raise TraceCircuitsError(f"{at}: field '{field_}.shape' must be a list of integers, got {shape!r}")
+        t = tensors[key]
+        if list(t.shape) != shape:
+            raise TraceCircuitsError(f"{at}: tensor {key} has shape {list(t.shape)} but {HOOKSET_FILE} says {shape}; "
+                                     "re-export the hook set")
+        if dtype != "float32" or t.dtype != torch.float32:
+            raise TraceCircuitsError(f"{at}: tensor {key} is stored as {str(t.dtype).replace('torch.', '')} and "
+                                     f"declared {dtype!r}; a hook set's tensors are float32; re-export the hook set")
+        claimed.add(key)
+        own[name] = t
+    return own
+
+
+def _check_twin(op: Operation, d: dict, arch: str, at: str) -> None:
+    """``hf_module`` / ``hf_hook`` (what a deployer attaches by hand) must name the operation's transformers twin."""
+    if not arch or ("hf_module" not in d and "hf_hook" not in d):
+        return
+    from trace_circuits.architectures import ARCHITECTURES
+
+    try:
+        module, how = ARCHITECTURES[arch].twin(op.hook_name)
+    except TraceCircuitsError:
+        return  # a hook point without a twin is reported by the operation's own check
+    for key, want in (("hf_module", module), ("hf_hook", how)):
+        if key in d and d[key] != want:
+            raise TraceCircuitsError(f"{at}: field '{key}' is {d[key]!r} but {op.hook_name} of a {arch} model is "
+                                     f"{want!r}; fix or re-export the hook set")
+
+
+def _check_calibration(hs: HookSet, where: str) -> None:
+    """The gate must be the one recorded in ``provenance.gate_calibration`` (kind, layer, threshold): a gate removed,
+    moved or given another threshold after calibration could keep the defense off without a word."""
+    calib = hs.provenance.get("gate_calibration")
+    if calib is None:
+        return
+    if not isinstance(calib, dict):
+        raise TraceCircuitsError(f"{where}: field 'provenance.gate_calibration' must be a JSON object")
+    gate = hs.gate_operation
+    kind = {"prompt": "prompt_probe", "features": "sae_features"}.get(calib.get("gate"))
+    if kind is not None and (gate is None or gate.kind != kind):
+        raise TraceCircuitsError(f"{where}: provenance.gate_calibration records a {calib.get('gate')} gate but the "
+                                 f"hook set's gate is {gate.kind if gate else 'missing'}; re-export the hook set")
+    if gate is None:
+        return
+    layer, t = calib.get("layer"), calib.get("gate_threshold")
+    if layer is not None and layer != gate.layer:
+        raise TraceCircuitsError(f"{where}: the gate is at layer {gate.layer} but provenance.gate_calibration.layer is "
+                                 f"{layer!r}; re-export the hook set")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and not math.isclose(t, gate.gate_threshold,
+                                                                                    rel_tol=1e-6, abs_tol=1e-9):
+        raise TraceCircuitsError(
+            f"{where}: the gate's gate_threshold {gate.gate_threshold:g} is not the calibrated "
+            f"provenance.gate_calibration.gate_threshold {t:g} (a changed threshold can keep the gate shut); "
+            "re-export the hook set, or set both if the change is deliberate")
 
 
 def _model_dims(model) -> tuple[int, int, int, int]:

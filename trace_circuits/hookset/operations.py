@@ -48,6 +48,14 @@ _FIELDS = {
     "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
+#: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
+_TENSORS = {"heads": (), "mlp": (), "direction": ("r",), "prompt_probe": ("r", "mu")}
+#: Hook points an SAE operation may act at (``blocks.L.hook_<kind>``).
+SAE_HOOK_KINDS = ("resid_post", "resid_pre", "resid_mid", "mlp_out", "attn_out")
+#: ``direction`` / ``prompt_probe`` vectors are unit vectors (the formulas assume it); this much off is damage.
+UNIT_TOLERANCE = 1e-3
+#: The largest steering step |alpha r|: float16's largest finite number (a model may run in float16).
+MAX_STEP = 65504.0
 
 
 @dataclass
@@ -121,7 +129,9 @@ class Operation:
 
     @classmethod
     def from_json(cls, d: dict, tensors: dict[str, torch.Tensor], where: str = "operation") -> "Operation":
-        """Rebuild from JSON, checking every field's type and that no unknown field is present."""
+        """Rebuild from JSON, checking every field's type, that the fields the operation's effect depends on are
+        present (a deleted ``scale`` or ``gate_threshold`` must not fall back to a default), that no unknown field is
+        present, and that the descriptive fields agree with the operation (``hook_name``)."""
         if not isinstance(d, dict):
             raise TraceCircuitsError(f"{where} is not a JSON object; re-export the hook set")
         kind = d.get("kind")
@@ -132,13 +142,16 @@ class Operation:
             raise TraceCircuitsError(f"{where}: unknown field(s) {sorted(unknown)} for a {kind} operation (misspelt?); "
                                      "remove them or re-export the hook set")
         g = _Getter(d, where)
-        kw = dict(kind=kind, layer=g.int("layer"), gated=g.bool("gated", True), scale=g.num("scale", 0.0),
+        for key in ("positions", "hf_module", "hf_hook", "score"):
+            g.str(key, "")  # descriptive, but of the right type
+        kw = dict(kind=kind, layer=g.int("layer"), gated=g.bool("gated", _REQUIRED), scale=g.num("scale", _REQUIRED),
                   tensors=tensors)
+        hook = g.str("hook_name", "")
         if kind == "sae_features":
-            hook = g.str("hook_name", "")
-            kw.update(features=g.ints("features"), zero_thresholds=g.nums("zero_thresholds", []),
-                      gate_source=g.bool("gate_source", False), gate_scales=g.nums("gate_scales", []),
-                      gate_threshold=g.num("gate_threshold", 0.0), k=g.int("k", 0),
+            gate_source = g.bool("gate_source", False)
+            kw.update(features=g.ints("features"), zero_thresholds=g.nums("zero_thresholds", _REQUIRED),
+                      gate_source=gate_source, gate_scales=g.nums("gate_scales", []),
+                      gate_threshold=g.num("gate_threshold", _REQUIRED if gate_source else 0.0), k=g.int("k", 0),
                       architecture=g.str("architecture", "topk"),  # format versions 1-2 held TopK SAEs only
                       normalize=g.str("normalize", "none"), sae=g.str("sae", ""),
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True),
@@ -146,11 +159,18 @@ class Operation:
         elif kind == "heads":
             kw["heads"] = g.ints("heads")
         elif kind == "direction":
-            kw.update(mode=g.str("mode", "ablate"), alpha=g.num("alpha", 0.0))
+            mode = g.str("mode", _REQUIRED)
+            kw.update(mode=mode, alpha=g.num("alpha", _REQUIRED if mode == "add" else 0.0))
         elif kind == "prompt_probe":
-            kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", 0.0), gap=g.num("gap", 1.0),
+            if not g.bool("gate_source", True):
+                raise g.bad("gate_source", "true (a prompt_probe is the gate)")
+            kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", _REQUIRED), gap=g.num("gap", _REQUIRED),
                       anchor=g.ints("anchor", []), gated=False)
-        return cls(**kw)
+        op = cls(**kw)
+        if hook and hook != op.hook_name:
+            raise TraceCircuitsError(f"{where}: field 'hook_name' is {hook!r} but field 'layer' is {op.layer} (a {kind} "
+                                     f"operation there acts at {op.hook_name}); fix or re-export the hook set")
+        return op
 
     def check(self, d_model: int, n_layers: int, n_heads: int, where: str) -> None:
         """Every parameter in range and every tensor finite and of its shape (one error line naming the field)."""
@@ -160,6 +180,11 @@ class Operation:
             raise TraceCircuitsError(f"{where}: scale {self.scale} must be a number in [0, 1]")
         if not math.isfinite(self.gate_threshold):
             raise TraceCircuitsError(f"{where}: gate_threshold {self.gate_threshold} must be a finite number")
+        allowed = _TENSORS[self.kind] if self.kind != "sae_features" else _SAE_TENSORS.get(self.architecture)
+        extra = sorted(set(self.tensors) - set(allowed)) if allowed is not None else []
+        if extra:
+            raise TraceCircuitsError(f"{where}: tensor(s) {extra} have no meaning for this {self.kind} operation "
+                                     f"(expected {list(allowed) or 'none'}); re-export the hook set")
         for name, t in self.tensors.items():
             if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise TraceCircuitsError(f"{where}: tensor {name} has dtype {t.dtype}, expected float32")
@@ -168,19 +193,26 @@ class Operation:
         if self.kind == "heads":
             if not self.heads or any(not 0 <= h < n_heads for h in self.heads):
                 raise TraceCircuitsError(f"{where}: head ids {self.heads} must be in 0..{n_heads - 1}")
+            if len(set(self.heads)) != len(self.heads):
+                raise TraceCircuitsError(f"{where}: head ids {self.heads} repeat a head")
         elif self.kind == "sae_features":
             self._check_sae(d_model, where)
         elif self.kind == "direction":
             if self.mode not in DIRECTION_MODES:
                 raise TraceCircuitsError(f"{where}: mode must be 'ablate' or 'add', not {self.mode!r}")
-            if not math.isfinite(self.alpha):
-                raise TraceCircuitsError(f"{where}: alpha {self.alpha} must be a finite number")
-            _vector(self, "r", d_model, where)
+            _vector(self, "r", d_model, where, unit=self.mode == "ablate")  # x - <x, r> r projects only if |r| = 1
+            step = abs(self.alpha) * float(self.tensors["r"].double().norm())
+            if not (math.isfinite(self.alpha) and step <= MAX_STEP):
+                raise TraceCircuitsError(f"{where}: alpha {self.alpha} must be a finite number with |alpha r| at most "
+                                         f"{MAX_STEP:g} (float16's largest; a larger step overflows the residual "
+                                         "stream)")
         elif self.kind == "prompt_probe":
-            for name in ("r", "mu"):
-                _vector(self, name, d_model, where)
+            _vector(self, "r", d_model, where, unit=True)
+            _vector(self, "mu", d_model, where)
             if not (math.isfinite(self.gap) and self.gap > 0):
                 raise TraceCircuitsError(f"{where}: gap must be a finite number > 0, got {self.gap}")
+            if any(t < 0 for t in self.anchor):
+                raise TraceCircuitsError(f"{where}: anchor token ids {self.anchor} must be >= 0")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -199,19 +231,30 @@ class Operation:
             raise TraceCircuitsError(f"{where}: zero thresholds and gate scales must be finite numbers")
         if self.gate_source and any(not v > 0 for v in self.gate_scales):
             raise TraceCircuitsError(f"{where}: gate scales must be > 0")
-        if self.massive_norm_threshold is not None and not self.massive_norm_threshold > 0:
-            raise TraceCircuitsError(f"{where}: massive_norm_threshold must be > 0 or null")
-        if parse_hook(self.hook_name)[1] != self.layer:
+        m = self.massive_norm_threshold
+        if m is not None and not (math.isfinite(m) and m > 0):
+            raise TraceCircuitsError(f"{where}: massive_norm_threshold must be a finite number > 0 or null, got {m}")
+        if len(set(self.features)) != len(self.features):
+            raise TraceCircuitsError(f"{where}: feature ids {self.features} repeat a feature (its contribution would be "
+                                     "removed twice)")
+        hook_kind, hook_layer = parse_hook(self.hook_name)
+        if hook_kind not in SAE_HOOK_KINDS:
+            raise TraceCircuitsError(f"{where}: hook {self.hook_name} is not a residual-stream or sublayer-output hook "
+                                     f"({', '.join('blocks.L.hook_' + k for k in SAE_HOOK_KINDS)})")
+        if hook_layer != self.layer:
             raise TraceCircuitsError(f"{where}: hook {self.hook_name} is not in layer {self.layer}")
         if self.architecture != "topk" and any(f < 0 for f in self.features):
             raise TraceCircuitsError(f"{where}: feature ids must be >= 0")
         self.encoder.check(d_model, where)
 
 
-def _vector(op: Operation, name: str, d_model: int, where: str) -> None:
+def _vector(op: Operation, name: str, d_model: int, where: str, unit: bool = False) -> None:
     v = op.tensors.get(name)
     if v is None or tuple(v.shape) != (d_model,):
         raise TraceCircuitsError(f"{where}: needs a tensor {name} of shape ({d_model},); re-export the hook set")
+    if unit and torch.isfinite(v).all() and abs(float(v.double().norm()) - 1.0) > UNIT_TOLERANCE:
+        raise TraceCircuitsError(f"{where}: tensor {name} must be a unit vector (norm {float(v.double().norm()):.4g}); "
+                                 "the file is damaged, re-export the hook set")
 
 
 class _Getter:
@@ -220,7 +263,7 @@ class _Getter:
     def __init__(self, d: dict, where: str):
         self.d, self.where = d, where
 
-    def _bad(self, key: str, want: str):
+    def bad(self, key: str, want: str):
         return TraceCircuitsError(f"{self.where}: field '{key}' must be {want}, got {self.d.get(key)!r}; fix or "
                                   "re-export the hook set")
 
@@ -234,7 +277,7 @@ class _Getter:
     def int(self, key, default=None):
         v = self._get(key, _REQUIRED if default is None else default)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self._bad(key, "an integer")
+            raise self.bad(key, "an integer")
         return v
 
     def num(self, key, default, optional: bool = False):
@@ -242,31 +285,31 @@ class _Getter:
         if v is None and optional:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (math.isnan(v)):
-            raise self._bad(key, "a number")
+            raise self.bad(key, "a number")
         return float(v)
 
     def bool(self, key, default):
         v = self._get(key, default)
         if not isinstance(v, bool):
-            raise self._bad(key, "true or false")
+            raise self.bad(key, "true or false")
         return v
 
     def str(self, key, default):
         v = self._get(key, default)
         if not isinstance(v, str):
-            raise self._bad(key, "a string")
+            raise self.bad(key, "a string")
         return v
 
     def ints(self, key, default=None):
         v = self._get(key, _REQUIRED if default is None else default)
         if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-            raise self._bad(key, "a list of integers")
+            raise self.bad(key, "a list of integers")
         return list(v)
 
     def nums(self, key, default):
         v = self._get(key, default)
         if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
-            raise self._bad(key, "a list of numbers")
+            raise self.bad(key, "a list of numbers")
         return [float(x) for x in v]
 
 
@@ -283,7 +326,7 @@ def sae_operation(sae, features: Sequence[int], *, layer: Optional[int] = None, 
 
     hook = sae_hook(sae)
     kind, hook_layer = parse_hook(hook)
-    if hook_layer is None or kind not in ("resid_post", "resid_pre", "resid_mid", "mlp_out", "attn_out"):
+    if hook_layer is None or kind not in SAE_HOOK_KINDS:
         raise TraceCircuitsError(f"hook sets cut SAE features on the residual stream or a sublayer output, not at "
                                  f"{hook}; use an SAE at blocks.L.hook_resid_post")
     enc = FeatureEncoder.from_sae(sae, features)

@@ -43,26 +43,34 @@ def hook_dirname(hook_name: str) -> str:
 
 def _read_folder_meta(folder: Path) -> tuple[dict, dict]:
     """``(cfg.json, our metadata)`` of an SAE folder; one error line naming the damaged file and the fix."""
+    from trace_circuits.results import loads_json
+
     cfg_path = folder / "cfg.json"
+    fix = f"re-train or re-download the SAE (delete {folder} first)"
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = loads_json(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TraceCircuitsError(f"{folder} is not an SAE folder (no cfg.json); pass an SAE-Lens folder, a hook point "
                                  "of a shipped SAE, or RELEASE:SAE_ID") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise TraceCircuitsError(f"{cfg_path} is damaged ({type(err).__name__}); re-train or re-download the SAE "
-                                 f"(delete {folder} first)") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("d_in"), int) or not isinstance(cfg.get("d_sae"), int):
-        raise TraceCircuitsError(f"{cfg_path} lacks integer d_in / d_sae; re-train or re-download the SAE")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise TraceCircuitsError(f"{cfg_path} is damaged ({type(err).__name__}: {str(err)[:60]}); {fix}") from None
+    if not isinstance(cfg, dict) or any(isinstance(cfg.get(k), bool) or not isinstance(cfg.get(k), int)
+                                        or cfg.get(k) < 1 for k in ("d_in", "d_sae")):
+        raise TraceCircuitsError(f"{cfg_path} lacks positive integer d_in / d_sae; {fix}")
+    if not isinstance(cfg.get("metadata") or {}, dict):
+        raise TraceCircuitsError(f"{cfg_path}: field 'metadata' must be a JSON object; {fix}")
     meta = dict(cfg.get("metadata") or {})
     legacy = folder / LEGACY_META_FILE
     if legacy.exists():
         try:
-            old = json.loads(legacy.read_text())
-        except (OSError, ValueError):
-            raise TraceCircuitsError(f"{legacy} is damaged; re-train the SAE (delete {folder} first)") from None
-        if old.get("format_version", 0) > FORMAT_VERSION:
-            raise TraceCircuitsError(f"{legacy} was written by a newer trace-circuits; upgrade it")
+            old = loads_json(legacy.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise TraceCircuitsError(f"{legacy} is damaged; {fix}") from None
+        if not isinstance(old, dict):
+            raise TraceCircuitsError(f"{legacy} is not a JSON object; {fix}")
+        version = old.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise TraceCircuitsError(f"{legacy} was written by a newer trace-circuits (format {version!r}); upgrade it")
         meta.setdefault("hook_name", old.get("hook_name"))
         for k in ("model_fingerprint", "massive_norm_threshold", "metrics"):
             if k in old:
@@ -72,41 +80,76 @@ def _read_folder_meta(folder: Path) -> tuple[dict, dict]:
 
 
 def _check_weights(folder: Path, cfg: dict) -> None:
-    """The weights file exists, is a readable safetensors file, and agrees with cfg.json's d_in / d_sae."""
-    from safetensors import SafetensorError, safe_open
+    """The weights file exists, is a readable safetensors file whose tensors agree with cfg.json's d_in / d_sae and
+    architecture, and holds only finite numbers; for TopK, ``k`` is an integer in 1..d_sae."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     path = folder / WEIGHT_FILES[0]
+    fix = "re-train or re-download the SAE"
     if not path.exists():
-        raise TraceCircuitsError(f"{path} is missing; re-train or re-download the SAE")
+        raise TraceCircuitsError(f"{path} is missing; {fix}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shape = tuple(f.get_slice("W_enc").get_shape()) if "W_enc" in f.keys() else None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise TraceCircuitsError(f"{path} is not a readable safetensors file ({str(err)[:60]}); re-train or "
-                                 "re-download the SAE") from None
-    if shape is not None and shape != (cfg["d_in"], cfg["d_sae"]):
-        raise TraceCircuitsError(f"{path} holds W_enc of shape {list(shape)} but {folder / 'cfg.json'} says d_in "
-                                 f"{cfg['d_in']}, d_sae {cfg['d_sae']}; re-train or re-download the SAE")
+        weights = load_file(str(path))  # reads every byte: a truncated or corrupt file fails here
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise TraceCircuitsError(f"{path} is not a readable safetensors file ({str(err)[:60]}); {fix}") from None
+    d_in, d_sae, arch = cfg["d_in"], cfg["d_sae"], cfg.get("architecture", "standard")
+    from trace_circuits.saes.encoding import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        hint = " (a training SAE: save it with sae.save_inference_model(path))" if arch == "batchtopk" else ""
+        raise TraceCircuitsError(f"{folder / 'cfg.json'}: SAE architecture {arch!r} is not one trace-circuits runs "
+                                 f"({', '.join(ARCHITECTURES)}){hint}; use another SAE")
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+              "threshold": (d_sae,)}
+    for name in list(shapes)[:5 if arch == "jumprelu" else 4]:
+        if name not in weights:
+            raise TraceCircuitsError(f"{path} has no tensor {name} (a {arch} SAE needs it); {fix}")
+    for name, t in weights.items():
+        if name in shapes and tuple(t.shape) != shapes[name]:
+            raise TraceCircuitsError(f"{path} holds {name} of shape {list(t.shape)} but {folder / 'cfg.json'} says "
+                                     f"d_in {d_in}, d_sae {d_sae} (so {list(shapes[name])}); {fix}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TraceCircuitsError(f"{path}: tensor {name} holds NaN or inf (a damaged file); {fix}")
+    k = cfg.get("k")
+    if arch == "topk" and (isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= d_sae):
+        raise TraceCircuitsError(f"{folder / 'cfg.json'}: TopK k {k!r} must be an integer in 1..{d_sae}; {fix}")
 
 
 def list_saes(model_name: Optional[str] = None, root: Optional[str | Path] = None) -> list[dict]:
     """Shipped SAEs ``[{"model", "hook_name", "path", "d_in", "d_sae", "architecture", metrics..., "broken"}]``;
-    a damaged folder is listed with ``broken`` set to the reason instead of being hidden."""
+    a damaged folder (unreadable or missing ``cfg.json`` or weights, or the two disagreeing) is listed with
+    ``broken`` set to the reason instead of being hidden, and so is the previous version an interrupted save left
+    beside its folder."""
+    from trace_circuits._io import leftover_dirs
+
     root = Path(root) if root else sae_root()
     out = []
-    for cfg_path in sorted(root.glob(f"{model_name or '*'}/*/cfg.json")):
-        folder = cfg_path.parent
+    for folder in sorted(p for p in root.glob(f"{model_name or '*'}/*") if p.is_dir() and not p.name.startswith(".")):
+        if not any((folder / f).exists() for f in ("cfg.json", *WEIGHT_FILES)):
+            continue  # not an SAE folder (e.g. saes/corpus)
         row = {"model": folder.parent.name, "hook_name": folder.name, "path": str(folder), "broken": None}
         try:
             cfg, meta = _read_folder_meta(folder)
             _check_weights(folder, cfg)
-            metrics = meta.get("metrics") or {}
-            row.update(hook_name=meta.get("hook_name") or folder.name, d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+            metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+            row.update(hook_name=str(meta.get("hook_name") or folder.name), d_in=cfg["d_in"], d_sae=cfg["d_sae"],
                        architecture=cfg.get("architecture"),
                        **{k: metrics.get(k) for k in ("explained_variance", "l0", "ce_loss_recovered")})
         except TraceCircuitsError as err:
             row["broken"] = str(err)
+        except Exception as err:  # noqa: BLE001 - a listing must show every folder, whatever is wrong with it
+            row["broken"] = f"{folder} cannot be read ({type(err).__name__}: {str(err)[:80]}); re-train the SAE"
         out.append(row)
+    for model_dir in sorted(p for p in root.glob(model_name or "*") if p.is_dir()):
+        for name in sorted({p.name.split(".")[1] for p in model_dir.glob(".*.old")}):
+            if (model_dir / name).exists():
+                continue  # the new version is in place; the old one is only waiting to be removed
+            for left in leftover_dirs(model_dir / name)[-1:]:
+                out.append({"model": model_dir.name, "hook_name": name, "path": str(left),
+                            "broken": f"an interrupted save left the previous SAE in {left}; rename it to "
+                                      f"{model_dir / name} or re-train the SAE"})
     return sorted(out, key=lambda r: (r["model"], _layer_or_zero(r["hook_name"])))
 
 
@@ -121,9 +164,10 @@ def _load_folder(folder: Path, device: str, dtype: str):
     _check_weights(folder, cfg)
     try:
         sae = SAE.load_from_disk(str(folder), device=device, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
         raise TraceCircuitsError(f"SAE-Lens cannot load {folder} ({type(err).__name__}: {str(err)[:80]}); re-train or "
                                  "re-download the SAE") from None
+    check_sae_values(sae, str(folder))
     for k, v in meta.items():
         if k not in sae.cfg.metadata or sae.cfg.metadata.get(k) is None:
             sae.cfg.metadata[k] = v
@@ -132,23 +176,42 @@ def _load_folder(folder: Path, device: str, dtype: str):
 
 
 def _load_release(spec: str, device: str, dtype: str):
+    """``SAE.from_pretrained`` from the local Hugging Face cache, or the hub if the user allowed it
+    (:func:`trace_circuits.model_files.from_hub`)."""
     from sae_lens import SAE
 
+    from trace_circuits.model_files import from_hub
+
     release, sae_id = spec.split(":", 1)
+    fix = ("download it on a connected machine (SAE.from_pretrained) and copy ~/.cache/huggingface, or save it with "
+           "sae.save_model(DIR) and pass that folder")
     try:
-        sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
-    except Exception as err:  # the hub client raises many types; any of them means: not available here
+        sae = from_hub(lambda: SAE.from_pretrained(release, sae_id, device=device, dtype=dtype),
+                       f"SAE-Lens release {spec}", fix)
+    except TraceCircuitsError:
+        raise
+    except Exception as err:  # the hub client raises many types; the message says which
         msg = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
-        if "offline" in msg.lower() or "connect" in msg.lower() or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise TraceCircuitsError(f"SAE-Lens release {release}:{sae_id} is not in the local Hugging Face cache and "
-                                     "the hub cannot be reached; download it on a connected machine (SAE.from_pretrained)"
-                                     " and copy ~/.cache/huggingface, or save it with sae.save_model(DIR) and pass "
-                                     "--sae DIR") from None
         raise TraceCircuitsError(f"SAE-Lens cannot load {release}:{sae_id} ({msg}); check the release and SAE id "
                                  "in SAE-Lens's pretrained_saes.yaml") from None
     sae = sae[0] if isinstance(sae, tuple) else sae
+    check_sae_values(sae, spec)
     sae.cfg.metadata["source"] = spec
     return sae
+
+
+def check_sae_values(sae, where: str) -> None:
+    """Every weight finite, and a TopK SAE's ``k`` an integer in 1..d_sae (one error line naming the SAE)."""
+    import torch
+
+    for name, p in sae.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise TraceCircuitsError(f"{where}: SAE weight {name} holds NaN or inf (a damaged file); re-train or "
+                                     "re-download the SAE")
+    k = getattr(sae.cfg, "k", None)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= sae.cfg.d_sae):
+        raise TraceCircuitsError(f"{where}: TopK k {k!r} must be an integer in 1..{sae.cfg.d_sae}; re-train or "
+                                 "re-download the SAE")
 
 
 def load_sae(source: str | Path, model=None, *, model_name: Optional[str] = None, root: Optional[str | Path] = None,
@@ -216,27 +279,31 @@ def check_sae_fits(sae, model, hook_name: Optional[str] = None) -> None:
 
 def save_sae(sae, out_dir: str | Path, metadata: Optional[dict] = None, float16: bool = True) -> Path:
     """Write an SAE in SAE-Lens format (training SAEs as their inference SAE), ``metadata`` merged into
-    ``cfg.metadata``; the folder is replaced as a whole, and the old one only removed once the new one is in place."""
+    ``cfg.metadata``; the folder is built beside ``out_dir``, every file flushed to disk, then renamed into place,
+    and an old SAE there is only removed once the new one is in place (:func:`trace_circuits._io.replace_dir`)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for k, v in (metadata or {}).items():
-        sae.cfg.metadata[k] = v
-    save = sae.save_inference_model if hasattr(sae, "save_inference_model") else sae.save_model
-    save(str(tmp))
-    wpath = tmp / WEIGHT_FILES[0]
-    cfg = json.loads((tmp / "cfg.json").read_text())
-    cfg["metadata"] = {**cfg.get("metadata", {}), **(metadata or {})}
-    if float16:
-        weights = load_file(str(wpath))
-        save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(wpath))
-        cfg["dtype"] = "float16"
-    (tmp / "cfg.json").write_text(json.dumps(cfg))
-    from trace_circuits._io import replace_dir
+    from trace_circuits._io import replace_dir, staging_dir, write_json_atomic
 
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir)
+    try:
+        for k, v in (metadata or {}).items():
+            sae.cfg.metadata[k] = v
+        save = sae.save_inference_model if hasattr(sae, "save_inference_model") else sae.save_model
+        save(str(tmp))
+        wpath = tmp / WEIGHT_FILES[0]
+        cfg = json.loads((tmp / "cfg.json").read_text())
+        cfg["metadata"] = {**cfg.get("metadata", {}), **(metadata or {})}
+        if float16:
+            weights = load_file(str(wpath))
+            save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(wpath))
+            cfg["dtype"] = "float16"
+        write_json_atomic(tmp / "cfg.json", cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return replace_dir(tmp, out_dir)
 
 
@@ -260,10 +327,9 @@ def update_metadata(folder: str | Path, **fields) -> None:
     """Merge ``fields`` into the ``metadata`` of an SAE folder's ``cfg.json`` (written atomically)."""
     from trace_circuits._io import write_json_atomic
 
-    path = Path(folder) / "cfg.json"
-    cfg = json.loads(path.read_text())
-    cfg["metadata"] = {**cfg.get("metadata", {}), **fields}
-    write_json_atomic(path, cfg)
+    cfg, _ = _read_folder_meta(Path(folder))
+    cfg["metadata"] = {**(cfg.get("metadata") or {}), **fields}
+    write_json_atomic(Path(folder) / "cfg.json", cfg)
 
 
 def shipped_saes(model, from_layer: int = 0, model_name: Optional[str] = None,
