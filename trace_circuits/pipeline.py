@@ -96,6 +96,13 @@ class Run:
                     raise TraceCircuitsError("--limit must be at least 2")
                 ps = ps[:limit]
             self._prompts[kind] = ps
+            pair = {"harmful": "benign", "benign": "harmful", "harmful_test": "benign_test",
+                    "benign_test": "harmful_test"}.get(kind)
+            if pair in self._prompts:
+                from trace_circuits.prompts import check_distinct
+
+                h, b = (ps, self._prompts[pair]) if kind.startswith("harmful") else (self._prompts[pair], ps)
+                check_distinct(h, b)
         return self._prompts[kind]
 
     def encoded(self, kind: str):
@@ -112,7 +119,8 @@ class Run:
                                         max_docs=self.config.gate.text_docs, split="train")
                 self._encoded[kind] = encode_prompts(self.model, docs, chat=False)
             else:
-                self._encoded[kind] = encode_prompts(self.model, self.prompts(kind), chat=self.config.chat)
+                prompts = self.prompts(kind)  # a bad prompt file is one line before the model loads
+                self._encoded[kind] = encode_prompts(self.model, prompts, chat=self.config.chat)
         return self._encoded[kind]
 
     # -- stages -----------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class Runtime:
         self.fired_before: Optional[torch.Tensor] = None  # [batch] bool
         self.valid: Optional[torch.Tensor] = None  # [batch, pos] bool or None (all valid)
         self.gate: Optional[torch.Tensor] = None  # [batch, pos] bool
-        self.stats = {"forwards": 0, "gate_open_positions": 0, "positions": 0}
+        self.stats = {"forwards": 0, "gate_open_positions": 0, "positions": 0, "gate_decisions": 0}
         self.started_by_call = False
         self.new_sequence = True  # the current forward pass starts a sequence (the prompt gate decides in it)
         self.input_ids: Optional[torch.Tensor] = None  # [batch, pos] token ids of this forward, when seen
@@ -168,6 +168,7 @@ class Runtime:
         self.fired_before = fired.clone()
         self.prompt_scores = score.detach().cpu()
         self.new_sequence = False
+        self.stats["gate_decisions"] += 1
         self.stats["gate_open_positions"] += int(self.gate.sum())
         self.stats["positions"] += B * T
         return x
@@ -215,7 +216,7 @@ def _tl_embed_start(rt: Runtime):
 
 def _hf_start(rt: Runtime):
     def pre(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x passes `cache` in generate
         new = cache is None or cache.get_seq_length() == 0
         rt.start(kwargs.get("attention_mask"), new_sequence=new, input_ids=kwargs.get("input_ids",
                                                                                         args[0] if args else None))
