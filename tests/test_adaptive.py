@@ -239,3 +239,20 @@ def test_three_settings_end_to_end_and_the_result_round_trip(setup, tmp_path):
     (tmp_path / "out" / "attack.json").write_text('{"kind": "trace-circuits evaluation"}')
     with pytest.raises(TraceCircuitsError, match="not a trace-circuits adaptive attack"):
         AttackResult.load(tmp_path / "out")
+
+
+def test_generation_keeps_the_prompt_gate_decision_across_decoding_steps(setup):
+    """transformers' ``generate`` passes the KV cache as ``cache`` (``past_key_values`` is deprecated): the runtime
+    must see it, or every decoding step starts a new sequence and the prompt gate re-decides on one new token."""
+    tl, hf, tok, hs = setup
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in builtin_prompts("harmful", "test")[:4]]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        with hs.attach(hf) as rt:
+            hf(**enc)
+        prefill = rt.prompt_scores.clone()
+        with hs.attach(hf) as rt:
+            hf.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.allclose(rt.prompt_scores, prefill, atol=1e-4)
+    assert torch.equal(rt.gate_open.cpu(), prefill > hs.gate_operation.gate_threshold)

@@ -215,7 +215,7 @@ def _tl_embed_start(rt: Runtime):
 
 def _hf_start(rt: Runtime):
     def pre(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x passes `cache` in generate
         new = cache is None or cache.get_seq_length() == 0
         rt.start(kwargs.get("attention_mask"), new_sequence=new, input_ids=kwargs.get("input_ids",
                                                                                         args[0] if args else None))
