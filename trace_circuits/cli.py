@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trace_circuits.cli_saes import add_sae_commands
 
     add_sae_commands(sub)
+    from trace_circuits.cli_attack import add_attack_command
+
+    add_attack_command(sub)
     models = sub.add_parser("models", help="list the models that load offline", description="List offline models.")
     models.set_defaults(func=cmd_models)
     return parser
