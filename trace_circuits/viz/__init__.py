@@ -1,7 +1,8 @@
 """Everything that draws: plotly figures (interactive in Jupyter), circuitsvis views, and the self-contained HTML
 pages written next to each result (``<name>.html``) and the run's ``report.html``.
 
-``plot(result)`` returns the figure of any result object; ``pages.write_page(result, folder)`` writes its page.
+``plot(result)`` returns the figure of any result object (for a circuit, the interactive viewer, :mod:`viz.viewer`);
+``pages.write_page(result, folder)`` writes its page.
 Pages inline every script they need (plotly.js, the viewer's JS), so they open offline.
 """
 
