@@ -103,16 +103,18 @@ def test_run_config_reproduces_a_run_and_flags_override_it(tmp_path, capsys, rea
     from trace_circuits.config import RunConfig
 
     first = tmp_path / "first"
-    assert main(["run", "--limit", "8", "--scan-bootstrap", "20", "--scan-permutations", "20", "--no-evaluate",
-                 "--trace-n-prompts", "4", "--trace-n-candidates", "6", "--trace-max-sources", "3",
-                 "--gate-text-docs", "10", "--out", str(first)]) == 0
+    # 16 prompts: with 8 vs 8, no p-value can pass Benjamini-Hochberg over 2304 features, so nothing is selected
+    assert main(["run", "--limit", "16", "--scan-bootstrap", "20", "--scan-permutations", "20", "--no-evaluate",
+                 "--features-layer", "21", "--trace-n-prompts", "4", "--trace-n-candidates", "6",
+                 "--trace-max-sources", "3", "--gate-text-docs", "10", "--out", str(first)]) == 0
     cfg = RunConfig.from_json(json.loads((first / "config.json").read_text()))
-    assert cfg.limit == 8 and cfg.trace.n_prompts == 4 and cfg.gate.text_docs == 10
+    assert cfg.limit == 16 and cfg.trace.n_prompts == 4 and cfg.gate.text_docs == 10
     second = tmp_path / "second"
     assert main(["run", "--config", str(first / "config.json"), "--no-evaluate", "--trace-n-candidates", "5",
                  "--out", str(second)]) == 0
     again = RunConfig.from_json(json.loads((second / "config.json").read_text()))
-    assert again.trace.n_candidates == 5 and again.limit == 8 and again.trace.n_prompts == 4
+    assert again.trace.n_candidates == 5 and again.limit == 16 and again.trace.n_prompts == 4
+    assert again.features.layer == 21
     a, b = (json.loads((d / "divergence.json").read_text()) for d in (first, second))
     assert a["per_layer"] == b["per_layer"]  # the same settings give the same scan
     assert (second / "report.html").exists() and (second / "hookset" / "hookset.json").exists()

@@ -56,7 +56,7 @@ def test_features_command_writes_json_and_html(tmp_path, capsys, real_model):
     assert "plotly" in (out / "features.html").read_text().lower()
     # a user's SAE-Lens folder works the same way
     sae_dir = shipped()[0]["path"]
-    assert main(["features", "--limit", "12", "--sae", sae_dir, "--out", str(out / "own")]) == 0
+    assert main(["features", "--limit", "12", "--sae", sae_dir, "--layer", "21", "--out", str(out / "own")]) == 0
     assert json.loads((out / "own" / "features.json").read_text())["sae_id"] == sae_dir
     assert "harmful features at" in capsys.readouterr().out
 

@@ -32,8 +32,17 @@ EXPECT = {
 }
 
 
+# notebooks that run the whole pipeline on another model need that model's SAEs in saes/<model>/
+NEEDS_SAES = {"05_second_model.ipynb": "qwen2.5-coder-0.5b-instruct"}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes_and_computes_what_it_says(path, tmp_path):
+    from trace_circuits import list_saes
+
+    model = NEEDS_SAES.get(path.name)
+    if model and not [s for s in list_saes(model) if not s["broken"]]:
+        pytest.skip(f"no SAEs shipped for {model} yet (train them with `trace-circuits train-sae --model {model}`)")
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

@@ -106,12 +106,16 @@ class GateConfig:
                                 "intent rather than framing (all, none, or comma-separated names)")
     passes: int = opt(2, "how many templated copies of each calibration request (round-robin over the templates)")
     hard_negatives: bool = opt(True, "add the built-in hard negatives (train split) to the benign calibration set")
+    l2: float = opt(0.002, "L2 strength of the prompt gate's logistic probe (0.002 opens on 66% of harmful calibration "
+                           "requests out of fold on SmolLM2 at 2% benign, 0.2 on 48%)")
 
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
 
         _between(self, "benign_rate", 0, 1, hi_open=True)
         _at_least(self, 0, "text_docs", "passes")
+        if not self.l2 > 0:
+            raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")
         bad = [t for t in self.templates.split(",") if t.strip() not in ATTACKS] \
             if self.templates not in ("all", "none") else []
         if bad:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from trace_circuits.config import GateConfig
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.operations import Operation
 from trace_circuits.prompts import EncodedPrompts, iter_batches
@@ -59,7 +60,7 @@ def anchor_positions(encoded: EncodedPrompts, anchor: Sequence[int]) -> list[int
     return out
 
 
-def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 0.2) -> tuple[torch.Tensor, float, torch.Tensor,
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float, torch.Tensor,
                                                                             torch.Tensor]:
     """Class-balanced L2 logistic regression on standardised features (scikit-learn, lbfgs): minimises
     ``sum_i c_i BCE(<z_i, w> + b, y_i) / n + l2 / 2 |w|^2`` with ``z = (x - m) / sd``. Returns ``(w, b, m, sd)``."""
@@ -102,7 +103,8 @@ def calibration_texts(tokenizer, harmful: Sequence[str], benign: Sequence[str], 
 
 
 def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int,
-                    benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None, l2: float = 0.2,
+                    benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None,
+                    l2: float = GateConfig.l2,
                     folds: int = 5, batch_size: int = 16, progress: bool = False,
                     groups: Optional[tuple[Sequence[str], Sequence[str]]] = None) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module

@@ -148,7 +148,11 @@ class Run:
         if layer is None:
             scan = self.scan()
             layer = scan.onset_layer if scan.onset_layer is not None else int(scan.per_layer.argmax())
-        later = [l for l in self.saes if l >= layer]
+        later = sorted(l for l in self.saes if l >= layer)
+        if not later and self.config.saes:
+            raise TraceCircuitsError(f"the SAEs given are at layer(s) {sorted(self.saes)}, all before layer {layer}; "
+                                     f"pass one at or after it (--sae) or choose the layer to analyse "
+                                     f"(--features-layer {max(self.saes)}; `--layer` on `trace-circuits features`)")
         if not later:
             raise TraceCircuitsError(f"no SAE at or after layer {layer} for {self.config.model}; train one with "
                                      f"`trace-circuits train-sae --model {self.config.model} --layers {layer}` or pass "
@@ -179,8 +183,9 @@ class Run:
 
             feats = self.features()
             if not feats.harmful_features:
-                raise TraceCircuitsError("stage 2 selected no harmful features, so there is no circuit to trace; lower "
-                                         "--features-min-effect-size or use more prompts")
+                raise TraceCircuitsError(f"stage 2 selected no harmful features ({feats.n_harmful} harmful vs "
+                                         f"{feats.n_benign} benign prompts), so there is no circuit to trace; use "
+                                         "more prompts, or lower --features-min-effect-size or raise --features-alpha")
             tc = self.config.trace
             kinds = [k.strip() for k in tc.suppress.split(",") if k.strip()]
             bad = [k for k in kinds if k not in ("feature", "head", "mlp")]
@@ -221,7 +226,7 @@ class Run:
                     h, b, groups = self.gate_calibration_sets()
                     gate, calib = fit_prompt_gate(self.model, h, b, onset if gc.layer is None else gc.layer,
                                                   gc.benign_rate, benign_text=text, progress=self.progress,
-                                                  groups=groups)
+                                                  groups=groups, l2=gc.l2)
                 else:
                     from trace_circuits.gate import calibrate_feature_gate
 
