@@ -106,8 +106,8 @@ class GateConfig:
                                 "intent rather than framing (all, none, or comma-separated names)")
     passes: int = opt(2, "how many templated copies of each calibration request (round-robin over the templates)")
     hard_negatives: bool = opt(True, "add the built-in hard negatives (train split) to the benign calibration set")
-    l2: float = opt(0.002, "L2 strength of the prompt gate's logistic probe (0.002 opens on 66% of harmful calibration "
-                           "requests out of fold on SmolLM2 at 2% benign, 0.2 on 48%)")
+    l2: float = opt(0.002, "L2 strength of the prompt gate's logistic probe (lower opens on more harmful requests at "
+                           "the same benign rate; see the README)")
 
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
