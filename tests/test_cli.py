@@ -47,6 +47,7 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     (["trace", "--n-prompts", "0"], "--n-prompts (--trace-n-prompts in run) must be at least 1"),
     (["trace", "--features", "/nonexistent/features.json"], "--features /nonexistent/features.json does not exist"),
     (["run", "--gate-benign-rate", "1.5"], "--gate-benign-rate must be in [0, 1)"),
+    (["run", "--gate-l2", "0"], "--gate-l2 must be > 0, got 0.0"),
     (["run", "--eval-batch-size", "0"], "--batch-size (--eval-batch-size in run) must be at least 1"),
     (["run", "--config", "/nonexistent/config.json"], "config.json does not exist"),
     (["generate", "--prompts", "p.txt"], "pass --hookset DIR"),
