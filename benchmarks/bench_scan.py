@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from trace_circuits import builtin_prompts, encode_prompts, load_model
-    from trace_circuits.divergence import collect_attention_profiles, segment_ids
+    from trace_circuits.attention_profiles import collect_attention_profiles, segment_ids
     from trace_circuits.prompts import iter_batches
 
     print(f"# bench_scan  torch {torch.__version__}  threads {torch.get_num_threads()}  {platform.processor() or platform.machine()}")

@@ -23,6 +23,8 @@ def test_scan_writes_json_and_html(tmp_path, capsys, real_model):
     assert "plotly" in html.lower() and "AttentionHeads" in html  # plots and the circuitsvis view, offline
     stdout = capsys.readouterr().out
     assert "onset layer" in stdout and "wrote" in stdout
+    assert "onset from: form-matched pairs: the scanned sets, built-in twins (12 pairs)" in stdout  # selected twins
+    assert data["contrast"] == "form_controlled" and data["reference"]["is_input"]
 
 
 def test_scan_reads_user_files(tmp_path, capsys, real_model):
@@ -35,7 +37,15 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     code = main(["scan", "--harmful", str(h), "--benign", str(b), "--bootstrap", "20", "--permutations", "20",
                  "--out", str(tmp_path / "o"), "--no-attention-view"])
     assert code == 0
-    assert json.loads((tmp_path / "o" / "divergence.json").read_text())["n_harmful"] == 3
+    data = json.loads((tmp_path / "o" / "divergence.json").read_text())
+    assert data["n_harmful"] == 3 and data["reference"]["source"] == "built-in matched pairs, train split"
+    assert len(data["transfer"]["user"]) == 30 and "reference benign vs everyday instructions" in data["transfer"]["controls"]
+    out = capsys.readouterr().out
+    assert "onset from: form-matched pairs: built-in matched pairs, train split (150 pairs)" in out
+    code = main(["scan", "--harmful", str(h), "--benign", str(b), "--bootstrap", "20", "--permutations", "20",
+                 "--out", str(tmp_path / "raw"), "--no-attention-view", "--contrast", "raw"])
+    assert code == 0 and json.loads((tmp_path / "raw" / "divergence.json").read_text())["reference"] == {}
+    assert "raw contrast (no form control)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,match", [

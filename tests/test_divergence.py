@@ -6,7 +6,8 @@ import torch
 from conftest import tiny_model
 
 from trace_circuits import DivergenceResult, TraceCircuitsError, divergence_from_profiles, scan_attention_divergence
-from trace_circuits.divergence import collect_attention_profiles, jsd_bits, segment_ids
+from trace_circuits.attention_profiles import collect_attention_profiles, segment_ids
+from trace_circuits.stats import jsd_bits
 from trace_circuits.prompts import EncodedPrompts
 
 TRIGGER, NEUTRAL = 1, 2
@@ -72,7 +73,7 @@ def test_jsd_bits_properties():
 def test_identical_sets_have_zero_divergence_and_no_onset():
     model = tiny_model()
     h, _ = make_sets()
-    res = scan_attention_divergence(model, h, h, n_bootstrap=50, n_permutations=50, progress=False)
+    res = scan_attention_divergence(model, h, h, n_bootstrap=50, n_permutations=50, progress=False, contrast="raw")
     assert np.all(res.per_head == 0.0)
     assert np.all(res.per_layer == 0.0)
     assert res.onset_layer is None
@@ -81,7 +82,7 @@ def test_identical_sets_have_zero_divergence_and_no_onset():
 def test_planted_difference_is_found_in_its_layer():
     model = planted_model(layer=2)
     h, b = make_sets(n=40)
-    res = scan_attention_divergence(model, h, b, n_bootstrap=200, n_permutations=500, progress=False)
+    res = scan_attention_divergence(model, h, b, n_bootstrap=200, n_permutations=500, progress=False, contrast="raw")
     assert res.per_layer[2] > 0.01
     assert np.allclose(res.per_layer[[0, 1, 3]], 0.0, atol=1e-9)
     assert int(np.argmax(res.per_head[2])) == 0 and np.allclose(res.per_head[2, 1:], 0.0, atol=1e-9)
@@ -99,7 +100,7 @@ def test_onset_is_the_first_layer_of_a_split_that_persists():
         for name in ("W_K", "b_K", "b_Q"):
             getattr(model.blocks[3].attn, name).copy_(getattr(model.blocks[1].attn, name))
     h, b = make_sets(n=40)
-    res = scan_attention_divergence(model, h, b, n_bootstrap=100, n_permutations=500, progress=False)
+    res = scan_attention_divergence(model, h, b, n_bootstrap=100, n_permutations=500, progress=False, contrast="raw")
     assert res.per_layer[1] > 0 and res.per_layer[3] > 0
     assert res.onset_layer == 1
 
@@ -141,6 +142,43 @@ def test_result_json_round_trip_and_plot(tmp_path):
         DivergenceResult.from_json({**data, "format_version": 99})
 
 
+def test_paired_form_controlled_scan_finds_the_planted_layer_and_round_trips(tmp_path):
+    """Twins (paired=True) are their own reference: the planted layer is a candidate and the harm probe fitted on
+    the pairs separates them there (held out), so the form-controlled onset is the planted layer."""
+    model = planted_model(layer=2)
+    h, b = make_sets(n=40)
+    res = scan_attention_divergence(model, h, b, n_bootstrap=200, n_permutations=300, progress=False, paired=True,
+                                    form_control_prompts=0)
+    assert res.contrast == "form_controlled" and res.onset_layer == 2 and res.raw_onset_layer == 2
+    assert res.reference["source"] == "your paired sets" and res.reference["n_pairs"] == 40
+    assert res.transfer["user"][2] > 0.9 and res.transfer["passes"][2]
+    assert "paired" in res.onset_source
+    back = DivergenceResult.load(res.save(tmp_path, html=False)["json"].parent)
+    assert back.contrast == "form_controlled" and back.transfer["user"] == res.transfer["user"]
+    kinds = {t.name for t in back.plot().data}
+    assert any("harm transfer" in (k or "") for k in kinds) and any("form control" in (k or "") for k in kinds)
+
+
+def test_form_controlled_scan_without_a_tokenizer_is_one_line():
+    model = planted_model(layer=2)
+    h, b = make_sets(n=6)
+    with pytest.raises(TraceCircuitsError, match="contrast='raw'"):
+        scan_attention_divergence(model, h, b, progress=False)
+    with pytest.raises(TraceCircuitsError, match="equal size"):
+        scan_attention_divergence(model, h, encoded(b.input_ids[:4]), progress=False, paired=True, form_control_prompts=0)
+
+
+def test_version_1_scan_files_load_as_raw_contrast():
+    rng = np.random.default_rng(0)
+    res = divergence_from_profiles(rng.dirichlet(np.ones(11), size=(6, 3, 2)), rng.dirichlet(np.ones(11), size=(7, 3, 2)),
+                                   n_bootstrap=10, n_permutations=10)
+    data = res.to_json()
+    for key in ("contrast", "raw_onset_layer", "reference", "transfer", "form_ratio", "onset_source"):
+        data.pop(key)
+    back = DivergenceResult.from_json({**data, "format_version": 1})
+    assert back.contrast == "raw" and back.raw_onset_layer == res.onset_layer and "raw contrast" in back.onset_source
+
+
 def test_scan_rejects_too_few_prompts():
     model = tiny_model()
     h, b = make_sets(n=3)
@@ -179,7 +217,7 @@ def test_checkpoint_of_other_prompts_is_not_reused(tmp_path):
     model = tiny_model()
     h, b = make_sets(n=6, seed=1)
     ck = tmp_path / "scan.safetensors"
-    from trace_circuits.divergence import _checkpoint_key, _write_checkpoint
+    from trace_circuits.attention_profiles import _checkpoint_key, _write_checkpoint
 
     _write_checkpoint(ck, _checkpoint_key(model, b, 8, 1), torch.ones(6, 4, 4, 11), torch.ones(6, dtype=torch.bool))
     with pytest.warns(UserWarning, match="other prompts"):
@@ -188,3 +226,13 @@ def test_checkpoint_of_other_prompts_is_not_reused(tmp_path):
     ck.write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable"):
         collect_attention_profiles(model, h, batch_size=3, progress=False, checkpoint=ck)
+
+
+def test_builtin_twins_are_recognised_in_any_selection():
+    from trace_circuits import builtin_prompts
+    from trace_circuits.divergence import _builtin_twins
+
+    h, b = builtin_prompts("harmful", "test"), builtin_prompts("benign", "test")
+    assert _builtin_twins(h.prompts[:7], b.prompts[:7])
+    assert not _builtin_twins(h.prompts[:7], b.prompts[1:8])  # shifted: not twins
+    assert not _builtin_twins(h.prompts[:7], builtin_prompts("everyday", "test").prompts[:7])

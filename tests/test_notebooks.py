@@ -23,7 +23,9 @@ def check(nb) -> dict:
 
 
 EXPECT = {
-    "01_attention_divergence.ipynb": lambda c: c["n_layers"] == 30 and c["onset_layer"] is not None and c["max_D"] > 0,
+    "01_attention_divergence.ipynb": lambda c: c["n_layers"] == 30 and c["onset_layer"] is not None and c["max_D"] > 0
+    and c["unmatched_onset"] is not None and abs(c["unmatched_onset"] - c["onset_layer"]) <= 3
+    and c["unmatched_raw_onset"] < c["onset_layer"] - 3 and c["benign_only_onset"] is None,
     "02_sae_features.ipynb": lambda c: c["n_harmful_features"] >= 5 and c["auroc"] >= 0.85,
     "03_trace_and_sever.ipynb": lambda c: c["tl_hf_max_diff"] < 1e-3 and c["same_gate"] and c["n_severed"] >= 2,
     "04_evaluate.ipynb": lambda c: {"none", "tracerouter", "direction_ablation"} <= set(c["defenses"])

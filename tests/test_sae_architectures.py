@@ -72,7 +72,7 @@ def test_saes_load_from_an_sae_lens_folder_and_feed_stage_2(llama, tmp_path):
     sae.save_model(str(tmp_path / "mine"))
     loaded = load_sae(tmp_path / "mine", model=tl)
     assert loaded.cfg.metadata.hook_name == HOOK and loaded.cfg.metadata.source == str(tmp_path / "mine")
-    from trace_circuits.prompts import builtin_prompts
+    from trace_circuits.datasets import builtin_prompts
 
     res = find_harmful_features(tl, loaded, builtin_prompts("harmful")[:12], builtin_prompts("benign")[:12],
                                 progress=False)

@@ -33,7 +33,7 @@ def _trained() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from trace_circuits.corpus import generated_prompts
-    from trace_circuits.prompts import builtin_prompts
+    from trace_circuits.datasets import builtin_prompts
 
     texts = [p for k in ("harmful", "benign", "hard_negative") for p in builtin_prompts(k, "all")]
     texts += generated_prompts(300) + ["Sure, here is how to do it. I'm sorry, but I can't help with that."]
@@ -96,7 +96,7 @@ def pair(arch: str = "llama", n_layers: int = 4, seed: int = 0, plant: bool = Fa
 
 def harm_tokens(tok) -> set[int]:
     """Tokens of the built-in harmful prompts that no built-in benign prompt (nor the chat template) has."""
-    from trace_circuits.prompts import builtin_prompts
+    from trace_circuits.datasets import builtin_prompts
 
     ids = lambda kind: {t for p in builtin_prompts(kind, "all") for t in tok(p, add_special_tokens=False)["input_ids"]}  # noqa
     template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)

@@ -24,11 +24,10 @@ from trace_circuits.hookset import HookSet, Operation, hookset_for, hookset_from
 from trace_circuits.influence import TraceContext, fit_readout, measure_ablations
 from trace_circuits.models import available_models, load_hf_model, load_model, model_fingerprint, model_info
 from trace_circuits.names import hook_name, node_id, parse_hook, parse_node_id
+from trace_circuits.datasets import builtin_categories, builtin_prompts
 from trace_circuits.pipeline import Run
 from trace_circuits.prompts import (
                                    PromptSet,
-                                   builtin_categories,
-                                   builtin_prompts,
                                    encode_prompts,
                                    format_prompts,
                                    load_prompts,

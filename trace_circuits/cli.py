@@ -25,7 +25,7 @@ from trace_circuits.config import (
     add_options,
     from_options,
 )
-from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.errors import FormWarning, TraceCircuitsError
 
 BASE_SKIP = ("scan", "features", "trace", "gate", "hookset", "evaluation")
 
@@ -300,13 +300,20 @@ def cmd_models(args) -> int:
 
 
 def _print_scan(result) -> None:
+    if result.params.get("form_warning"):
+        print(f"warning: {result.params['form_warning']}")
+    ref = result.reference if result.contrast == "form_controlled" else None
     if result.onset_layer is None:
-        print("no layer's attention divergence is both significant and large: no onset layer")
+        why = ("no layer where the form-matched pairs split and your sets carry that split beyond the form control"
+               if ref else "no layer's attention divergence is both significant and large")
+        print(f"{why}: no onset layer")
     else:
-        l = result.onset_layer
-        lo, hi = result.per_layer_ci[l]
-        print(f"sensitive onset layer: {l}  (D = {result.per_layer[l]:.4f} bits, 95% CI [{lo:.4f}, {hi:.4f}], "
-              f"q = {result.q_values[l]:.3g})")
+        d, lo, hi, q = result.onset_divergence()
+        print(f"sensitive onset layer: {result.onset_layer}  (D = {d:.4f} bits, 95% CI [{lo:.4f}, {hi:.4f}], "
+              f"q = {q:.3g})")
+    print(f"onset from: {result.onset_source}")
+    if ref and result.raw_onset_layer != result.onset_layer:
+        print(f"raw onset of your two sets (no form control, --contrast raw): {result.raw_onset_layer}")
     print("most divergent heads: " + ", ".join(f"L{l}H{h} {d:.4f}" for l, h, d in result.top_heads[:5]))
 
 
@@ -356,6 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     warnings.simplefilter("ignore", category=FutureWarning)
+    warnings.simplefilter("ignore", category=FormWarning)  # printed by the scan summary as one line
     try:
         return args.func(args)
     except TraceCircuitsError as err:

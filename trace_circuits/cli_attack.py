@@ -32,7 +32,8 @@ def cmd_attack(args) -> int:
     from trace_circuits.evaluate.adaptive_result import run_adaptive_attack
     from trace_circuits.hookset import load_hookset
     from trace_circuits.models import canonical_name, load_hf_model, load_model
-    from trace_circuits.prompts import builtin_prompts, load_prompts
+    from trace_circuits.datasets import builtin_prompts
+    from trace_circuits.prompts import load_prompts
 
     cfg = from_options(AttackConfig, args).check()
     if not Path(args.hookset).exists():

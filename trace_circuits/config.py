@@ -38,13 +38,24 @@ class ScanConfig:
     n_permutations: int = opt(1000, "label permutations for the p-values", flag="permutations")
     alpha: float = opt(0.05, "significance level (BH over layers)")
     onset_fraction: float = opt(0.5, "the onset needs D[l] >= this fraction of the largest D")
+    contrast: str = opt("form_controlled", choices=("form_controlled", "raw"), help="form_controlled: onset located on form-matched pairs and tested on your "
+                                           "sets against a benign form control; raw: the raw rule on your two sets")
+    paired: bool = opt(False, "your harmful and benign files are form twins (line i of one matches line i of the "
+                              "other): use them as the reference pairs")
+    transfer_fraction: float = opt(0.75, "the harm probe must separate your sets by this fraction of its separation "
+                                        "of the reference pairs")
+    form_control_prompts: int = opt(100, "everyday instructions (train split, at most 180) scanned as the benign form "
+                                         "control")
     seed: int = opt(0, "random seed of the bootstrap and permutations")
 
     def check(self) -> None:
         _at_least(self, 1, "batch_size", "n_content_bins", "query_positions")
-        _at_least(self, 0, "n_bootstrap", "n_permutations")
+        _at_least(self, 0, "n_bootstrap", "n_permutations", "form_control_prompts")
         _between(self, "alpha", 0, 1, closed=False)
         _between(self, "onset_fraction", 0, 1)
+        _between(self, "transfer_fraction", 0, 1)
+        if self.contrast not in ("form_controlled", "raw"):
+            raise TraceCircuitsError(f"scan contrast must be form_controlled or raw, not '{self.contrast}' (--contrast)")
 
 
 @dataclass

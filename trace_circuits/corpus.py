@@ -156,7 +156,7 @@ def chat_documents(model_name: str, prompts: list[str], sources: list[str], max_
 def build_corpus(out_path: str | Path, model_name: str = "smollm2-135m-instruct", n_generated: int = 1200,
                  max_new_tokens: int = 64, batch_size: int = 32, progress: bool = True) -> Path:
     """Build the corpus file (see module docstring). Chat answers are the slow part (minutes on CPU)."""
-    from trace_circuits.prompts import builtin_prompts
+    from trace_circuits.datasets import builtin_prompts
 
     prompts, sources = [], []
     for kind in ("harmful", "benign", "hard_negative"):

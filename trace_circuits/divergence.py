@@ -20,187 +20,46 @@ D is exactly 0 when the two sets are the same. Confidence intervals: percentile 
 (each set resampled with replacement). Significance: a permutation test that shuffles the harmful/benign
 labels over the pooled prompts; p-values are corrected over layers by Benjamini-Hochberg (q-values).
 
-Onset rule: the sensitive onset layer is the first layer l with q[l] < alpha and
-D[l] >= onset_fraction * max_l D[l] (defaults alpha = 0.05, onset_fraction = 0.5): the first layer where the
-split is both real (not sampling noise) and large (a sizable part of the strongest split). ``None`` if no
-layer qualifies.
+Raw onset rule (``contrast="raw"``): the first layer l with q[l] < alpha and D[l] >= onset_fraction * max_l D[l]
+(defaults alpha = 0.05, onset_fraction = 0.5): the first layer where the split is both real (not sampling noise)
+and large. It is only about harm when the two sets differ in nothing else: on unmatched sets it follows form.
+
+Default onset rule (``contrast="form_controlled"``): the raw rule applied to form-matched reference pairs (the
+built-in pairs, or the user's own sets with ``paired=True``) locates candidate layers, and a harm probe fitted on
+those pairs must separate the user's sets there by more than form alone separates two benign sets
+(:mod:`trace_circuits.form_control` states it in full). ``None`` if no layer qualifies, e.g. for two benign sets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional, Sequence
 
 import numpy as np
-import torch
-from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from trace_circuits._io import atomic_path
-from trace_circuits.errors import TraceCircuitsError
+from trace_circuits import form_control as fc
+from trace_circuits.attention_profiles import collect_attention_profiles, segment_ids, segment_names  # noqa: F401
+from trace_circuits.errors import FormWarning, TraceCircuitsError
 from trace_circuits.models import model_info
-from trace_circuits.prompts import EncodedPrompts, PromptSet, as_prompt_list, encode_prompts, iter_batches
+from trace_circuits.datasets import builtin_prompts
+from trace_circuits.prompts import EncodedPrompts, PromptSet, as_prompt_list, encode_prompts
 from trace_circuits.results import Result
+from trace_circuits.stats import benjamini_hochberg, jsd_bits, normalize_last
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: form-controlled onset (contrast, reference, transfer); version-1 files load as contrast "raw"
+CONTRASTS = ("form_controlled", "raw")
+#: a warning is printed when the user's two sets differ in form this many times more than the reference pairs
+FORM_WARN_RATIO = 10.0
 METRIC = "jsd_segment_attention"
-
-
-def segment_names(n_content_bins: int) -> list[str]:
-    return ["sink", "prefix"] + [f"content_{i + 1}" for i in range(n_content_bins)] + ["suffix"]
-
-
-def segment_ids(encoded: EncodedPrompts, indices: Sequence[int], width: int, n_content_bins: int) -> torch.Tensor:
-    """Segment index of every key position of a left-padded batch; padding gets index S (dropped later)."""
-    S = n_content_bins + 3
-    seg = torch.full((len(indices), width), S, dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = len(encoded.input_ids[i])
-        start, end = encoded.content_spans[i]
-        pos = torch.arange(n)
-        s = torch.full((n,), S - 1, dtype=torch.long)  # suffix by default
-        s[pos < start] = 1
-        s[0] = 0
-        inside = (pos >= start) & (pos < end)
-        rel = (pos[inside] - start).float() / max(end - start, 1)
-        s[inside] = 2 + torch.clamp((rel * n_content_bins).long(), max=n_content_bins - 1)
-        seg[row, width - n :] = s
-    return seg
-
-
-def collect_attention_profiles(
-    model,
-    encoded: EncodedPrompts,
-    batch_size: int = 16,
-    n_content_bins: int = 8,
-    query_positions: int = 1,
-    progress: bool = True,
-    desc: str = "attention scan",
-    checkpoint: Optional[str | Path] = None,
-    checkpoint_every: int = 4,
-) -> Float[np.ndarray, "n_prompts n_layers n_heads n_segments"]:
-    """Segment-attention profiles a_i[l, h, s] (see module docstring), from the pattern hooks only.
-
-    With ``checkpoint`` (a ``.safetensors`` path) finished batches are saved every ``checkpoint_every`` batches
-    and a rerun with the same model, prompts and settings resumes from there; the file is removed when done.
-    """
-    if query_positions < 1:
-        raise TraceCircuitsError("query_positions must be at least 1")
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    S = n_content_bins + 3
-    out = torch.zeros((len(encoded), n_layers, n_heads, S), dtype=torch.float32)
-    device = next(model.parameters()).device
-    current: dict = {}
-
-    def make_hook(layer: int):
-        def hook(pattern, hook):  # pattern: [batch, head, query, key]
-            p = pattern[:, :, -query_positions:, :].float().mean(dim=2)
-            seg = current["seg"]
-            binned = torch.zeros((p.shape[0], p.shape[1], S + 1), dtype=p.dtype, device=p.device)
-            binned.scatter_add_(2, seg[:, None, :].expand(-1, p.shape[1], -1), p)
-            current["acc"][:, layer] = binned[:, :, :S].cpu()
-            return None
-
-        return hook
-
-    hooks = [(f"blocks.{l}.attn.hook_pattern", make_hook(l)) for l in range(n_layers)]
-    n_batches = (len(encoded) + batch_size - 1) // batch_size
-    done = torch.zeros(len(encoded), dtype=torch.bool)
-    key = None
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        key = _checkpoint_key(model, encoded, n_content_bins, query_positions)
-        resumed = _read_checkpoint(checkpoint, key, out.shape)
-        if resumed is not None:
-            out, done = resumed
-    since_save = 0
-    with torch.inference_mode():
-        bar = tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress)
-        for batch in bar:
-            if bool(done[batch.indices].all()):
-                continue
-            if min(len(encoded.input_ids[i]) for i in batch.indices) < query_positions:
-                raise TraceCircuitsError(f"a prompt is shorter than query_positions={query_positions}")
-            current["seg"] = segment_ids(encoded, batch.indices, batch.tokens.shape[1], n_content_bins).to(device)
-            current["acc"] = torch.zeros((len(batch.indices), n_layers, n_heads, S))
-            model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, return_type=None, fwd_hooks=hooks)
-            out[batch.indices] = current["acc"]
-            done[batch.indices] = True
-            since_save += 1
-            if checkpoint is not None and since_save >= checkpoint_every:
-                _write_checkpoint(checkpoint, key, out, done)
-                since_save = 0
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
-    return out.numpy()
-
-
-def _checkpoint_key(model, encoded: EncodedPrompts, n_content_bins: int, query_positions: int) -> str:
-    from trace_circuits.models import model_fingerprint
-
-    h = hashlib.sha256(json.dumps([model_fingerprint(model), encoded.input_ids, encoded.content_spans,
-                                   n_content_bins, query_positions, FORMAT_VERSION]).encode())
-    return h.hexdigest()
-
-
-def _write_checkpoint(path: Path, key: str, out: torch.Tensor, done: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"profiles": out.contiguous(), "done": done.to(torch.uint8)}, str(tmp), metadata={"key": key})
-
-
-def _read_checkpoint(path: Path, key: str, shape) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    if not path.exists():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                warnings.warn(f"{path} was written for other prompts or settings; starting over", stacklevel=3)
-                return None
-            out, done = f.get_tensor("profiles"), f.get_tensor("done").bool()
-    except Exception as err:  # a torn or foreign file: never trust it, never crash on it
-        warnings.warn(f"ignoring unreadable checkpoint {path} ({type(err).__name__}); starting over", stacklevel=3)
-        return None
-    if tuple(out.shape) != tuple(shape):
-        return None
-    return out, done
-
-
-def jsd_bits(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Jensen-Shannon divergence in bits along ``axis``: 1/2 KL(p||m) + 1/2 KL(q||m), m = (p+q)/2."""
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(a > 0, a * (np.log2(np.where(a > 0, a, 1.0)) - np.log2(np.where(b > 0, b, 1.0))), 0.0)
-        return t.sum(axis=axis)
-
-    return np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, 1.0)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.clip(x.sum(-1, keepdims=True), 1e-12, None)
 
 
 def _jsd_of_means(wh: np.ndarray, H: np.ndarray, wb: np.ndarray, B: np.ndarray, shape) -> np.ndarray:
     """JSD per (layer, head) between weighted set means; wh [k, nH], H [nH, F] -> [k, L, A]."""
-    P = _normalize((wh @ H).reshape(-1, *shape))
-    R = _normalize((wb @ B).reshape(-1, *shape))
+    P = normalize_last((wh @ H).reshape(-1, *shape))
+    R = normalize_last((wb @ B).reshape(-1, *shape))
     return jsd_bits(P, R)
-
-
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """BH-adjusted q-values (monotone, capped at 1)."""
-    from scipy.stats import false_discovery_control
-
-    return false_discovery_control(np.asarray(p, dtype=float), method="bh")
 
 
 @dataclass
@@ -230,11 +89,48 @@ class DivergenceResult(Result):
     harmful_prompts: list[str] = field(default_factory=list, repr=False)
     benign_prompts: list[str] = field(default_factory=list, repr=False)
     metric: str = METRIC
+    contrast: str = "raw"  # "form_controlled" (onset from reference pairs + harm transfer) or "raw"
+    raw_onset_layer: Optional[int] = None  # the raw rule on the user's own sets
+    reference: dict = field(default_factory=dict)  # source, n_pairs, per_layer, per_layer_ci, q_values, onset_layer
+    transfer: dict = field(default_factory=dict)  # reference, user, user_ci, form_control, controls, passes, ...
+    form_ratio: Optional[float] = None  # early-layer D of the user's sets / of the reference pairs
 
     @property
     def onset_rule(self) -> str:
-        return (f"first layer with BH q < {self.params.get('alpha', 0.05)} (label-permutation test) and "
-                f"D[l] >= {self.params.get('onset_fraction', 0.5)} * max_l D[l]")
+        raw = (f"first layer with BH q < {self.params.get('alpha', 0.05)} (label-permutation test) and "
+               f"D[l] >= {self.params.get('onset_fraction', 0.5)} * max_l D[l]")
+        if self.contrast == "raw":
+            return raw
+        return (f"{raw} on the form-matched reference pairs ({self.reference.get('source', '?')}), where a harm "
+                f"probe fitted on those pairs separates these sets (AUROC lower CI bound) above the form control "
+                f"and by >= {self.transfer.get('transfer_fraction', 0.75)} of its separation of the reference")
+
+    def onset_divergence(self) -> Optional[tuple[float, float, float, float]]:
+        """(D, CI low, CI high, q) at the onset, from the contrast that located it (the reference pairs when
+        form-controlled); None without an onset."""
+        l = self.onset_layer
+        if l is None:
+            return None
+        if self.contrast == "form_controlled" and self.reference:
+            r = self.reference
+            return float(r["per_layer"][l]), float(r["per_layer_ci"][l][0]), float(r["per_layer_ci"][l][1]), \
+                float(r["q_values"][l])
+        return (float(self.per_layer[l]), float(self.per_layer_ci[l, 0]), float(self.per_layer_ci[l, 1]),
+                float(self.q_values[l]))
+
+    @property
+    def onset_source(self) -> str:
+        """Which contrast the onset came from, in words (printed by the CLI)."""
+        if self.contrast == "raw":
+            return f"your two sets ({self.n_harmful} vs {self.n_benign} prompts), raw contrast (no form control)"
+        src = f"form-matched pairs: {self.reference.get('source', '?')} ({self.reference.get('n_pairs', '?')} pairs)"
+        l = self.onset_layer
+        if l is None or not self.transfer:
+            return src
+        t = self.transfer
+        return (f"{src}; harm transfer to your sets at layer {l}: AUROC {t['user'][l]:.2f} "
+                f"[{t['user_ci'][l][0]:.2f}, {t['user_ci'][l][1]:.2f}] vs form control {t['form_control'][l]:.2f} "
+                f"(reference {t['reference'][l]:.2f})")
 
     @property
     def top_heads(self) -> list[tuple[int, int, float]]:
@@ -265,6 +161,12 @@ class DivergenceResult(Result):
             "benign_profile": self.benign_profile.tolist(),
             "top_heads": [list(t) for t in self.top_heads[:10]],
             "params": self.params,
+            "contrast": self.contrast,
+            "raw_onset_layer": self.raw_onset_layer,
+            "onset_source": self.onset_source,
+            "reference": self.reference,
+            "transfer": self.transfer,
+            "form_ratio": self.form_ratio,
         }
 
     @classmethod
@@ -275,7 +177,11 @@ class DivergenceResult(Result):
                    p_values=a("p_values"), q_values=a("q_values"), onset_layer=data["onset_layer"],
                    n_harmful=data["n_harmful"], n_benign=data["n_benign"], segments=list(data["segments"]),
                    harmful_profile=a("harmful_profile"), benign_profile=a("benign_profile"),
-                   params=dict(data.get("params", {})), metric=data.get("metric", METRIC))
+                   params=dict(data.get("params", {})), metric=data.get("metric", METRIC),
+                   contrast=data.get("contrast", "raw"),
+                   raw_onset_layer=data.get("raw_onset_layer", data["onset_layer"] if "contrast" not in data else None),
+                   reference=dict(data.get("reference", {})), transfer=dict(data.get("transfer", {})),
+                   form_ratio=data.get("form_ratio"))
 
     def attention_view(self, model, harmful_index: int = 0, benign_index: int = 0, layer: Optional[int] = None):
         """circuitsvis view of one harmful and one benign prompt's attention heads at ``layer`` (default: onset)."""
@@ -290,8 +196,8 @@ class DivergenceResult(Result):
 
 
 def _as_encoded(model, prompts, chat, system) -> tuple[EncodedPrompts, list[str]]:
-    if isinstance(prompts, EncodedPrompts):
-        return prompts, list(prompts.texts)
+    if isinstance(prompts, EncodedPrompts):  # the user's text of each prompt (reference matching, attention views)
+        return prompts, [prompts.prompt(i) for i in range(len(prompts))]
     plist = as_prompt_list(prompts)
     return encode_prompts(model, plist, chat=chat, system=system), plist
 
@@ -308,35 +214,119 @@ def scan_attention_divergence(
     n_permutations: int = 1000,
     alpha: float = 0.05,
     onset_fraction: float = 0.5,
+    contrast: str = "form_controlled",
+    paired: bool = False,
+    transfer_fraction: float = 0.75,
+    form_control_prompts: int = 100,
     chat: Optional[bool] = None,
     system: Optional[str] = None,
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: Optional[str | Path] = None,
 ) -> DivergenceResult:
-    """Attention divergence per layer and head between ``harmful`` and ``benign`` prompts (see module docs).
+    """Attention divergence per layer and head between ``harmful`` and ``benign`` prompts, and the onset layer.
 
+    ``contrast="form_controlled"`` (default): onset by the form-controlled rule (module docstring and
+    :mod:`trace_circuits.form_control`), with the built-in matched pairs (train split) as reference, or the two sets
+    themselves with ``paired=True`` (index i of one is the form twin of index i of the other); ``form_control_prompts``
+    everyday instructions form the benign form control. ``contrast="raw"``: the raw rule on the two sets.
     ``checkpoint_dir``: save progress there and resume an interrupted scan of the same prompts and settings.
     """
     if not 0 < alpha < 1:
         raise TraceCircuitsError("alpha must be between 0 and 1")
     if not 0 <= onset_fraction <= 1:
         raise TraceCircuitsError("onset_fraction must be between 0 and 1")
+    if contrast not in CONTRASTS:
+        raise TraceCircuitsError(f"contrast must be one of {', '.join(CONTRASTS)}, not '{contrast}'")
     enc_h, plist_h = _as_encoded(model, harmful, chat, system)
     enc_b, plist_b = _as_encoded(model, benign, chat, system)
     if len(enc_h) < 2 or len(enc_b) < 2:
         raise TraceCircuitsError("need at least 2 harmful and 2 benign prompts for a divergence with intervals")
+    if paired and len(enc_h) != len(enc_b):
+        raise TraceCircuitsError(f"--paired needs twin sets of equal size, not {len(enc_h)} harmful and {len(enc_b)} "
+                                 "benign prompts; drop --paired to use the built-in matched pairs as reference")
+    if contrast == "form_controlled" and getattr(model, "tokenizer", None) is None and (
+            not paired or form_control_prompts > 0):
+        raise TraceCircuitsError("the form-controlled scan encodes the built-in reference pairs and form-control "
+                                 "prompts, which needs the model's tokenizer; pass contrast='raw' (--contrast raw), or "
+                                 "paired=True with form_control_prompts=0")
+    info = model_info(model)
+    if chat is None and enc_h.chat is not None:  # reference and control prompts templated as the scanned ones
+        chat = enc_h.chat
     kw = dict(batch_size=batch_size, n_content_bins=n_content_bins, query_positions=query_positions, progress=progress)
     ck = (lambda name: Path(checkpoint_dir) / f"scan-{name}.safetensors") if checkpoint_dir else (lambda name: None)
     Hp = collect_attention_profiles(model, enc_h, desc="attention scan (harmful)", checkpoint=ck("harmful"), **kw)
     Bp = collect_attention_profiles(model, enc_b, desc="attention scan (benign)", checkpoint=ck("benign"), **kw)
-    return divergence_from_profiles(
-        Hp, Bp, model_name=model_info(model).name, n_bootstrap=n_bootstrap,
-        n_permutations=n_permutations, alpha=alpha, onset_fraction=onset_fraction, seed=seed,
-        params=dict(batch_size=batch_size, n_content_bins=n_content_bins, query_positions=query_positions,
-                    chat=chat if chat is not None else model_info(model).chat,
-                    system=system),
-        harmful_prompts=plist_h, benign_prompts=plist_b)
+    stats = dict(n_bootstrap=n_bootstrap, n_permutations=n_permutations, alpha=alpha, onset_fraction=onset_fraction,
+                 seed=seed)
+    params = dict(batch_size=batch_size, n_content_bins=n_content_bins, query_positions=query_positions,
+                  chat=chat if chat is not None else info.chat, system=system, contrast=contrast, paired=paired,
+                  transfer_fraction=transfer_fraction, form_control_prompts=form_control_prompts)
+    result = divergence_from_profiles(Hp, Bp, model_name=info.name, params=params, harmful_prompts=plist_h,
+                                      benign_prompts=plist_b, **stats)
+    result.raw_onset_layer = result.onset_layer
+    if contrast == "raw":
+        return result
+
+    # Reference pairs (form-matched) and the benign form control, scanned only when they are not the inputs.
+    twins = not paired and _builtin_twins(plist_h, plist_b)
+    if paired or twins:
+        source = "the scanned sets, built-in twins" if twins else "your paired sets"
+        ref_h, ref_b, ref_H, ref_B = plist_h, plist_b, Hp, Bp
+    else:
+        ref_h = builtin_prompts("harmful", "train").prompts
+        ref_b = builtin_prompts("benign", "train").prompts
+        source = "built-in matched pairs, train split"
+        ref_H = Hp if ref_h == plist_h else collect_attention_profiles(
+            model, encode_prompts(model, ref_h, chat=chat, system=system), desc="attention scan (reference harmful)",
+            checkpoint=ck("reference-harmful"), memo=True, **kw)
+        ref_B = Bp if ref_b == plist_b else collect_attention_profiles(
+            model, encode_prompts(model, ref_b, chat=chat, system=system), desc="attention scan (reference benign)",
+            checkpoint=ck("reference-benign"), memo=True, **kw)
+    ref = result if ref_H is Hp and ref_B is Bp else divergence_from_profiles(ref_H, ref_B, **stats)
+    everyday = [p for p in builtin_prompts("everyday", "train").prompts if p not in set(ref_b)][:form_control_prompts]
+    controls = {}
+    control_divergence = {}
+    if len(everyday) >= 2:
+        E = collect_attention_profiles(model, encode_prompts(model, everyday, chat=chat, system=system),
+                                       desc="attention scan (form control)", checkpoint=ck("control"), memo=True, **kw)
+        name = "reference benign vs everyday instructions"
+        controls[name] = (ref_B, E, list(range(len(ref_b))), [-1] * len(everyday))
+        control_divergence[name] = fc.mean_divergence(ref_B, E)
+    if plist_b != ref_b:
+        name = "your benign vs reference benign"
+        controls[name] = (Bp, ref_B, fc.pair_index(plist_b, ref_b), list(range(len(ref_b))))
+        control_divergence[name] = fc.mean_divergence(Bp, ref_B)
+    t = fc.harm_transfer(ref_H, ref_B, Hp, Bp, harmful_in_ref=fc.pair_index(plist_h, ref_h),
+                         benign_in_ref=fc.pair_index(plist_b, ref_b), controls=controls,
+                         n_bootstrap=n_bootstrap, alpha=alpha, seed=seed)
+    passes = fc.transfer_passes(t, transfer_fraction)
+    candidates = fc.candidate_layers(ref.per_layer, ref.q_values, alpha, onset_fraction)
+    result.onset_layer = fc.first_layer(candidates & passes)
+    result.contrast = "form_controlled"
+    result.reference = {"source": source, "n_pairs": len(ref_h), "onset_layer": ref.onset_layer,
+                        "is_input": ref_H is Hp and ref_B is Bp,
+                        "per_layer": ref.per_layer.tolist(), "per_layer_ci": ref.per_layer_ci.tolist(),
+                        "q_values": ref.q_values.tolist(), "candidates": candidates.tolist()}
+    result.transfer = {"reference": t.reference.tolist(), "user": t.user.tolist(), "user_ci": t.user_ci.tolist(),
+                       "form_control": t.form_control.tolist(), "passes": passes.tolist(),
+                       "controls": {k: v.tolist() for k, v in t.controls.items()},
+                       "control_divergence": {k: v.tolist() for k, v in control_divergence.items()},
+                       "transfer_fraction": transfer_fraction, "probe": f"logistic regression, C={fc.PROBE_C}, "
+                       f"{fc.N_FOLDS}-fold cross-fitted on the reference pairs"}
+    result.form_ratio = fc.form_ratio(result.per_layer, ref.per_layer)
+    if not (paired or twins) and result.form_ratio > FORM_WARN_RATIO:
+        result.params["form_warning"] = fc.form_warning(result, enc_h, enc_b)
+        warnings.warn(result.params["form_warning"], FormWarning, stacklevel=2)
+    return result
+
+
+def _builtin_twins(harmful: list[str], benign: list[str]) -> bool:
+    """Whether harmful[i] and benign[i] are one built-in matched pair for every i (then they are their own reference)."""
+    twin = {}
+    for h, b in (("harmful", "benign"), ("rephrased_harmful", "rephrased_benign")):
+        twin.update(zip(builtin_prompts(h, "all").prompts, builtin_prompts(b, "all").prompts))
+    return len(harmful) == len(benign) and all(twin.get(h) == b for h, b in zip(harmful, benign))
 
 
 def divergence_from_profiles(

@@ -14,3 +14,7 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`TraceCircuitsError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise TraceCircuitsError(message)
+
+
+class FormWarning(UserWarning):
+    """Stage 1: the two prompt sets differ in form far more than matched pairs (their raw divergence measures form)."""

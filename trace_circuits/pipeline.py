@@ -81,7 +81,8 @@ class Run:
         """A prompt set: ``harmful`` / ``benign`` (the analysed sets: files, else the built-in split),
         ``harmful_test`` / ``benign_test`` (held out for the evaluation), ``hard_negative_train`` / ``_test``."""
         if kind not in self._prompts:
-            from trace_circuits.prompts import builtin_prompts, load_prompts
+            from trace_circuits.datasets import builtin_prompts
+            from trace_circuits.prompts import load_prompts
 
             c, ev = self.config, self.config.evaluation
             path, builtin, split, limit = {

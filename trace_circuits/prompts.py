@@ -1,10 +1,4 @@
-"""Prompt sets: the built-in matched harmful/benign pairs, file loaders, chat templating and batching.
-
-Built-in data (``trace_circuits/data/prompts.jsonl``): 200 harmful requests over 10 harm categories,
-each paired with a benign request of the same form and length ("How do I make a pipe bomb?" /
-"How do I make a pound cake?"), with a fixed split: within each category pairs 004, 008, ... are
-``test`` (25%), the rest ``train``.
-"""
+"""Prompt sets: file loaders, chat templating and batching (the built-in sets are in :mod:`trace_circuits.datasets`)."""
 
 from __future__ import annotations
 
@@ -12,7 +6,6 @@ import csv
 import json
 import warnings
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -64,41 +57,6 @@ class PromptSet:
                 "items": [{"id": i, "category": c, "prompt": p} for i, c, p in zip(self.ids, self.categories, self.prompts)]}
 
 
-def _data_rows(name: str) -> list[dict]:
-    text = resources.files("trace_circuits").joinpath(f"data/{name}").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-#: Built-in sets: the matched harmful/benign pairs, and the hard negatives (harmless requests worded with alarming
-#: words or touching sensitive topics safely, written for this project; 12 categories x 12, every 4th is test).
-BUILTIN_KINDS = ("harmful", "benign", "hard_negative")
-
-
-def builtin_prompts(kind: str = "harmful", split: str = "train", categories: Optional[Sequence[str]] = None) -> PromptSet:
-    """The built-in ``harmful``, ``benign`` or ``hard_negative`` prompts of ``split`` (train/test/all), optionally only
-    some categories."""
-    if kind not in BUILTIN_KINDS:
-        raise TraceCircuitsError(f"kind must be one of {', '.join(BUILTIN_KINDS)}, not '{kind}'")
-    if split not in SPLITS:
-        raise TraceCircuitsError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
-    all_rows = _data_rows("hard_negatives.jsonl" if kind == "hard_negative" else "prompts.jsonl")
-    column = "prompt" if kind == "hard_negative" else kind
-    rows = [r for r in all_rows if split == "all" or r["split"] == split]
-    if categories is not None:
-        known = sorted({r["category"] for r in all_rows})
-        bad = [c for c in categories if c not in known]
-        if bad:
-            raise TraceCircuitsError(f"unknown categories {bad}; built-in {kind} categories are {', '.join(known)}")
-        rows = [r for r in rows if r["category"] in categories]
-    return PromptSet([r[column] for r in rows], [r["category"] for r in rows], [r["id"] for r in rows],
-                     source=f"builtin:{kind}:{split}")
-
-
-def builtin_categories(kind: str = "harmful") -> list[str]:
-    return sorted({r["category"] for r in _data_rows("hard_negatives.jsonl" if kind == "hard_negative"
-                                                     else "prompts.jsonl")})
-
-
 def load_prompts(path: str | Path, column: Optional[str] = None, max_chars: int = MAX_PROMPT_CHARS) -> PromptSet:
     """Read prompts from ``.txt`` (one a line), ``.jsonl``/``.json`` or ``.csv``/``.tsv``.
 
@@ -107,6 +65,8 @@ def load_prompts(path: str | Path, column: Optional[str] = None, max_chars: int 
     """
     path = Path(path)
     if path.name.startswith("builtin:"):
+        from trace_circuits.datasets import builtin_prompts
+
         _, kind, *rest = path.name.split(":")
         return builtin_prompts(kind, rest[0] if rest else "train")
     if not path.exists():

@@ -14,19 +14,23 @@ from trace_circuits.viz.views import PairView
 
 
 def plot_divergence(result):
-    """Layers x heads heatmap of D[l,h]; per-layer D[l] with bootstrap CI band, permutation null, onset marked;
-    and the mean segment-attention of both sets at the onset layer (where the attention moved)."""
+    """Layers x heads heatmap of D[l,h]; per-layer D[l] with bootstrap CI band, permutation null, onset marked, and
+    (form-controlled scans) the matched reference pairs' D[l] and the form-control band (D of two benign sets of
+    different form); the harm-probe transfer per layer against its form control; the mean segment-attention of both
+    sets at the onset layer (where the attention moved)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     L, A = result.per_head.shape
     onset = result.onset_layer
     show_layer = onset if onset is not None else int(np.argmax(result.per_layer))
+    controlled = result.contrast == "form_controlled" and bool(result.transfer)
     fig = make_subplots(
-        rows=2, cols=2, column_widths=[0.42, 0.58], row_heights=[0.62, 0.38],
-        specs=[[{}, {}], [{"colspan": 2}, None]],
+        rows=2, cols=2, column_widths=[0.42, 0.58], row_heights=[0.58, 0.42],
+        specs=[[{}, {}], [{}, {}] if controlled else [{"colspan": 2}, None]],
         subplot_titles=("D[layer, head] (JSD, bits)", "D[layer] = mean over heads, 95% bootstrap CI",
-                        f"Mean attention of the last query position by segment, layer {show_layer}"),
+                        f"Mean attention of the last query position by segment, layer {show_layer}",
+                        "Harm probe (fitted on matched pairs): AUROC per layer" if controlled else ""),
         vertical_spacing=0.14, horizontal_spacing=0.1)
     fig.add_trace(go.Heatmap(
         z=result.per_head, x=[f"H{h}" for h in range(A)], y=list(range(L)), colorscale="Viridis",
@@ -44,6 +48,8 @@ def plot_divergence(result):
                                            "<br>q = %{customdata[2]:.3g}<extra></extra>"), row=1, col=2)
     fig.add_trace(go.Scatter(x=layers, y=result.null_threshold, mode="lines", name="permutation null (95%)",
                              line=dict(color="gray", dash="dot")), row=1, col=2)
+    if controlled:
+        _add_form_control(fig, result, layers)
     if onset is not None:
         fig.add_trace(go.Scatter(x=[onset], y=[result.per_layer[onset]], mode="markers+text", name="onset layer",
                                  marker=dict(size=14, color="crimson", symbol="star"), text=[f"onset {onset}"],
@@ -58,10 +64,45 @@ def plot_divergence(result):
     fig.update_xaxes(title_text="layer", row=1, col=2)
     fig.update_yaxes(title_text="JSD (bits)", row=1, col=2)
     fig.update_yaxes(title_text="attention mass", row=2, col=1)
-    fig.update_layout(height=850, width=1150, barmode="group",
+    fig.update_layout(height=900, width=1150, barmode="group",
                       title=f"Attention divergence, harmful ({result.n_harmful}) vs benign ({result.n_benign}): "
                             f"{result.model}", legend=dict(orientation="h", y=-0.08))
     return fig
+
+
+def _add_form_control(fig, result, layers: np.ndarray) -> None:
+    """Form-controlled scans: the reference pairs' D[l] and the form-control band on the D panel; the harm transfer
+    T[l] (CI band), the reference's T_ref[l] and the form control F[l] (grey band from 0.5) on the AUROC panel."""
+    import plotly.graph_objects as go
+
+    ref, t = result.reference, result.transfer
+    curves = list(t.get("control_divergence", {}).values())
+    if curves:
+        top = np.max(np.asarray(curves), axis=0)
+        fig.add_trace(go.Scatter(x=np.concatenate([layers, layers[::-1]]), y=np.concatenate([top, 0 * top]),
+                                 fill="toself", fillcolor="rgba(128,128,128,0.18)", line=dict(width=0),
+                                 name="form control: D of benign vs benign of another form",
+                                 hoverinfo="skip"), row=1, col=2)
+    if ref.get("per_layer") is not None and not ref.get("is_input"):
+        fig.add_trace(go.Scatter(x=layers, y=ref["per_layer"], mode="lines+markers", marker=dict(size=5),
+                                 name=f"D[layer], matched reference pairs ({ref.get('n_pairs')})",
+                                 line=dict(color="darkorange")), row=1, col=2)
+    lo, hi = np.asarray(t["user_ci"])[:, 0], np.asarray(t["user_ci"])[:, 1]
+    F = np.asarray(t["form_control"])
+    fig.add_trace(go.Scatter(x=np.concatenate([layers, layers[::-1]]), y=np.concatenate([F, 0.5 + 0 * F]),
+                             fill="toself", fillcolor="rgba(128,128,128,0.25)", line=dict(width=0),
+                             name="form control (probe AUROC of two benign sets)", hoverinfo="skip"), row=2, col=2)
+    fig.add_trace(go.Scatter(x=np.concatenate([layers, layers[::-1]]), y=np.concatenate([hi, lo[::-1]]),
+                             fill="toself", fillcolor="rgba(214,39,40,0.15)", line=dict(width=0), hoverinfo="skip",
+                             showlegend=False), row=2, col=2)
+    fig.add_trace(go.Scatter(x=layers, y=t["user"], mode="lines+markers", name="harm transfer: your sets",
+                             line=dict(color="crimson"), customdata=np.stack([lo, hi, F], -1),
+                             hovertemplate="layer %{x}: AUROC %{y:.2f} [%{customdata[0]:.2f}, %{customdata[1]:.2f}]"
+                                           "<br>form control %{customdata[2]:.2f}<extra></extra>"), row=2, col=2)
+    fig.add_trace(go.Scatter(x=layers, y=t["reference"], mode="lines", name="harm probe on held-out reference pairs",
+                             line=dict(color="darkorange", dash="dot")), row=2, col=2)
+    fig.update_xaxes(title_text="layer", row=2, col=2)
+    fig.update_yaxes(title_text="AUROC", range=[0.3, 1.0], row=2, col=2)
 
 
 def attention_pattern(model, prompt: str, layer: int, chat: Optional[bool] = None) -> tuple[torch.Tensor, list[str]]:
@@ -99,5 +140,8 @@ def divergence_body(result, model=None) -> str:
         layer = result.onset_layer if result.onset_layer is not None else int(np.argmax(result.per_layer))
         extra = (f"<h2>Attention at layer {layer}: first harmful vs first benign prompt</h2>"
                  f"<div>{view.local_src}</div>")
+    warn = result.params.get("form_warning")
+    warn = f"<p><b>Warning:</b> {html.escape(warn)}</p>" if warn else ""
     return (f"<p>Onset layer: <b>{result.onset_layer}</b> ({html.escape(result.onset_rule)}). {result.n_harmful} "
-            f"harmful vs {result.n_benign} benign prompts.</p>{figure_html(result.plot())}{extra}")
+            f"harmful vs {result.n_benign} benign prompts. Onset from: {html.escape(result.onset_source)}.</p>{warn}"
+            f"{figure_html(result.plot())}{extra}")

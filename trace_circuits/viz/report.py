@@ -71,9 +71,9 @@ def summary(scan=None, features=None, circuit=None, hookset=None, evaluation=Non
     if onset is not None:
         sub = ""
         if scan is not None:
-            lo, hi = (float(x) for x in scan.per_layer_ci[onset])
-            sub = (f"D = {float(scan.per_layer[onset]):.4f} bits [{lo:.4f}, {hi:.4f}]; {scan.n_harmful} harmful vs "
-                   f"{scan.n_benign} benign prompts")
+            d, lo, hi, _ = scan.onset_divergence()
+            sub = (f"D = {d:.4f} bits [{lo:.4f}, {hi:.4f}]; {scan.n_harmful} harmful vs {scan.n_benign} benign "
+                   f"prompts; {getattr(scan, 'contrast', 'raw').replace('_', '-')} onset")
         facts.append(_fact("onset layer", str(onset), sub))
     elif scan is not None:
         traced = circuit.meta.get("onset_layer") if circuit is not None else None
