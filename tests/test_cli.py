@@ -39,6 +39,7 @@ def test_scan_reads_user_files(tmp_path, capsys, real_model):
     assert code == 0
     data = json.loads((tmp_path / "o" / "divergence.json").read_text())
     assert data["n_harmful"] == 3 and data["reference"]["source"] == "built-in matched pairs, train split"
+    assert "AttentionHeads" not in (tmp_path / "o" / "divergence.html").read_text()  # --no-attention-view
     assert len(data["transfer"]["user"]) == 30 and "reference benign vs everyday instructions" in data["transfer"]["controls"]
     out = capsys.readouterr().out
     assert "onset from: form-matched pairs: built-in matched pairs, train split (150 pairs)" in out

@@ -196,9 +196,9 @@ def cmd_run(args) -> int:
 
 def cmd_scan(args) -> int:
     run = _run(args, _config(args, stages=[("scan", ScanConfig, "")]))
-    result = run.scan()
-    if not args.no_attention_view:
-        result.save(run.out, model=run.model)
+    result = run.scan()  # saved by the run with the circuitsvis view; rewritten without it on request
+    if args.no_attention_view:
+        result.save(run.out)
     _print_scan(result)
     print(f"wrote {run.out / 'divergence.json'} and {run.out / 'divergence.html'}")
     return 0
