@@ -284,7 +284,8 @@ def scan_attention_divergence(
             model, encode_prompts(model, ref_b, chat=chat, system=system), desc="attention scan (reference benign)",
             checkpoint=ck("reference-benign"), memo=True, **kw)
     ref = result if ref_H is Hp and ref_B is Bp else divergence_from_profiles(ref_H, ref_B, **stats)
-    everyday = [p for p in builtin_prompts("everyday", "train").prompts if p not in set(ref_b)][:form_control_prompts]
+    ref_b_set = set(ref_b)
+    everyday = [p for p in builtin_prompts("everyday", "train").prompts if p not in ref_b_set][:form_control_prompts]
     controls = {}
     control_divergence = {}
     if len(everyday) >= 2:
