@@ -130,3 +130,8 @@ def test_run_config_reproduces_a_run_and_flags_override_it(tmp_path, capsys, rea
     a, b = (json.loads((d / "divergence.json").read_text()) for d in (first, second))
     assert a["per_layer"] == b["per_layer"]  # the same settings give the same scan
     assert (second / "report.html").exists() and (second / "hookset" / "hookset.json").exists()
+    # rerun into the same folder with the same settings (as after an interruption): every finished stage is reused
+    capsys.readouterr()
+    assert main(["run", "--config", str(second / "config.json"), "--no-evaluate", "--out", str(second)]) == 0
+    assert "reusing scan, features, circuit, hookset" in capsys.readouterr().out
+    assert json.loads((second / "divergence.json").read_text())["per_layer"] == b["per_layer"]

@@ -93,6 +93,26 @@ def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
     assert "tracerouter" in report and "direction_ablation" in report
 
 
+def test_an_interrupted_run_resumes_and_other_settings_start_over(planted, tmp_path):
+    """A rerun with the same config reuses every stage already written; a run with other settings in the same folder
+    removes the earlier results so none of them is mixed into it."""
+    tl, hf, tok, saes = planted
+    out = tmp_path / "run"
+    first = Run(small_config(), model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
+    assert first.resume() == [] and (out / "config.json").exists()
+    first.scan(), first.features(), first.trace()  # "interrupted" before the hook set
+    again = Run(small_config(), model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
+    assert again.resume() == ["scan", "features", "circuit"]
+    assert again.results["circuit_full"].to_json() == first.results["circuit_full"].to_json()
+    assert again.trace() is again.results["circuit"] and "stage 3: FIS and circuit" in again.timings
+    assert again.export().source_operation.layer == 1 and (out / "hookset" / "hookset.json").exists()
+    other = dataclasses.replace(small_config(), trace=dataclasses.replace(small_config().trace, n_candidates=6))
+    fresh = Run(other, model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
+    assert fresh.resume() == []
+    assert not any((out / n).exists() for n in ("divergence.json", "circuit.json", "circuit_full.json", "hookset"))
+    assert json.loads((out / "config.json").read_text())["trace"]["n_candidates"] == 6
+
+
 def test_reroute_adds_gated_steering(planted):
     tl, hf, tok, saes = planted
     cfg = dataclasses.replace(small_config(), hookset=dataclasses.replace(small_config().hookset, action="reroute"))

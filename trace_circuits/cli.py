@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the main job: scan, SAE features, circuit and hook set, evaluation, report.html",
                          description="Every stage of TraceRouter (built-in prompts unless files are given); all "
                                      "artifacts, config.json and report.html go into OUT. --config config.json "
-                                     "reproduces an earlier run (options given here override it).")
+                                     "reproduces an earlier run (options given here override it). Rerun an interrupted "
+                                     "run with the same settings and OUT: the stages it finished are reused.")
     _base(run)
     run.add_argument("--config", default=None, help="config.json of an earlier run to reproduce")
     run.add_argument("--out", default="runs/latest", help="output folder. Default: runs/latest")
@@ -184,6 +185,9 @@ def cmd_run(args) -> int:
                                ("hookset", HookSetConfig, "hookset-"), ("evaluation", EvaluationConfig, "eval-")])
     run = _run(args, cfg)
     t0 = time.time()
+    done = run.resume()
+    if done:
+        print(f"resuming the run in {run.out} (same config.json): reusing {', '.join(done)}")
     _print_scan(run.scan())
     _print_features(run.features())
     _print_trace(run)

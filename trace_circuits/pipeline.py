@@ -23,8 +23,7 @@ from typing import Optional
 
 from trace_circuits.config import RunConfig
 from trace_circuits.errors import TraceCircuitsError
-
-RUN_FILE = "run.json"
+from trace_circuits.run_folder import RUN_FILE, STAGE_RESULTS
 
 
 class Run:
@@ -204,11 +203,11 @@ class Run:
                 self.results["circuit_full"] = full
                 self.results["circuit"] = pruned.sever(pruned.harmful_path_nodes(tc.min_readout_effect,
                                                                                  kinds=["source", *kinds]))
-            self._save("circuit")
-            if self.out is not None:
+            if self.out is not None:  # before circuit.json, which marks the stage done for a resumed run
                 from trace_circuits._io import write_json_atomic
 
                 write_json_atomic(self.out / "circuit_full.json", full.to_json())
+            self._save("circuit")
         return self.results["circuit"]
 
     def export(self):
@@ -337,7 +336,7 @@ class Run:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         previous, self.out = self.out, out
-        for name in ("scan", "features", "circuit", "hookset", "evaluation"):
+        for name in STAGE_RESULTS:
             if name in self.results and previous != out:
                 self._save(name)
         write_json_atomic(out / "config.json", self.config.to_json())
@@ -348,28 +347,28 @@ class Run:
     @classmethod
     def load(cls, out_dir: str | Path, **kwargs) -> "Run":
         """A run read back from its folder: the config and every result found (the model loads when first used)."""
-        from trace_circuits.circuit import Circuit
-        from trace_circuits.divergence import DivergenceResult
-        from trace_circuits.evaluate import EvaluationResult
-        from trace_circuits.features import FeatureResult
-        from trace_circuits.hookset import load_hookset
         from trace_circuits.results import read_json
+        from trace_circuits.run_folder import read_results
 
         folder = Path(out_dir)
         config = RunConfig.from_json(read_json(folder / "config.json", "run config", "run `trace-circuits run`"),
                                      str(folder / "config.json"))
         run = cls(config, out=folder, **kwargs)
-        for name, loader, file in (("scan", DivergenceResult.load, "divergence.json"),
-                                   ("features", FeatureResult.load, "features.json"),
-                                   ("circuit", Circuit.load, "circuit.json"),
-                                   ("evaluation", EvaluationResult.load, "evaluation.json")):
-            if (folder / file).exists():
-                run.results[name] = loader(folder)
-        if (folder / "hookset" / "hookset.json").exists():
-            run.results["hookset"] = load_hookset(folder / "hookset")
-        if (folder / RUN_FILE).exists():
-            run.timings = dict(json.loads((folder / RUN_FILE).read_text()).get("timings", {}))
+        run.results, run.timings = read_results(folder)
         return run
+
+    def resume(self) -> list[str]:
+        """Reuse the stages an interrupted run with this very config already wrote to ``self.out`` (its
+        ``config.json`` equal to ours); with other settings there, their results are removed so none is mixed in.
+        Writes our ``config.json`` first, so a rerun of an interrupted run finds it. Returns the stages reused."""
+        from trace_circuits.run_folder import resume_results
+
+        if self.out is None:
+            return []
+        results, timings = resume_results(self.out, self.config.to_json())
+        self.results.update(results)
+        self.timings.update(timings)
+        return [s for s in STAGE_RESULTS if s in results]
 
     def plot(self):
         """The run at a glance: each stage's figure that exists (a dict of plotly figures)."""
@@ -381,11 +380,14 @@ class Run:
     def _save(self, name: str, **html_kwargs) -> None:
         if self.out is None:
             return
+        from trace_circuits._io import write_json_atomic
+
         obj = self.results[name]
         if name == "hookset":
             obj.save(self.out / "hookset")
         else:
             obj.save(self.out, **html_kwargs)
+        write_json_atomic(self.out / RUN_FILE, self.to_json())  # the timings so far, for a resumed run
 
     def _log(self, text: str) -> None:
         if self.progress:
