@@ -71,6 +71,24 @@ def test_activations_are_collected_once_per_shard_and_resumed(model, tmp_path):
     assert torch.equal(again[HOOK], acts[HOOK])
 
 
+def test_a_run_at_some_hooks_reuses_an_earlier_collection_of_more(model, tmp_path):
+    """`train-sae --layers 19,21` after a run at 15,17,19,21 in the same folder reuses its activations; a cache
+    collected with other settings (its folder name is their key) or without the hook is not reused."""
+    both = [HOOK, "blocks.0.hook_resid_post"]
+
+    def key(hooks):
+        return training_mod._key(["tiny", "corpus-sha", sorted(hooks)])
+
+    collect_activations(model, chunks(), both, tmp_path / key(both), shard_tokens=200, progress=False)
+    assert training_mod._cached_hooks(tmp_path, [HOOK], key) == sorted(both)
+    assert training_mod._cached_hooks(tmp_path, ["blocks.2.hook_resid_post"], key) is None
+    assert training_mod._cached_hooks(tmp_path, [HOOK], lambda h: training_mod._key(["tiny", "other", sorted(h)])) \
+        is None
+    (tmp_path / "000000000000").mkdir()  # sorts first: unreadable, skipped
+    (tmp_path / "000000000000" / "shard_00000.safetensors").write_bytes(b"not a safetensors file")
+    assert training_mod._cached_hooks(tmp_path, [HOOK], key) == sorted(both)
+
+
 def test_collect_refuses_unknown_hook(model, tmp_path):
     with pytest.raises(TraceCircuitsError, match="no hook 'blocks.9.hook_resid_post'"):
         collect_activations(model, chunks(4), ["blocks.9.hook_resid_post"], tmp_path, progress=False)

@@ -268,11 +268,16 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
         raise TraceCircuitsError(f"corpus {cfg.corpus} has too little text; rebuild it with `trace-circuits build-corpus`")
     t0 = time.time()
     corpus_sha = file_sha256(Path(cfg.corpus))
-    # Activations are keyed by what determines them, so SAEs with other settings reuse them.
-    acts_key = _key([model_fingerprint(model), corpus_sha, sorted(cfg.hooks), cfg.context_size, cfg.max_corpus_tokens,
+    # Activations are keyed by what determines them, so SAEs with other settings reuse them, and so does a run at
+    # some of the hooks an earlier run in this folder collected.
+    def acts_key_for(hooks):
+        return _key([model_fingerprint(model), corpus_sha, sorted(hooks), cfg.context_size, cfg.max_corpus_tokens,
                      cfg.shard_tokens])
-    acts = collect_activations(model, chunks, cfg.hooks, run_dir / "acts" / acts_key, batch_size=cfg.collect_batch_size,
-                               shard_tokens=cfg.shard_tokens, progress=progress)
+
+    acts_hooks = _cached_hooks(run_dir / "acts", cfg.hooks, acts_key_for) or list(cfg.hooks)
+    acts = collect_activations(model, chunks, acts_hooks, run_dir / "acts" / acts_key_for(acts_hooks),
+                               batch_size=cfg.collect_batch_size, shard_tokens=cfg.shard_tokens, progress=progress)
+    acts_key = acts_key_for(cfg.hooks)
     t_acts = time.time() - t0
     n_tokens = next(iter(acts.values())).shape[0]
     if progress:
@@ -312,6 +317,23 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
         results.append(meta)
     write_sae_readme(out_root)
     return results
+
+
+def _cached_hooks(acts_root: Path, hooks: Sequence[str], key_for) -> Optional[list[str]]:
+    """The hooks of an activation cache in ``acts_root`` that holds every hook of ``hooks`` and was collected with the
+    same model, corpus and chunking (its folder name is the key of those settings), else None. Reads only the
+    safetensors header of its first shard."""
+    from safetensors import safe_open
+
+    for first in sorted(acts_root.glob("*/shard_00000.safetensors")):
+        try:
+            with safe_open(str(first), framework="pt") as f:
+                held = sorted(f.keys())
+        except Exception:  # an unreadable cache is simply not reused
+            continue
+        if set(hooks) <= set(held) and key_for(held) == first.parent.name:
+            return held
+    return None
 
 
 def _key(parts) -> str:
