@@ -30,7 +30,10 @@ EXPECT = {
     "03_trace_and_sever.ipynb": lambda c: c["tl_hf_max_diff"] < 1e-3 and c["same_gate"] and c["n_severed"] >= 2,
     "04_evaluate.ipynb": lambda c: {"none", "tracerouter", "direction_ablation"} <= set(c["defenses"])
     and 0 <= c["dsr_direct"] <= 1 and c["kl_text"] >= 0,
-    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct" and c["dsr_direct_none"] > 0.5,
+    # the undefended Qwen refuses only some held-out requests (3 of the first 10; README), and the hook set's reroute
+    # only turns answers into refusals where its gate opens
+    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct" and c["onset"] is not None
+    and 0 < c["dsr_direct_none"] < 1 and c["dsr_direct"] >= c["dsr_direct_none"],
 }
 
 
