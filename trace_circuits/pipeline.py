@@ -372,8 +372,7 @@ class Run:
 
     def plot(self):
         """The run at a glance: each stage's figure that exists (a dict of plotly figures)."""
-        return {name: self.results[name].plot() for name in ("scan", "features", "circuit", "hookset", "evaluation")
-                if name in self.results}
+        return {name: self.results[name].plot() for name in STAGE_RESULTS if name in self.results}
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 

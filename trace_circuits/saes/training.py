@@ -270,9 +270,10 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
     corpus_sha = file_sha256(Path(cfg.corpus))
     # Activations are keyed by what determines them, so SAEs with other settings reuse them, and so does a run at
     # some of the hooks an earlier run in this folder collected.
+    fingerprint = model_fingerprint(model)
+
     def acts_key_for(hooks):
-        return _key([model_fingerprint(model), corpus_sha, sorted(hooks), cfg.context_size, cfg.max_corpus_tokens,
-                     cfg.shard_tokens])
+        return _key([fingerprint, corpus_sha, sorted(hooks), cfg.context_size, cfg.max_corpus_tokens, cfg.shard_tokens])
 
     acts_hooks = _cached_hooks(run_dir / "acts", cfg.hooks, acts_key_for) or list(cfg.hooks)
     acts = collect_activations(model, chunks, acts_hooks, run_dir / "acts" / acts_key_for(acts_hooks),
@@ -297,7 +298,7 @@ def train_saes(model, cfg: SAETrainingConfig, run_dir: str | Path, out_root: Opt
                         progress=progress)
         t_train = time.time() - t1
         meta = {
-            "model_name": cfg.model, "hook_name": hook, "model_fingerprint": model_fingerprint(model),
+            "model_name": cfg.model, "hook_name": hook, "model_fingerprint": fingerprint,
             "massive_norm_threshold": threshold, "trace_circuits_format_version": FORMAT_VERSION,
             "provenance": {
                 "architecture": "topk", "k": cfg.k, "training_samples": cfg.training_samples,
