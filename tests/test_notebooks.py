@@ -32,7 +32,8 @@ EXPECT = {
     and 0 <= c["dsr_direct"] <= 1 and c["kl_text"] >= 0,
     # the undefended Qwen refuses only some held-out requests (3 of the first 10; README), and the hook set's reroute
     # only turns answers into refusals where its gate opens
-    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct" and c["onset"] is not None
+    # (its 60-pair scan finds no significant onset on Qwen, so the SAE layer is set to the full scan's 15)
+    "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct"
     and 0 < c["dsr_direct_none"] < 1 and c["dsr_direct"] >= c["dsr_direct_none"],
 }
 
