@@ -18,9 +18,9 @@ def shipped():
     return list_saes(MODEL)
 
 
-# (model, the scan's onset on the built-in pairs, SAEs shipped). Issue 11 asks for 4 Qwen SAEs: layer 21 reached
-# EV 0.795 with 3584 latents, below the bar, so it is not shipped (saes/README.md)
-@pytest.mark.parametrize("model,onset,n_saes", [(MODEL, 21, 4), ("qwen2.5-coder-0.5b-instruct", 15, 3)])
+# (model, the scan's onset on the built-in pairs, SAEs shipped). Qwen: 15, 16, 17, 19 (layer 21 reached EV 0.795 with
+# 3584 latents, below the bar, so it is not shipped: saes/README.md)
+@pytest.mark.parametrize("model,onset,n_saes", [(MODEL, 21, 4), ("qwen2.5-coder-0.5b-instruct", 15, 4)])
 def test_shipped_saes_meet_the_quality_bar(model, onset, n_saes):
     """On held-out text: EV >= 0.80, L0 <= 64, CE-loss recovered >= 0.85; one SAE at the scan's onset layer on the
     built-in pairs and the rest after it (stage 3's downstream features), each listed in saes/README.md."""

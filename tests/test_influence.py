@@ -40,6 +40,35 @@ def test_batched_exact_fis_equals_one_forward_per_ablation(ctx):
     assert fast.head_rel[3, 3 - 2, 1] == pytest.approx(6.0)  # zeroing a head changes it by 100% on 6 prompts
 
 
+def test_rows_an_ablation_cannot_change_are_not_run_and_the_numbers_stay_exact(ctx):
+    """Half harmful, half benign prompts: the planted harmful feature fires on the harmful half only, so its copy runs
+    6 of 12 rows; a feature that never fires runs none and moves nothing; heads and MLPs run every row."""
+    from trace_circuits.influence import changed_rows
+
+    prompts = list(builtin_prompts("harmful")[:6]) + list(builtin_prompts("benign")[:6])
+    enc = encode_prompts(ctx.model, prompts)
+    (batch,) = prepare_batches(ctx, enc, 12)
+    silent = next(f for f in range(ctx.saes[1].cfg.d_sae)
+                  if torch.equal(ctx.feature_edit(1, batch.x0, batch.mask, f), batch.x0))
+    edits = [NodeRef("feature", 1, 0), NodeRef("feature", 1, silent), NodeRef("feature", 2, 4),
+             NodeRef("head", 3, 1), NodeRef("mlp", 2)]
+    X = batch.x0.repeat(len(edits) + 1, 1, 1)
+    for c in (1, 2):
+        X[c * 12:(c + 1) * 12] = ctx.feature_edit(1, batch.x0, batch.mask, edits[c - 1].index)
+    rows = changed_rows(ctx, batch, X, edits)
+    assert len(rows[1]) == 6  # the harmful prompts (rows are in length order)
+    assert len(rows[2]) == 0 and 0 < len(rows[3]) < 12 and len(rows[4]) == len(rows[5]) == len(rows[0]) == 12
+    fast = measure_ablations(ctx, [batch], edits, copies_per_pass=8)
+    slow = measure_one_at_a_time(ctx, enc, edits, batch_size=4)
+    assert fast.readout_drop[0].abs() > 1e-3 and fast.readout_drop[1] == 0  # per edit (the clean copy is dropped)
+    assert torch.allclose(fast.readout_drop, slow.readout_drop, atol=1e-4)
+    for layer in ctx.sae_layers:
+        assert torch.allclose(fast.feat_drop[layer], slow.feat_drop[layer], atol=1e-3)
+        assert not fast.feat_drop[layer][1].any()
+    assert torch.allclose(fast.head_rel, slow.head_rel, atol=1e-4)
+    assert torch.allclose(fast.mlp_rel, slow.mlp_rel, atol=1e-4)
+
+
 def test_a_source_that_only_fires_on_the_request_shares_the_template_prefix(ctx):
     from trace_circuits.influence import shared_prefix
 

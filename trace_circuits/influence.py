@@ -15,8 +15,10 @@ with ``a_f`` the SAE's own ``encode`` and ``D_f s(x)`` its decoder row as SAE-Le
 :mod:`trace_circuits.saes.encoding`). Zeroing a head sets its ``hook_z`` to 0; zeroing an MLP sets ``hook_mlp_out``
 to 0. Many ablations run in one forward pass: copy ``c`` of the batch carries ablation ``c`` (copy 0 is clean),
 stacked along the batch axis, and the pass starts from the cached clean residual after layer ``l0``
-(``start_at_layer = l0 + 1``), so layers ``<= l0`` run once. Downstream SAEs are encoded only at the positions the
-readings use (the prompt's own text and the generation prompt).
+(``start_at_layer = l0 + 1``), so layers ``<= l0`` run once. A copy carries only the prompts its ablation can change
+(a feature zeroed where it never fires changes nothing: its row would equal the clean one, drop 0), and only the
+positions after the first one any copy changes (the clean prefix, from the clean keys and values). Downstream SAEs are
+encoded only at the positions the readings use (the prompt's own text and the generation prompt).
 
 Influence of node ``s`` on node ``t`` (the link weight), averaged over the harmful prompts ``i``:
 
@@ -125,6 +127,7 @@ class PreparedBatch:
     kv: dict = field(default_factory=dict)  # layer -> (keys, values) [B, T, n_kv_heads, d_head], before rotary
     feat: dict = field(default_factory=dict)  # layer -> clean feature activations at value positions [B, T, F]
     first_active: dict = field(default_factory=dict)  # layer -> [F] first position any row's feature is active
+    active_rows: dict = field(default_factory=dict)  # layer -> [B, F] the feature is active somewhere in the row
     head_den: list = field(default_factory=list)  # per downstream layer: clean sum_p ||z_h[p]|| over value pos [B, H]
     mlp_den: list = field(default_factory=list)  # per downstream layer: clean sum_p ||mlp_out[p]|| [B]
 
@@ -158,6 +161,7 @@ def prepare_batches(ctx: TraceContext, encoded: EncodedPrompts, batch_size: int)
                 a = ctx.saes[layer].encode(x) * ok[..., None]
                 pos = torch.arange(T, device=x.device)[None, :, None].expand_as(a)
                 pb.first_active[layer] = torch.where(a > 0, pos, T).amin(dim=(0, 1))
+                pb.active_rows[layer] = (a > 0).any(dim=1)
                 pb.feat[layer] = a * pb.value[..., None]
                 return None
 
@@ -204,6 +208,23 @@ def shared_prefix(ctx: TraceContext, batch: PreparedBatch, X: torch.Tensor, edit
     return max(0, first)
 
 
+def changed_rows(ctx: TraceContext, batch: PreparedBatch, X: torch.Tensor, edits: Sequence[NodeRef]) -> list:
+    """Per copy (0 = clean: every row), the rows of ``batch`` its ablation can change: an onset edit where it changed
+    the residual, a downstream feature where it fires in the clean run (its input there is clean), a head or MLP
+    everywhere. The other rows equal the clean run exactly (by causality), so they contribute 0 and are not run."""
+    B = batch.mask.shape[0]
+    rows = [torch.arange(B)]
+    for c, node in enumerate(edits, start=1):
+        if node.kind == "feature" and node.layer == ctx.onset:
+            keep = (X[c * B:(c + 1) * B] != batch.x0).any(-1).any(-1)
+        elif node.kind == "feature":
+            keep = batch.active_rows[node.layer][:, node.index]
+        else:
+            keep = torch.ones(B, dtype=torch.bool)
+        rows.append(keep.cpu().nonzero()[:, 0])
+    return rows
+
+
 @dataclass
 class Measure:
     """Per-copy sums over prompts (copy 0 clean). Feature tensors are per SAE layer."""
@@ -231,8 +252,9 @@ class Measure:
 def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef],
                top_tokens: Optional[dict] = None) -> Measure:
     """One forward pass over ``len(edits) + 1`` stacked copies of ``batch`` (copy 0 clean, copy c ablates
-    ``edits[c-1]``), reading every downstream node. Positions every copy shares with the clean run
-    (:func:`shared_prefix`) are not recomputed: their keys and values come from the clean run."""
+    ``edits[c-1]``), reading every downstream node. A copy carries only the rows its ablation can change
+    (:func:`changed_rows`); positions every copy shares with the clean run (:func:`shared_prefix`) are not recomputed:
+    their keys and values come from the clean run."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -240,38 +262,46 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
     C = len(edits) + 1
     B, T, _ = batch.x0.shape
     X = batch.x0.repeat(C, 1, 1)
-    by_hook: dict[str, list[tuple[int, NodeRef]]] = defaultdict(list)
     for c, node in enumerate(edits, start=1):
-        rows = slice(c * B, (c + 1) * B)
         if node.kind == "feature" and node.layer == ctx.onset:
-            X[rows] = ctx.feature_edit(ctx.onset, X[rows], batch.mask, node.index)
-        elif node.kind in ("feature", "head", "mlp") and node.layer > ctx.onset:
-            by_hook[node.hook_name].append((c, node))
-        else:
+            X[c * B:(c + 1) * B] = ctx.feature_edit(ctx.onset, X[c * B:(c + 1) * B], batch.mask, node.index)
+        elif node.kind not in ("feature", "head", "mlp") or node.layer <= ctx.onset:
             raise TraceCircuitsError(f"cannot ablate {node.id}: only nodes at or after the onset layer {ctx.onset}")
     P = shared_prefix(ctx, batch, X, edits)
-    M, V = batch.mask.repeat(C, 1), batch.value.float()
-    Vs = V[:, P:]  # the positions this pass computes
-    read_at = (M & batch.value.repeat(C, 1))[:, P:]  # where the feature readings look
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, next(model.parameters()).device, C * B)
+    rows = changed_rows(ctx, batch, X, edits)
+    copy_of = torch.cat([torch.full((len(r),), c) for c, r in enumerate(rows)])  # [N] copy of each row run
+    row_of = torch.cat(rows)  # [N] the batch row it is
+    at = torch.cumsum(torch.tensor([0] + [len(r) for r in rows]), 0).tolist()  # copy c runs rows at[c]:at[c+1]
+    N, dev = len(row_of), batch.x0.device
+    Xs = X[(copy_of * B + row_of).to(dev)]
+    r_dev = row_of.to(dev)
+    M, Vs = batch.mask[r_dev], batch.value.float()[r_dev][:, P:]
+    read_at = (M & batch.value[r_dev])[:, P:]  # where the feature readings look
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, N)
     for layer, (k, v) in batch.kv.items():
-        cache.entries[layer] = TransformerLensKeyValueCacheEntry(k[:, :P].repeat(C, 1, 1, 1),
-                                                                 v[:, :P].repeat(C, 1, 1, 1))
+        cache.entries[layer] = TransformerLensKeyValueCacheEntry(k[r_dev, :P], v[r_dev, :P])
+    by_hook: dict[str, list[tuple[slice, NodeRef]]] = defaultdict(list)
+    for c, node in enumerate(edits, start=1):
+        if node.layer > ctx.onset and at[c + 1] > at[c]:
+            by_hook[node.hook_name].append((slice(at[c], at[c + 1]), node))
 
     def edit_hook(items):
         def hook(act, hook):
             act = act.clone()
-            for c, node in items:
-                rows = slice(c * B, (c + 1) * B)
+            for sl, node in items:
                 if node.kind == "feature":
-                    act[rows] = ctx.feature_edit(node.layer, act[rows], batch.mask[:, P:], node.index)
+                    act[sl] = ctx.feature_edit(node.layer, act[sl], M[sl, P:], node.index)
                 elif node.kind == "head":
-                    act[rows, :, node.index] = 0
+                    act[sl, :, node.index] = 0
                 else:
-                    act[rows] = 0
+                    act[sl] = 0
             return act
 
         return hook
+
+    def per_copy(x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] per row run -> [C, ...] summed per copy (rows not run add 0)."""
+        return torch.zeros(C, *x.shape[1:], dtype=x.dtype).index_add_(0, copy_of, x.cpu())
 
     out = Measure(n=B)
     down = ctx.down_layers
@@ -284,46 +314,47 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
         def hook(act, hook):
             x = act.float()
             ok = read_at & (x.norm(dim=-1) <= ctx.limit[layer])
-            flat = torch.zeros(C * B * Ts, ctx.saes[layer].cfg.d_sae, device=x.device)
+            flat = torch.zeros(N * Ts, ctx.saes[layer].cfg.d_sae, device=x.device)
             sel = ok.flatten()
-            flat[sel] = ctx.saes[layer].encode(x.reshape(C * B * Ts, -1)[sel])  # encode only where it is read
-            v, where = flat.view(C, B, Ts, -1).max(dim=2)  # [C, B, F] over the computed positions
+            flat[sel] = ctx.saes[layer].encode(x.reshape(N * Ts, -1)[sel])  # encode only where it is read
+            v, where = flat.view(N, Ts, -1).max(dim=1)  # [N, F] over the computed positions
             if P > 0:  # the shared prefix: clean values
                 pre, pre_where = batch.feat[layer][:, :P].max(dim=1)
-                take = pre[None] > v
-                v, where = torch.where(take, pre[None], v), torch.where(take, pre_where[None], where + P)
+                pre, pre_where = pre[r_dev], pre_where[r_dev]
+                take = pre > v
+                v, where = torch.where(take, pre, v), torch.where(take, pre_where, where + P)
             else:
                 where = where + P
-            out.feat_clean[layer] = v[0].sum(0).cpu()
-            out.feat_drop[layer] = (v[0:1] - v).sum(1).cpu()
+            out.feat_clean[layer] = v[:B].sum(0).cpu()
+            out.feat_drop[layer] = per_copy(v[:B][r_dev] - v)
             if top_tokens is not None:
-                top_tokens.setdefault(layer, []).append((v[0].cpu(), where[0].cpu(), batch.tokens.cpu()))
+                top_tokens.setdefault(layer, []).append((v[:B].cpu(), where[:B].cpu(), batch.tokens.cpu()))
             return None
 
         return hook
 
     def read_heads(j):
         def hook(z, hook):
-            z = z.float().view(C, B, Ts, H, -1)
-            num = ((z - z[0:1]).norm(dim=-1) * Vs[None, :, :, None]).sum(2)  # [C, B, H]
-            out.head_rel[:, j] = (num / batch.head_den[j]).sum(1).cpu()
+            z = z.float()
+            num = ((z - z[:B][r_dev]).norm(dim=-1) * Vs[:, :, None]).sum(1)  # [N, H]
+            out.head_rel[:, j] = per_copy(num / batch.head_den[j][r_dev])
             return None
 
         return hook
 
     def read_mlp(j):
         def hook(m, hook):
-            m = m.float().view(C, B, Ts, -1)
-            num = ((m - m[0:1]).norm(dim=-1) * Vs[None]).sum(2)  # [C, B]
-            out.mlp_rel[:, j] = (num / batch.mlp_den[j]).sum(1).cpu()
+            m = m.float()
+            num = ((m - m[:B][r_dev]).norm(dim=-1) * Vs).sum(1)  # [N]
+            out.mlp_rel[:, j] = per_copy(num / batch.mlp_den[j][r_dev])
             return None
 
         return hook
 
     def read_final(act, hook):
-        r = ctx.readout.score(act[:, -1]).view(C, B)
-        out.readout_drop = (r[0:1] - r).sum(1).cpu()
-        out.readout_clean = float(r[0].sum())
+        r = ctx.readout.score(act[:, -1])  # [N]
+        out.readout_drop = per_copy(r[:B][r_dev] - r)
+        out.readout_clean = float(r[:B].sum())
         return None
 
     fwd = [(name, edit_hook(items)) for name, items in by_hook.items()]
@@ -331,7 +362,7 @@ def run_copies(ctx: TraceContext, batch: PreparedBatch, edits: Sequence[NodeRef]
     fwd += [(hook_name("z", layer), read_heads(j)) for j, layer in enumerate(down)]
     fwd += [(hook_name("mlp_out", layer), read_mlp(j)) for j, layer in enumerate(down)]
     fwd += [(ctx.readout.hook_name, read_final)]
-    model.run_with_hooks(X[:, P:], start_at_layer=ctx.onset + 1, attention_mask=M.long(), past_kv_cache=cache,
+    model.run_with_hooks(Xs[:, P:], start_at_layer=ctx.onset + 1, attention_mask=M.long(), past_kv_cache=cache,
                          return_type=None, fwd_hooks=fwd)
     return out
 
