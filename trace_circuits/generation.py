@@ -175,15 +175,35 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], hookset=None, m
 @torch.inference_mode()
 def gate_opens(model, tokenizer, texts: Sequence[str], hookset, batch_size: int = 32) -> list[bool]:
     """Whether ``hookset``'s prompt gate opens on each already-templated text, from one prefill pass with the hook set
-    attached (no generation). Where it stays shut the defended model is exactly the plain one."""
+    attached (no generation), stopped after the last layer a gate reads. Where it stays shut the defended model is
+    exactly the plain one."""
     from trace_circuits.evaluate.utility import encode_padded
+    from trace_circuits.architectures import decoder_layers
 
     device = next(model.parameters()).device
+    gate_layers = [op.layer for op in hookset.operations if op.gate_source or op.kind == "prompt_probe"]
+    stop_after = max(gate_layers) if gate_layers and all(isinstance(x, int) for x in gate_layers) else None
     out: list[bool] = []
     for s in range(0, len(texts), batch_size):
         ids, mask = encode_padded(tokenizer, texts[s:s + batch_size], "left", device)
         with hookset.attach(model) as rt:
-            model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+            # registered after the hook set's hooks, so it runs after the gate decided at that layer
+            stop = decoder_layers(model)[stop_after].register_forward_hook(_stop) if stop_after is not None else None
+            try:
+                model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+            except _GateDecided:
+                pass
+            finally:
+                if stop is not None:
+                    stop.remove()
         out += [bool(g) for g in rt.gate_open.tolist()] if rt.gate_open is not None else [True] * len(ids)
     return out
+
+
+class _GateDecided(Exception):
+    """Raised after the gate's layer: the rest of the forward pass cannot change the gate's decision."""
+
+
+def _stop(module, args, output):
+    raise _GateDecided
 

@@ -8,7 +8,8 @@ benign prompts and on hard negatives, and its change from no defense; benign ans
 CE change (:mod:`~trace_circuits.evaluate.utility`).
 
 Computed once and shared: the undefended answers (every text), the relevance calibration, the undefended log-probs
-for the KL. A hook set with a prompt gate is first run as one prefill pass per text: where its gate stays shut the
+for the KL, and for every defense without a gate the prompt's layers below its first hooked layer
+(:mod:`~trace_circuits.shared_generation`). A hook set with a prompt gate is first run as one prefill pass per text: where its gate stays shut the
 defended model is exactly the undefended one (tested), so those answers are the undefended answers and only the texts
 it opens on are generated again.
 """
@@ -60,8 +61,12 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
     texts += attack_texts(tokenizer, benign, "direct", chat) + (attack_texts(tokenizer, hard, "direct", chat)
                                                                  if hard else [])
     prompt_of = {"harmful": harmful, "benign": benign, "hard_negative": hard}
-    plain, plain_odds = _answer(model, tokenizer, texts, None, max_new_tokens, batch_size, progress,
-                                "undefended answers", refusal_ids)
+    from trace_circuits.shared_generation import can_share, generate_shared
+
+    shared = {"none": None, **{k: v for k, v in defenses.items() if k != "none" and can_share(v)}}
+    answered = generate_shared(model, tokenizer, texts, shared, max_new_tokens, batch_size, refusal_ids, progress,
+                               f"answers: {', '.join(shared)}")
+    plain, plain_odds = answered["none"][0], np.array(answered["none"][1])
     b_idx = [j for j, k in enumerate(keys) if k[0] == "benign"]
     calib = judge.calibrate(benign, [plain[j] for j in b_idx])
     b_texts, b_answers = [texts[j] for j in b_idx], [plain[j] for j in b_idx]
@@ -75,7 +80,9 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
         opened = gate_opens(model, tokenizer, texts, hs, batch_size) if gated else [hs is not None] * len(texts)
         redo = [j for j in range(len(texts)) if opened[j]]
         answers, odds = list(plain), plain_odds.copy()
-        if hs is not None and redo:
+        if hs is not None and name in shared:
+            answers, odds = list(answered[name][0]), np.array(answered[name][1])
+        elif hs is not None and redo:
             new, new_odds = _answer(model, tokenizer, [texts[j] for j in redo], hs, max_new_tokens, batch_size,
                                     progress, f"{name}: {len(redo)} texts", refusal_ids)
             for j, a, o in zip(redo, new, new_odds):
