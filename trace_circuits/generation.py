@@ -45,8 +45,21 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
     generation's first step, so no extra forward pass). ``min_new_tokens`` forces a fixed length (for timing)."""
     device = next(model.parameters()).device
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return generate_encoded(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens, hookset,
+                            do_sample, temperature, seed, min_new_tokens, first_token_ids)
+
+
+@torch.inference_mode()
+def generate_encoded(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_new_tokens: int = 128, hookset=None, do_sample: bool = False, temperature: float = 1.0,
+                     seed: int = 0, min_new_tokens: Optional[int] = None,
+                     first_token_ids: Optional[Sequence[int]] = None, cache=None):
+    """:func:`generate_batch` on left-padded token ids; ``cache``: a key/value cache already holding all but the
+    last prompt positions (``generate`` then runs only the rest)."""
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id)
+    if cache is not None:
+        kwargs["cache"] = cache
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:
@@ -54,20 +67,20 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
         kwargs["temperature"] = temperature
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    gate = [False] * len(texts)
+    gate = [False] * len(input_ids)
     first = _FirstStepLogits()
     if first_token_ids:
         from transformers import LogitsProcessorList
 
         kwargs["logits_processor"] = LogitsProcessorList([first])
     if hookset is None:
-        out = model.generate(**enc, **kwargs)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     else:
         with hookset.attach(model) as rt:
-            out = model.generate(**enc, **kwargs)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if rt.gate_open is not None:
             gate = [bool(g) for g in rt.gate_open.tolist()]
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = out[:, input_ids.shape[1]:]
     responses = tokenizer.batch_decode(new, skip_special_tokens=True)
     if first_token_ids:
         return responses, gate, first_token_log_odds(first.logits, first_token_ids).tolist()
@@ -177,12 +190,12 @@ def gate_opens(model, tokenizer, texts: Sequence[str], hookset, batch_size: int 
     """Whether ``hookset``'s prompt gate opens on each already-templated text, from one prefill pass with the hook set
     attached (no generation), stopped after the last layer a gate reads. Where it stays shut the defended model is
     exactly the plain one."""
-    from trace_circuits.evaluate.utility import encode_padded
     from trace_circuits.architectures import decoder_layers
+    from trace_circuits.evaluate.utility import encode_padded
 
     device = next(model.parameters()).device
-    gate_layers = [op.layer for op in hookset.operations if op.gate_source or op.kind == "prompt_probe"]
-    stop_after = max(gate_layers) if gate_layers and all(isinstance(x, int) for x in gate_layers) else None
+    gate_layers = [op.layer for op in hookset.operations if op.gate_source]  # as HookSet.gate_operation reads them
+    stop_after = max(gate_layers) if gate_layers else None
     out: list[bool] = []
     for s in range(0, len(texts), batch_size):
         ids, mask = encode_padded(tokenizer, texts[s:s + batch_size], "left", device)

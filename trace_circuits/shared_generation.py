@@ -14,31 +14,24 @@ not carry); others, and models whose cache is not a plain per-layer cache, are g
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trace_circuits.names import layer_of
+from trace_circuits.names import parse_hook
 
 
 def first_layer(hookset) -> int:
     """The lowest layer any of the hook set's operations reads or writes (0 for none or an embedding hook)."""
-    layers = []
-    for op in hookset.operations:
-        try:
-            layers.append(layer_of(op.hook_name))
-        except Exception:  # hook_embed and other layer-less hooks
-            return 0
-    return min(layers, default=0)
+    layers = [parse_hook(op.hook_name)[1] for op in hookset.operations]
+    return 0 if not layers or None in layers else min(layers)
 
 
 def can_share(hookset) -> bool:
     """Whether ``hookset`` takes the shared road: no gate of either kind, and every operation above layer 0."""
-    return hookset is None or (not any(op.gate_source or op.kind == "prompt_probe" for op in hookset.operations)
-                               and first_layer(hookset) > 0)
+    return hookset is None or (hookset.gate_operation is None and first_layer(hookset) > 0)
 
 
 class _CachedLayer(nn.Module):
@@ -71,9 +64,7 @@ def generate_shared(model, tokenizer, texts: Sequence[str], hooksets: dict, max_
     layers (module docstring), the others are generated as :func:`~trace_circuits.generation.generate_batch` does."""
     from trace_circuits.architectures import decoder_layers
     from trace_circuits.evaluate.utility import encode_padded
-    from trace_circuits.generation import _FirstStepLogits, first_token_log_odds
-
-    from transformers import LogitsProcessorList
+    from trace_circuits.generation import generate_encoded
 
     device = next(model.parameters()).device
     layers = decoder_layers(model)
@@ -81,15 +72,13 @@ def generate_shared(model, tokenizer, texts: Sequence[str], hooksets: dict, max_
     wanted = sorted({s for s in starts.values() if s})
     out = {name: ([None] * len(texts), [None] * len(texts)) for name in hooksets}
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     bar = tqdm(total=len(texts) * len(hooksets), desc=desc, unit="answer", disable=not progress)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         ids, mask = encode_padded(tokenizer, [texts[i] for i in idx], "left", device)
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
         head, head_mask, head_pos = ids[:, :-1], mask[:, :-1], pos[:, :-1]
-        plain_cache, resid = None, {}
+        kv, resid = None, {}
         if wanted and ids.shape[1] > 1:  # the plain prompt but its last token, once: its cache and residuals
             hooks = [layers[l].register_forward_pre_hook(
                 lambda m, a, kw, l=l: resid.__setitem__(l, (a[0] if a else kw["hidden_states"]).clone()),
@@ -101,38 +90,31 @@ def generate_shared(model, tokenizer, texts: Sequence[str], hooksets: dict, max_
             finally:
                 for h in hooks:
                     h.remove()
-            if plain_cache.get_seq_length() != head.shape[1]:  # a sliding-window cache that dropped positions
-                plain_cache = None
-            kv = [(l.keys, l.values) for l in plain_cache.layers] if plain_cache is not None else None
+            if plain_cache.get_seq_length() == head.shape[1]:  # else a sliding-window cache that dropped positions
+                kv = [(l.keys, l.values) for l in plain_cache.layers]
         for name, hs in hooksets.items():
-            first = _FirstStepLogits()
-            gen = dict(kwargs, logits_processor=LogitsProcessorList([first])) if first_token_ids else dict(kwargs)
-            L = starts[name]
-            cache = None
-            if plain_cache is not None and (hs is None or L):
+            L, cache = starts[name], None
+            if kv is not None and hs is None:
                 cache = _new_cache(model)
-                if hs is None:
-                    for l, (k, v) in enumerate(kv):
-                        cache.update(k, v, l)
-            with (hs.attach(model) if hs is not None else contextlib.nullcontext()):
-                if cache is not None and hs is not None:
-                    saved = [layers[l] for l in range(L)]
-                    try:
-                        for l in range(L):
-                            layers[l] = _CachedLayer(l, *kv[l], resid[L] if l == L - 1 else None)
+                for l, (k, v) in enumerate(kv):
+                    cache.update(k, v, l)
+            elif kv is not None and L:
+                cache = _new_cache(model)
+                saved = [layers[l] for l in range(L)]
+                try:
+                    for l in range(L):
+                        layers[l] = _CachedLayer(l, *kv[l], resid[L] if l == L - 1 else None)
+                    with hs.attach(model):
                         model(inputs_embeds=resid[L], attention_mask=head_mask, position_ids=head_pos, cache=cache,
                               use_cache=True, logits_to_keep=1)
-                    finally:
-                        for l, layer in enumerate(saved):
-                            layers[l] = layer
-                res = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **gen) if cache is not None \
-                    else model.generate(input_ids=ids, attention_mask=mask, **gen)
-            responses = tokenizer.batch_decode(res[:, ids.shape[1]:], skip_special_tokens=True)
-            odds = first_token_log_odds(first.logits, first_token_ids).tolist() if first_token_ids else \
-                [None] * len(idx)
-            for i, r, o in zip(idx, responses, odds):
+                finally:
+                    for l, layer in enumerate(saved):
+                        layers[l] = layer
+            got = generate_encoded(model, tokenizer, ids, mask, max_new_tokens, hs, first_token_ids=first_token_ids,
+                                   cache=cache)
+            odds = got[2] if first_token_ids else [None] * len(idx)
+            for i, r, o in zip(idx, got[0], odds):
                 out[name][0][i], out[name][1][i] = r, o
             bar.update(len(idx))
     bar.close()
     return out
-

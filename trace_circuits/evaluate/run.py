@@ -9,9 +9,9 @@ CE change (:mod:`~trace_circuits.evaluate.utility`).
 
 Computed once and shared: the undefended answers (every text), the relevance calibration, the undefended log-probs
 for the KL, and for every defense without a gate the prompt's layers below its first hooked layer
-(:mod:`~trace_circuits.shared_generation`). A hook set with a prompt gate is first run as one prefill pass per text: where its gate stays shut the
-defended model is exactly the undefended one (tested), so those answers are the undefended answers and only the texts
-it opens on are generated again.
+(:mod:`~trace_circuits.shared_generation`). A hook set with a prompt gate is first run as one prefill pass per text:
+where its gate stays shut the defended model is exactly the undefended one (tested), so those answers are the
+undefended answers and only the texts it opens on are generated again.
 """
 
 from __future__ import annotations
