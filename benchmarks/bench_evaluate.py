@@ -85,4 +85,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from trace_circuits.errors import TraceCircuitsError
+
+    try:
+        main()
+    except TraceCircuitsError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}")
