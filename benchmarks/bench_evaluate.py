@@ -1,6 +1,7 @@
 """Benchmark the evaluation's generation: several defenses answering the same prompts with the prompt's layers below
-each defense computed once (``generate_shared``) vs one ordinary generation per defense, and the gate pass stopped
-after the gate's layer vs a full forward. One run; the answers of both ways are compared.
+each defense computed once (``generate_shared``) vs one ordinary generation per defense, the next-token KL of those
+defenses reusing the plain run's lower layers vs a full defended pass, and the gate pass stopped after the gate's
+layer vs a full forward. One run; the answers / KL figures of both ways are compared.
 
     python benchmarks/bench_evaluate.py [--model smollm2-135m-instruct] [--layer 21] [--n 50] [--tokens 24]
 
@@ -66,6 +67,29 @@ def main() -> None:
           f"prompts x {args.tokens} tokens")
     print(f"  shared prompt layers: {t_shared:.1f} s   one generation per defense: {t_naive:.1f} s   "
           f"ratio {t_naive / t_shared:.2f}x   identical answers {same}/{total}")
+
+    # the KL on held-out benign text: context = first half, continuation = second half (as the evaluation measures it)
+    from trace_circuits.corpus import benign_documents
+    from trace_circuits.evaluate.utility import next_token_kl, plain_logprobs, split_text
+
+    ctx, cont = split_text(tok, benign_documents(tok, args.model, args.n))
+    plain = plain_logprobs(hf, tok, ctx, cont)
+    recorded = plain_logprobs(hf, tok, ctx, cont, record=[L])
+    t_kl_shared = t_kl_full = 0.0
+    worst = 0.0
+    for name, hs in defenses.items():
+        if hs is None:
+            continue
+        t0 = time.perf_counter()
+        a = next_token_kl(hf, tok, ctx, cont, hs, plain=recorded)
+        t_kl_shared += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = next_token_kl(hf, tok, ctx, cont, hs, plain=plain)
+        t_kl_full += time.perf_counter() - t0
+        worst = max(worst, abs(a["kl_per_token"] - b["kl_per_token"]))
+    print(f"  KL of the 3 defenses on {len(ctx)} documents, plain lower layers reused: {t_kl_shared:.1f} s   full "
+          f"defended passes: {t_kl_full:.1f} s   ratio {t_kl_full / t_kl_shared:.2f}x   largest KL difference "
+          f"{worst:.1e}")
 
     gate = hookset_for(tl, [Operation(kind="prompt_probe", layer=L, gap=1.0, anchor=user_turn_end(tl),
                                       gate_threshold=0.0, tensors={"r": r, "mu": torch.zeros(d)})])

@@ -70,3 +70,13 @@ def test_gemma_shared_prompt_layers_give_the_answers_of_one_generation_per_defen
         want = generate_batch(hf, tok, [texts[i] for i in order], 8, h)[0]
         assert [got[name][0][i] for i in order] == want, name
     assert got["mlp"][0] != got["none"][0]
+    # the KL passes reuse the plain lower layers the same way: the figures equal a full defended pass
+    from trace_circuits.evaluate.utility import next_token_kl, plain_logprobs
+
+    cont = [" " + a for a in got["none"][0]]
+    recorded = plain_logprobs(hf, tok, texts, cont, batch_size=4, record=[9, 12])
+    assert recorded[0].resid and set(recorded[0].resid[0]) == {9, 12}
+    for name in ("mlp", "heads"):
+        full = next_token_kl(hf, tok, texts, cont, hs[name], batch_size=4)
+        reused = next_token_kl(hf, tok, texts, cont, hs[name], batch_size=4, plain=recorded)
+        assert full["kl_per_token"] > 1e-4 and abs(full["kl_per_token"] - reused["kl_per_token"]) < 1e-4, name

@@ -89,3 +89,42 @@ def test_gate_pass_stops_after_the_gate_and_decides_as_a_full_forward(arch):
     with torch.no_grad(), hs.attach(hf) as rt:
         hf(**enc)
     assert opens == rt.gate_open.tolist() and 0 < sum(opens) < len(opens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kl_reusing_the_plain_lower_layers_equals_the_full_defended_run(arch):
+    from trace_circuits.evaluate.utility import next_token_kl, plain_logprobs
+
+    tl, hf, tok = tiny.pair(arch)
+    hs = {k: v for k, v in defenses(tl).items() if k not in ("none", "gated")}
+    ctx = tiny_texts(tok)
+    cont = [" Sure, here is how to do it step by step.", " No.", " Paris is the capital.", " Once upon a time"]
+    ctx = ctx[:len(cont)]
+    starts = sorted({first_layer(h) for h in hs.values()})
+    recorded = plain_logprobs(hf, tok, ctx, cont, batch_size=3, record=starts)
+    assert all(b.resid and set(b.resid[0]) == {1, 2} for b in recorded)
+    for name, h in hs.items():
+        full = next_token_kl(hf, tok, ctx, cont, h, batch_size=3)
+        runs = []
+        hook = hf.model.layers[0].register_forward_pre_hook(lambda m, a: runs.append(1))
+        try:
+            reused = next_token_kl(hf, tok, ctx, cont, h, batch_size=3, plain=recorded)
+        finally:
+            hook.remove()
+        assert not runs, name  # layer 0 came from the plain run
+        assert full["kl_per_token"] > 1e-4, name  # the defense changes the predictions
+        for k in ("kl_per_token", "ce_plain", "ce_defended"):
+            assert abs(full[k] - reused[k]) < 1e-5, (name, k)
+        assert full["tokens"] == reused["tokens"]
+
+
+def test_defenses_with_the_same_gate_share_its_decisions():
+    from trace_circuits.evaluate.run import gate_key
+
+    tl, hf, tok = tiny.pair("llama")
+    a, b = tiny.all_kinds_hookset(tl, threshold=0.0), tiny.all_kinds_hookset(tl, sae_layer=3, threshold=0.0)
+    assert gate_key(a) is not None and gate_key(a) == gate_key(b)  # other operations differ, the gate does not
+    assert gate_key(tiny.all_kinds_hookset(tl, threshold=0.5)) != gate_key(a)
+    ungated = hookset_for(tl, [*a.operations, Operation(kind="mlp", layer=0, gated=False)])
+    assert gate_key(ungated) is None  # an always-on operation below the gate changes what the gate reads
+    assert gate_key(defenses(tl)["direction"]) is None  # no gate

@@ -134,7 +134,8 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
 
 
 def test_continuation_kl_is_measured_as_generation_sees_it(traced, hf):
-    from trace_circuits.evaluate.utility import continuation_logprobs, encode_padded, next_token_kl, plain_logprobs
+    from trace_circuits.evaluate.utility import continuation_logprobs, next_token_kl, plain_logprobs
+    from trace_circuits.prompts import encode_padded
 
     hf_model, tok = hf
     hs = load_hookset(traced / "hookset")
@@ -220,7 +221,7 @@ def test_refusal_log_odds_from_the_generation_equal_a_separate_forward(traced, h
     import contextlib
 
     from trace_circuits.evaluate import attack_texts, refusal_token_ids
-    from trace_circuits.evaluate.utility import encode_padded
+    from trace_circuits.prompts import encode_padded
     from trace_circuits.generation import first_token_log_odds, generate_batch
 
     hf_model, tok = hf

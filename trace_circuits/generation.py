@@ -191,7 +191,7 @@ def gate_opens(model, tokenizer, texts: Sequence[str], hookset, batch_size: int 
     attached (no generation), stopped after the last layer a gate reads. Where it stays shut the defended model is
     exactly the plain one."""
     from trace_circuits.architectures import decoder_layers
-    from trace_circuits.evaluate.utility import encode_padded
+    from trace_circuits.prompts import encode_padded
 
     device = next(model.parameters()).device
     gate_layers = [op.layer for op in hookset.operations if op.gate_source]  # as HookSet.gate_operation reads them

@@ -364,6 +364,12 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+def encode_padded(tokenizer, texts: Sequence[str], side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (no special tokens added) and attention mask of already-templated ``texts``, padded on ``side``."""
+    return pad_sequences([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad_id_of(tokenizer),
+                         side, device)
+
+
 def iter_batches(encoded: EncodedPrompts, batch_size: int, device: torch.device | str = "cpu",
                  sort_by_length: bool = True) -> Iterator[Batch]:
     """Left-padded batches. Sorting by length first keeps padding (wasted compute) small."""

@@ -14,6 +14,7 @@ not carry); others, and models whose cache is not a plain per-layer cache, are g
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -49,10 +50,46 @@ class _CachedLayer(nn.Module):
         return self.out if self.out is not None else hidden_states
 
 
-def _new_cache(model):
+def new_cache(model):
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
+
+
+@contextmanager
+def lower_layers_from(model, kv: Sequence, resid: torch.Tensor, start: int):
+    """Within the block, decoder layers ``0 .. start-1`` of ``model`` stand in for the plain run: each writes the
+    plain keys / values ``kv[l]`` into the cache, and the model's input (pass ``inputs_embeds=resid``) reaches layer
+    ``start`` as ``resid``, the plain residual entering it."""
+    from trace_circuits.architectures import decoder_layers
+
+    layers = decoder_layers(model)
+    saved = [layers[l] for l in range(start)]
+    try:
+        for l in range(start):
+            layers[l] = _CachedLayer(l, *kv[l], resid if l == start - 1 else None)
+        yield
+    finally:
+        for l, layer in enumerate(saved):
+            layers[l] = layer
+
+
+@contextmanager
+def residuals_entering(model, wanted: Sequence[int]):
+    """Within the block, every forward pass appends the residual entering decoder layer ``l`` (for ``l`` in
+    ``wanted``) to the yielded ``{l: [tensor per pass]}``."""
+    from trace_circuits.architectures import decoder_layers
+
+    layers = decoder_layers(model)
+    seen: dict[int, list] = {l: [] for l in wanted}
+    hooks = [layers[l].register_forward_pre_hook(
+        lambda m, a, kw, l=l: seen[l].append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+        for l in wanted]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.inference_mode()
@@ -62,12 +99,10 @@ def generate_shared(model, tokenizer, texts: Sequence[str], hooksets: dict, max_
     """``{name: (responses, first-token log-odds)}`` for every hook set in ``hooksets`` (``None`` = no defense) on
     the same already-templated ``texts``, greedy; hook sets that :func:`can_share` reuse the plain prompt's lower
     layers (module docstring), the others are generated as :func:`~trace_circuits.generation.generate_batch` does."""
-    from trace_circuits.architectures import decoder_layers
-    from trace_circuits.evaluate.utility import encode_padded
+    from trace_circuits.prompts import encode_padded
     from trace_circuits.generation import generate_encoded
 
     device = next(model.parameters()).device
-    layers = decoder_layers(model)
     starts = {name: first_layer(hs) if hs is not None and can_share(hs) else None for name, hs in hooksets.items()}
     wanted = sorted({s for s in starts.values() if s})
     out = {name: ([None] * len(texts), [None] * len(texts)) for name in hooksets}
@@ -80,36 +115,24 @@ def generate_shared(model, tokenizer, texts: Sequence[str], hooksets: dict, max_
         head, head_mask, head_pos = ids[:, :-1], mask[:, :-1], pos[:, :-1]
         kv, resid = None, {}
         if wanted and ids.shape[1] > 1:  # the plain prompt but its last token, once: its cache and residuals
-            hooks = [layers[l].register_forward_pre_hook(
-                lambda m, a, kw, l=l: resid.__setitem__(l, (a[0] if a else kw["hidden_states"]).clone()),
-                with_kwargs=True) for l in wanted]
-            try:
-                plain_cache = _new_cache(model)
+            plain_cache = new_cache(model)
+            with residuals_entering(model, wanted) as seen:
                 model(head, attention_mask=head_mask, position_ids=head_pos, cache=plain_cache, use_cache=True,
                       logits_to_keep=1)
-            finally:
-                for h in hooks:
-                    h.remove()
+            resid = {l: v[0] for l, v in seen.items()}
             if plain_cache.get_seq_length() == head.shape[1]:  # else a sliding-window cache that dropped positions
                 kv = [(l.keys, l.values) for l in plain_cache.layers]
         for name, hs in hooksets.items():
             L, cache = starts[name], None
             if kv is not None and hs is None:
-                cache = _new_cache(model)
+                cache = new_cache(model)
                 for l, (k, v) in enumerate(kv):
                     cache.update(k, v, l)
             elif kv is not None and L:
-                cache = _new_cache(model)
-                saved = [layers[l] for l in range(L)]
-                try:
-                    for l in range(L):
-                        layers[l] = _CachedLayer(l, *kv[l], resid[L] if l == L - 1 else None)
-                    with hs.attach(model):
-                        model(inputs_embeds=resid[L], attention_mask=head_mask, position_ids=head_pos, cache=cache,
-                              use_cache=True, logits_to_keep=1)
-                finally:
-                    for l, layer in enumerate(saved):
-                        layers[l] = layer
+                cache = new_cache(model)
+                with lower_layers_from(model, kv, resid[L], L), hs.attach(model):
+                    model(inputs_embeds=resid[L], attention_mask=head_mask, position_ids=head_pos, cache=cache,
+                          use_cache=True, logits_to_keep=1)
             got = generate_encoded(model, tokenizer, ids, mask, max_new_tokens, hs, first_token_ids=first_token_ids,
                                    cache=cache)
             odds = got[2] if first_token_ids else [None] * len(idx)

@@ -8,14 +8,17 @@ benign prompts and on hard negatives, and its change from no defense; benign ans
 CE change (:mod:`~trace_circuits.evaluate.utility`).
 
 Computed once and shared: the undefended answers (every text), the relevance calibration, the undefended log-probs
-for the KL, and for every defense without a gate the prompt's layers below its first hooked layer
-(:mod:`~trace_circuits.shared_generation`). A hook set with a prompt gate is first run as one prefill pass per text:
+for the KL, for every defense without a gate the prompt's layers below its first hooked layer, in the answers
+(:mod:`~trace_circuits.shared_generation`) and in the KL passes, and the gate's decisions of defenses that share one
+gate (:func:`gate_key`). A hook set with a prompt gate is first run as one prefill pass per text:
 where its gate stays shut the defended model is exactly the undefended one (tested), so those answers are the
 undefended answers and only the texts it opens on are generated again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Optional, Sequence
 
 import numpy as np
@@ -38,13 +41,46 @@ def _answer(model, tokenizer, texts, hookset, max_new_tokens, batch_size, progre
     return [r["response"] for r in rows], np.array([r["first_token_log_odds"] for r in rows])
 
 
+def gate_key(hookset) -> Optional[str]:
+    """What a hook set's prompt-gate decisions depend on, as a digest: the gate operation's fields and tensors, when
+    every other operation is gated (closed until the gate decides, so none changes what the gate reads); else None.
+    Two hook sets with the same key open on the same texts (TraceRouter and ``gated_onset_features`` share it)."""
+    gates = [op for op in hookset.operations if op.gate_source]
+    if not gates or any(not op.gated for op in hookset.operations if not op.gate_source):
+        return None
+    h = hashlib.sha256()
+    for i, g in enumerate(gates):
+        h.update(json.dumps(g.to_json(i), sort_keys=True, default=str).encode())
+        for name in sorted(g.tensors):
+            h.update(name.encode() + g.tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _GateDecisions:
+    """:func:`~trace_circuits.generation.gate_opens`, computed once per (gate, texts) for hook sets that share a
+    :func:`gate_key`."""
+
+    def __init__(self, model, tokenizer, batch_size: int):
+        self.model, self.tokenizer, self.batch_size, self.seen = model, tokenizer, batch_size, {}
+
+    def __call__(self, texts: Sequence[str], hookset) -> list[bool]:
+        from trace_circuits.generation import gate_opens
+
+        key = gate_key(hookset)
+        if key is None:
+            return gate_opens(self.model, self.tokenizer, texts, hookset, self.batch_size)
+        key = (key, hashlib.sha256("\x00".join(texts).encode()).hexdigest())
+        if key not in self.seen:
+            self.seen[key] = gate_opens(self.model, self.tokenizer, texts, hookset, self.batch_size)
+        return list(self.seen[key])
+
+
 def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], benign: Sequence[str], *,
                       hard_negatives: Sequence[str] = (), templates: Sequence[str] = tuple(ATTACKS),
                       max_new_tokens: int = 24, batch_size: int = 32, judge: Optional[RelevanceJudge] = None,
                       text: Sequence[str] = (), chat: bool = True, progress: bool = True) -> EvaluationResult:
     """Evaluate each defense (name -> HookSet; ``none`` = no defense is always included) on the transformers
     ``model`` (module docstring). ``text``: held-out benign documents for the KL on text."""
-    from trace_circuits.generation import gate_opens
     from trace_circuits.models import model_info
 
     harmful, benign, hard = list(harmful), list(benign), list(hard_negatives)
@@ -61,7 +97,7 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
     texts += attack_texts(tokenizer, benign, "direct", chat) + (attack_texts(tokenizer, hard, "direct", chat)
                                                                  if hard else [])
     prompt_of = {"harmful": harmful, "benign": benign, "hard_negative": hard}
-    from trace_circuits.shared_generation import can_share, generate_shared
+    from trace_circuits.shared_generation import can_share, first_layer, generate_shared
 
     shared = {"none": None, **{k: v for k, v in defenses.items() if k != "none" and can_share(v)}}
     answered = generate_shared(model, tokenizer, texts, shared, max_new_tokens, batch_size, refusal_ids, progress,
@@ -72,12 +108,13 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
     b_texts, b_answers = [texts[j] for j in b_idx], [plain[j] for j in b_idx]
     text_ctx, text_cont = split_text(tokenizer, list(text)) if text else ([], [])
     shared_plain: dict = {}
+    gate_opens = _GateDecisions(model, tokenizer, batch_size)  # a gate shared by several defenses runs once
 
     results, rows = {}, []
     base_refusal: dict[str, float] = {}
     for name, hs in {"none": None, **{k: v for k, v in defenses.items() if k != "none"}}.items():
         gated = hs is not None and hs.gate_operation is not None and hs.gate_operation.kind == "prompt_probe"
-        opened = gate_opens(model, tokenizer, texts, hs, batch_size) if gated else [hs is not None] * len(texts)
+        opened = gate_opens(texts, hs) if gated else [hs is not None] * len(texts)
         redo = [j for j in range(len(texts)) if opened[j]]
         answers, odds = list(plain), plain_odds.copy()
         if hs is not None and name in shared:
@@ -112,7 +149,7 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
         if gated:  # does the gate read intent or framing? benign requests under every template (no generation)
             for a in attacks:
                 if a.name != "direct":
-                    opens = gate_opens(model, tokenizer, attack_texts(tokenizer, benign, a, chat), hs, batch_size)
+                    opens = gate_opens(attack_texts(tokenizer, benign, a, chat), hs)
                     m["gate"][f"benign:{a.name}"] = float(np.mean(opens))
         util = {}
         for kind in ("benign", "hard_negative"):
@@ -130,10 +167,12 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
             base_refusal = {k: util[k] for k in ("over_refusal", "hard_negative_over_refusal") if k in util}
         else:
             if not shared_plain:
-                shared_plain["prompts"] = plain_logprobs(model, tokenizer, b_texts, b_answers)
-                shared_plain["text"] = plain_logprobs(model, tokenizer, text_ctx, text_cont) if text_ctx else []
+                starts = sorted({first_layer(v) for v in defenses.values() if v is not None and can_share(v)})
+                shared_plain["prompts"] = plain_logprobs(model, tokenizer, b_texts, b_answers, record=starts)
+                shared_plain["text"] = (plain_logprobs(model, tokenizer, text_ctx, text_cont, record=starts)
+                                        if text_ctx else [])
             only_b = [opened[j] for j in b_idx] if gated else None
-            only_t = gate_opens(model, tokenizer, text_ctx, hs, batch_size) if gated and text_ctx else None
+            only_t = gate_opens(text_ctx, hs) if gated and text_ctx else None
             kp = next_token_kl(model, tokenizer, b_texts, b_answers, hs, progress=progress, desc=f"{name}: KL prompts",
                                plain=shared_plain["prompts"], only=only_b)
             util.update(kl_benign_prompts=kp["kl_per_token"])
