@@ -108,12 +108,13 @@ def next_token_kl(model, tokenizer, contexts: Sequence[str], continuations: Sequ
         reuse = (start, given) if isinstance(given, PlainBatch) and given.resid and start in given.resid[0] else None
         rows = list(range(i * batch_size, i * batch_size + ctx_ids.shape[0]))
         run = torch.tensor([True] * len(rows) if only is None else [bool(only[r]) for r in rows], device=device)
-        q = p.clone()
-        if run.any():
+        if reuse is not None:  # no gate (only is None): every row runs, from the plain lower layers
             with hookset.attach(model):
-                if reuse is not None:  # only is None here, so every row runs
-                    q = continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask, reuse=reuse)
-                else:
+                q = continuation_logprobs(model, ctx_ids, ctx_mask, cont_ids, cont_mask, reuse=reuse)
+        else:
+            q = p.clone()
+            if run.any():
+                with hookset.attach(model):
                     q[run] = continuation_logprobs(model, ctx_ids[run], ctx_mask[run], cont_ids[run], cont_mask[run])
         real = cont_mask.bool()
         kl = (p.exp() * (p - q)).sum(-1)
