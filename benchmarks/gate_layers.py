@@ -4,7 +4,7 @@ On a run folder's own gate calibration sets (``Run.gate_calibration_sets``: harm
 directly and under the attack templates, plus the gate's benign documents), the residual at the end of the user's
 turn (documents: their last token) is read at every layer from the onset to the last in one pass. For each single
 layer and a few layer combinations (features concatenated), the gate's own rule is fitted out of fold (5 interleaved
-folds, :func:`trace_circuits.gate.fit_logistic`, threshold = the ``1 - rate`` quantile of the benign scores):
+folds, :func:`trace_circuits.gate.out_of_fold_scores`, threshold = the ``1 - rate`` quantile of the benign scores):
 printed are the harmful coverage overall and per template, and the benign prompts' opening rate.
 
     python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002]
@@ -34,7 +34,8 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     import trace_circuits as tc
-    from trace_circuits.gate import _score, anchor_positions, fit_logistic, user_turn_end
+    from trace_circuits.gate import (anchor_positions, benign_threshold, out_of_fold_scores, rates_by_group,
+                                     user_turn_end)
     from trace_circuits.prompts import iter_batches
 
     torch.set_grad_enabled(False)
@@ -63,18 +64,13 @@ def main() -> None:
     B = read(b, anchor_positions(b, anchor), "benign")
     T = read(text, None, "benign documents") if len(text) else B[:0]
 
-    def oof(cols, folds=5):
+    def oof(cols):  # the gate's own rule, as fit_prompt_gate fits it
         X = torch.cat([H[:, cols].flatten(1), B[:, cols].flatten(1), T[:, cols].flatten(1)])
         y = torch.cat([torch.ones(len(H)), torch.zeros(len(B) + len(T))])
-        score, idx = torch.zeros(len(X)), torch.arange(len(X))
-        for k in range(folds):
-            test = idx % folds == k
-            score[test] = _score(X[test], *fit_logistic(X[~test], y[~test], args.l2))
-        q = torch.quantile(score[len(H):], 1 - args.rate, interpolation="higher")
-        opened = score[:len(H)] > q
-        by = {g: float(opened[[i for i, x in enumerate(h_groups) if x == g]].float().mean())
-              for g in dict.fromkeys(h_groups)}
-        return float(opened.float().mean()), float((score[len(H):len(H) + len(B)] > q).float().mean()), by
+        score = out_of_fold_scores(X, y, args.l2)
+        q = benign_threshold(score[len(H):], args.rate)
+        return (float((score[:len(H)] > q).float().mean()), float((score[len(H):len(H) + len(B)] > q).float().mean()),
+                rates_by_group(score[:len(H)], h_groups, q))
 
     print(f"# {args.run}: onset {onset}; {len(H)} harmful, {len(B)} benign requests, {len(T)} documents; "
           f"benign target {args.rate}, L2 {args.l2}")

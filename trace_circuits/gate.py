@@ -78,6 +78,29 @@ def _score(X: torch.Tensor, w, b, m, sd) -> torch.Tensor:
     return (((X.double() - m) / sd) @ w + b).float()
 
 
+def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int = 5) -> torch.Tensor:
+    """Each row's score from a probe (:func:`fit_logistic`) not trained on it; interleaved folds (row ``i`` in fold
+    ``i mod folds``) keep each class's share in every fold."""
+    oof, idx = torch.zeros(len(X)), torch.arange(len(X))
+    for k in range(folds):
+        test = idx % folds == k
+        oof[test] = _score(X[test], *fit_logistic(X[~test], y[~test], l2))
+    return oof
+
+
+def benign_threshold(benign_scores: torch.Tensor, rate: float) -> torch.Tensor:
+    """The gate threshold: the ``1 - rate`` quantile of the benign scores (their maximum for rate 0)."""
+    if rate > 0:
+        return torch.quantile(benign_scores, 1.0 - rate, interpolation="higher")
+    return benign_scores.max()
+
+
+def rates_by_group(scores: torch.Tensor, labels: Sequence[str], threshold) -> dict[str, float]:
+    """The fraction of scores above ``threshold`` per label, in first-seen label order."""
+    return {g: float((scores[[i for i, x in enumerate(labels) if x == g]] > threshold).float().mean())
+            for g in dict.fromkeys(labels)}
+
+
 def calibration_texts(tokenizer, harmful: Sequence[str], benign: Sequence[str], templates: Sequence[str],
                       passes: int = 2, chat: bool = True) -> tuple[list[str], list[str], list[str], list[str]]:
     """The gate's calibration requests as the model sees them: each request asked directly, then ``passes`` more
@@ -132,13 +155,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError(f"the prompt gate needs at least {folds} harmful and {folds} benign prompts")
     X = torch.cat([H, B, T])
     y = torch.cat([torch.ones(len(H)), torch.zeros(len(B) + len(T))])
-    oof = torch.zeros(len(X))
-    idx = torch.arange(len(X))
-    for k in range(folds):  # interleaved folds keep each class's share in every fold
-        test = idx % folds == k
-        oof[test] = _score(X[test], *fit_logistic(X[~test], y[~test], l2))
+    oof = out_of_fold_scores(X, y, l2, folds)
     neg = oof[len(H):]
-    q = torch.quantile(neg, 1.0 - benign_gate_rate, interpolation="higher") if benign_gate_rate > 0 else neg.max()
+    q = benign_threshold(neg, benign_gate_rate)
     w, b, m, sd = fit_logistic(X, y, l2)
     v = w / sd
     gap = 1.0 / float(v.norm())
@@ -160,9 +179,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores"}
     if groups is not None:
         for name, scores, labels in (("harmful", h_oof, groups[0]), ("benign", b_oof, groups[1])):
-            calib[f"gate_rate_{name}_by_group"] = {
-                g: float((scores[[i for i, x in enumerate(labels) if x == g]] > q).float().mean())
-                for g in dict.fromkeys(labels)}
+            calib[f"gate_rate_{name}_by_group"] = rates_by_group(scores, labels, q)
     return op, calib
 
 
