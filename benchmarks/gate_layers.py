@@ -1,13 +1,16 @@
-"""Which layer (or layers) should the prompt gate read? Out-of-fold harmful coverage at the benign target (one run).
+"""Which layer (or layers), and which reading, should the prompt gate use? Out-of-fold harmful coverage at the
+benign target (one run).
 
 On a run folder's own gate calibration sets (``Run.gate_calibration_sets``: harmful and benign training requests,
-directly and under the attack templates, plus the gate's benign documents), the residual at the end of the user's
-turn (documents: their last token) is read at every layer from the onset to the last in one pass. For each single
-layer and a few layer combinations (features concatenated), the gate's own rule is fitted out of fold (5 interleaved
-folds, :func:`trace_circuits.gate.out_of_fold_scores`, threshold = the ``1 - rate`` quantile of the benign scores):
-printed are the harmful coverage overall and per template, and the benign prompts' opening rate.
+directly and under the attack templates, plus the gate's benign documents), each prompt is read at every layer from
+``--first`` to the last in one pass, both ways the probe can read (``pool``,
+:func:`trace_circuits.activations.read_at`): the residual at the end of the user's turn (documents: their last token), and the prompt's mean residual up to there.
+For each single layer and a few layer combinations (features concatenated), the gate's own rule is fitted out of fold
+(5 folds, :func:`trace_circuits.gate.out_of_fold_scores`; all framings of one request, and its benign twin, share a
+fold, so every rate is that of unseen requests; threshold = the ``1 - rate`` quantile of the benign scores): printed are the harmful coverage
+overall and per template, and the benign prompts' opening rate.
 
-    python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002]
+    python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002] [--first 13]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main() -> None:
     ap.add_argument("run", help="a run folder (`make run` writes runs/latest)")
     ap.add_argument("--rate", type=float, default=0.02, help="benign target rate")
     ap.add_argument("--l2", type=float, default=0.002, help="the probe's L2 strength")
+    ap.add_argument("--first", type=int, default=None, help="the first layer read (default: the onset layer)")
     args = ap.parse_args()
     from trace_circuits.errors import TraceCircuitsError
 
@@ -34,54 +38,65 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     import trace_circuits as tc
+    from trace_circuits.activations import read_at
     from trace_circuits.gate import (anchor_positions, benign_threshold, out_of_fold_scores, rates_by_group,
                                      user_turn_end)
+    from trace_circuits.saes.encoding import massive_limit
     from trace_circuits.prompts import iter_batches
 
     torch.set_grad_enabled(False)
     run = tc.Run.load(args.run)
     model = run.model
     onset = run.trace().meta["onset_layer"]
-    layers = list(range(onset, model.cfg.n_layers))
+    first = onset if args.first is None else args.first
+    if not 0 <= first < model.cfg.n_layers:
+        raise TraceCircuitsError(f"--first must be a layer of the model (0..{model.cfg.n_layers - 1})")
+    layers = list(range(first, model.cfg.n_layers))
     names = [f"blocks.{l}.hook_resid_post" for l in layers]
-    h, b, (h_groups, _) = run.gate_calibration_sets()
+    h, b, (h_groups, _), (h_req, b_req) = run.gate_calibration_sets()
     text = run.encoded("gate_text")
     anchor = user_turn_end(model)
+    limits = [massive_limit(run.saes[l]) if l in run.saes else float("inf") for l in layers]  # as the export does
 
-    def read(enc, pos, desc):
-        out = torch.zeros(len(enc), len(layers), model.cfg.d_model)
+    def read(enc, pos, desc):  # [n, layers, pools, d]
+        out = torch.zeros(len(enc), len(layers), 2, model.cfg.d_model)
         for bt in tqdm(iter_batches(enc, 16, "cpu"), total=(len(enc) + 15) // 16, desc=desc):
             _, cache = model.run_with_cache(bt.tokens, attention_mask=bt.attention_mask, names_filter=names)
             width = bt.tokens.shape[1]
-            for r, i in enumerate(bt.indices):
-                n = len(enc.input_ids[i])
-                col = width - n + ((-1 if pos is None else pos[i]) % n)
-                for j, name in enumerate(names):
-                    out[i, j] = cache[name][r, col].float()
+            cols = torch.tensor([width - len(enc.input_ids[i]) + ((-1 if pos is None else pos[i]) %
+                                                                    len(enc.input_ids[i])) for i in bt.indices])
+            for j, name in enumerate(names):
+                lim = limits[j] if limits[j] < float("inf") else None
+                for k, pool in enumerate(("last", "mean")):
+                    out[bt.indices, j, k] = read_at(cache[name], bt.attention_mask.bool(), cols, pool, lim)
         return out
 
     H = read(h, anchor_positions(h, anchor), "harmful")
     B = read(b, anchor_positions(b, anchor), "benign")
     T = read(text, None, "benign documents") if len(text) else B[:0]
+    top = max(h_req + b_req) + 1  # fold groups as fit_prompt_gate's: a request's framings (and its twin) together
+    groups = h_req + b_req + [top + i for i in range(len(T))]
 
-    def oof(cols):  # the gate's own rule, as fit_prompt_gate fits it
-        X = torch.cat([H[:, cols].flatten(1), B[:, cols].flatten(1), T[:, cols].flatten(1)])
+    def oof(cols, k):  # the gate's own rule, as fit_prompt_gate fits it
+        X = torch.cat([H[:, cols, k].flatten(1), B[:, cols, k].flatten(1), T[:, cols, k].flatten(1)])
         y = torch.cat([torch.ones(len(H)), torch.zeros(len(B) + len(T))])
-        score = out_of_fold_scores(X, y, args.l2)
+        score = out_of_fold_scores(X, y, args.l2, groups=groups)
         q = benign_threshold(score[len(H):], args.rate)
         return (float((score[:len(H)] > q).float().mean()), float((score[len(H):len(H) + len(B)] > q).float().mean()),
                 rates_by_group(score[:len(H)], h_groups, q))
 
     print(f"# {args.run}: onset {onset}; {len(H)} harmful, {len(B)} benign requests, {len(T)} documents; "
           f"benign target {args.rate}, L2 {args.l2}")
-    print("| layers | harmful opened | benign prompts opened | per template |\n|---|---|---|---|")
+    print("| reads | layers | harmful opened | benign prompts opened | per template |\n|---|---|---|---|---|")
     last = len(layers) - 1
     combos = [[j] for j in range(len(layers))] + [[0, last], [0, last // 2, last], [last // 2, last]]
-    for cols in combos:
-        cols = sorted(set(cols))
-        harm, ben, by = oof(cols)
-        per = ", ".join(f"{g} {v:.2f}" for g, v in by.items())
-        print(f"| {'+'.join(str(layers[c]) for c in cols)} | {harm:.3f} | {ben:.3f} | {per} |", flush=True)
+    for k, pool in enumerate(("last", "mean")):
+        for cols in combos:
+            cols = sorted(set(cols))
+            harm, ben, by = oof(cols, k)
+            per = ", ".join(f"{g} {v:.2f}" for g, v in by.items())
+            print(f"| {pool} | {'+'.join(str(layers[c]) for c in cols)} | {harm:.3f} | {ben:.3f} | {per} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

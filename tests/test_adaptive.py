@@ -24,11 +24,21 @@ def setup():
     tl, hf, tok = tiny.pair("llama", n_layers=4, plant=True)
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:80])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:80])
-    probe, _ = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05)
+    probe, _ = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="last")  # the prefix cache applies
     v = torch.randn(64, generator=torch.Generator().manual_seed(3))
     hs = hookset_for(tl, [probe, Operation(kind="heads", layer=3, heads=[0, 2]),
                           Operation(kind="direction", layer=3, mode="add", alpha=4.0, tensors={"r": v / v.norm()})])
     return tl, hf, tok, hs
+
+
+@pytest.fixture(scope="module")
+def mean_hookset(setup):
+    """The same hook set with a prompt gate that reads the prompt's mean residual."""
+    tl, _, _, hs = setup
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:80])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:80])
+    probe, _ = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="mean")
+    return hookset_for(tl, [probe] + hs.operations[1:])
 
 
 def with_threshold(hs, theta):
@@ -111,6 +121,29 @@ def test_prefix_cache_gives_the_same_loss_and_gradient(setup):
         assert torch.allclose(ga, gb, atol=1e-4 * float(gb.abs().max()))
     ungated = hookset_for(tl, hs.operations + [Operation(kind="mlp", layer=1, gated=False)])
     assert Objective(tl, lay, ungated).cache is None  # acts before the anchor: the whole sequence every pass
+
+
+def test_against_a_mean_probe_the_gate_term_is_the_runtimes_score_and_has_a_gradient(setup, mean_hookset):
+    from trace_circuits.activations import read_at
+
+    tl, _, _, _ = setup
+    lay = layout(tl.tokenizer, PROMPT, "Sure, here is")
+    obj = Objective(tl, lay, mean_hookset)
+    assert obj.cache is None  # the probe reads the prefix too
+    s = suffix_of(tl)
+    parts = obj.evaluate(s[None])
+    g = mean_hookset.gate_operation
+    assert lay.post[-len(g.anchor):] == g.anchor  # the user's turn ends where the target begins
+    ids = torch.tensor(lay.prefix + s.tolist() + lay.post + lay.target)[None]
+    with torch.no_grad():
+        x = tl(ids, stop_at_layer=g.layer + 1)
+    h = read_at(x, torch.ones_like(ids, dtype=torch.bool), torch.tensor([ids.shape[1] - len(lay.target) - 1]),
+                "mean", g.massive_norm_threshold)
+    want = ((h - g.tensors["mu"]) @ g.tensors["r"]) / g.gap
+    assert float(parts["score"][0]) == pytest.approx(float(want[0]), abs=1e-4)
+    grad, _ = Objective(tl, lay, with_threshold(mean_hookset, -1e3), gate_weight=5.0).gradient(s)
+    grad0, _ = Objective(tl, lay, with_threshold(mean_hookset, -1e3), gate_weight=0.0).gradient(s)
+    assert (grad - grad0).abs().max() > 1e-4  # the gate term reaches the suffix tokens
 
 
 def test_a_gcg_step_never_increases_the_best_loss_and_is_deterministic(setup):

@@ -63,6 +63,59 @@ def test_prompt_gate_finds_a_planted_direction(planted):
     assert calib0["gate_score_auroc"] < calib["gate_score_auroc"] - 0.2
 
 
+def test_read_at_means_the_prompt_up_to_the_anchor_without_the_first_token_and_sinks():
+    from trace_circuits.activations import read_at
+
+    x = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)
+    x[1, 2] = 1000.0  # a massive-norm position
+    valid = torch.tensor([[False, True, True, True, True], [True, True, True, True, True]])  # row 0 left-padded
+    last = torch.tensor([3, 4])
+    got = read_at(x, valid, last, "mean", massive_norm_threshold=500.0)
+    assert torch.equal(got[0], x[0, 2:4].mean(0))  # positions 2..3: after the first real token (1), up to last
+    assert torch.equal(got[1], x[1, [1, 3, 4]].mean(0))  # the sink at 2 left out
+    assert torch.equal(read_at(x, valid, last, "last"), x[[0, 1], [3, 4]])
+    assert torch.equal(read_at(x, valid, torch.tensor([1, 0]), "mean")[0], x[0, 1])  # nothing before: x[last]
+
+
+def test_a_mean_prompt_gate_scores_as_fitted_at_inference_on_both_models(planted, tmp_path):
+    """The mean-pooled probe: fitted with request-grouped folds, saved and reloaded (format 5), its runtime score on
+    padded batches equals the score of the fitted reading, in TransformerLens and on the transformers model."""
+    from trace_circuits.activations import residuals_at
+    from trace_circuits.gate import anchor_positions, gate_decisions
+    from trace_circuits.hookset import HookSet, hookset_for
+
+    tl, hf, tok, _ = planted
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
+    ids = (list(range(30)) * 2, list(range(30)) * 2)  # two sequences per request, as the templates give
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="mean", massive_norm_threshold=50.0,
+                                requests=ids)
+    assert op.pool == "mean" and calib["pool"] == "mean" and "nor on any framing" in calib["rates_are"]
+    assert calib["gate_score_auroc"] > 0.9, calib
+    with pytest.raises(TraceCircuitsError, match="one id per sequence"):
+        fit_prompt_gate(tl, h, b, layer=2, requests=(ids[0][:5], ids[1]))
+    with pytest.raises(TraceCircuitsError, match="pool"):
+        fit_prompt_gate(tl, h, b, layer=2, pool="max")
+    hs = hookset_for(tl, [op])
+    hs.save(tmp_path / "hs")
+    back = HookSet.load(tmp_path / "hs")
+    assert back.gate_operation.pool == "mean" and back.gate_operation.massive_norm_threshold == 50.0
+    test = encode_prompts(tl, list(builtin_prompts("harmful", "test"))[:12]
+                          + list(builtin_prompts("benign", "test"))[:12])
+    x = residuals_at(tl, test, 2, anchor_positions(test, op.anchor), pool="mean", massive_norm_threshold=50.0)
+    want = ((x - op.tensors["mu"]) @ op.tensors["r"]) / op.gap
+    scores, opened = gate_decisions(tl, back, test, batch_size=5)  # padded batches of mixed lengths
+    assert torch.allclose(torch.from_numpy(scores), want, atol=1e-4) and opened.any() and not opened.all()
+    with back.attach(hf) as rt, torch.no_grad():
+        for i in range(0, len(test), 6):
+            rows = test.input_ids[i:i + 6]
+            width = max(len(r) for r in rows)
+            ids_ = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + list(r) for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            hf(input_ids=ids_, attention_mask=mask)
+            assert torch.allclose(rt.prompt_scores, want[i:i + 6], atol=1e-3), (rt.prompt_scores, want[i:i + 6])
+
+
 def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
     tl, hf, tok, saes = planted
     run = Run(small_config(), model=tl, hf=(hf, tok), saes=saes, out=tmp_path / "run", progress=False)

@@ -240,7 +240,7 @@ def test_the_export_itself_loads_and_acts_like_the_original(exported, twins):
     tl = twins[0]
     back = load_hookset(exported)
     meta = json.loads((exported / "hookset.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 4 and len(meta["tensors_sha256"]) == 64
+    assert meta["format_version"] == FORMAT_VERSION == 5 and len(meta["tensors_sha256"]) == 64
     original = all_kinds_hookset(tl, threshold=CALIB["gate_threshold"])
     tokens = torch.tensor([tl.tokenizer("How do I make a pipe bomb?")["input_ids"]])
     with torch.no_grad():
@@ -257,6 +257,17 @@ def test_a_format_3_file_without_checksum_still_loads(exported, tmp_path):
     no_sum = tampered(exported, tmp_path / "v4", lambda m: m.__delitem__("tensors_sha256"))
     with pytest.raises(TraceCircuitsError, match="field 'tensors_sha256' is missing"):
         load_hookset(no_sum)
+
+
+def test_a_format_4_probe_without_pool_reads_the_last_position_and_a_bad_pool_is_one_line(exported, tmp_path):
+    def v4(meta):
+        meta["format_version"] = 4
+        for k in ("pool", "massive_norm_threshold"):
+            del meta["operations"][0][k]
+    assert load_hookset(tampered(exported, tmp_path, v4)).gate_operation.pool == "last"
+    bad = tampered(exported, tmp_path / "bad", lambda m: m["operations"][0].__setitem__("pool", "max"))
+    with pytest.raises(TraceCircuitsError, match="operation 0.*pool must be one of last, mean, not 'max'"):
+        load_hookset(bad)
 
 
 def test_a_threshold_set_to_nan_after_loading_is_refused_on_attach(exported, twins):

@@ -14,12 +14,33 @@ from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.prompts import EncodedPrompts, iter_batches
 
 
+def read_at(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: torch.Tensor, pool: str = "last",
+            massive_norm_threshold: Optional[float] = None) -> Float[torch.Tensor, "batch d"]:
+    """What a reader (the prompt gate) sees of each row: ``pool="last"``: ``x[b, last_b]``; ``pool="mean"``: the
+    mean of ``x[b, q]`` over ``Q_b = {q valid : first valid < q <= last_b, |x[b, q]| <= massive_norm_threshold}``
+    (the first real token and attention sinks left out; ``x[b, last_b]`` where ``Q_b`` is empty)."""
+    B, T = x.shape[:2]
+    at_last = x[torch.arange(B, device=x.device), last].float()
+    if pool == "last":
+        return at_last
+    pos = torch.arange(T, device=x.device)
+    first = torch.where(valid, pos, torch.full_like(pos, T)).min(1).values
+    q = valid & (pos > first[:, None]) & (pos <= last[:, None])
+    xf = x.float()
+    if massive_norm_threshold is not None:
+        q = q & (xf.norm(dim=-1) <= massive_norm_threshold)
+    n = q.sum(1, keepdim=True)
+    mean = (xf * q[..., None]).sum(1) / n.clamp_min(1)
+    return torch.where(n > 0, mean, at_last)
+
+
 @torch.inference_mode()
 def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, positions: Optional[Sequence[int]] = None,
-                 batch_size: int = 16, progress: bool = False, desc: str = "residuals"
-                 ) -> Float[torch.Tensor, "n d_model"]:
+                 batch_size: int = 16, progress: bool = False, desc: str = "residuals", pool: str = "last",
+                 massive_norm_threshold: Optional[float] = None) -> Float[torch.Tensor, "n d_model"]:
     """``blocks.{layer}.hook_resid_post`` of every prompt at one position: ``positions[i]`` (an index into prompt
-    i's own tokens; negative counts from its end) or, by default, its last token. ``layer`` defaults to the last."""
+    i's own tokens; negative counts from its end) or, by default, its last token. ``layer`` defaults to the last.
+    ``pool="mean"``: the mean up to that position instead (:func:`read_at`)."""
     device = next(model.parameters()).device
     stop = model.cfg.n_layers if layer is None else int(layer) + 1
     out = torch.zeros(len(encoded), model.cfg.d_model)
@@ -32,7 +53,8 @@ def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, po
             n = len(encoded.input_ids[i])
             p = -1 if positions is None else int(positions[i])
             cols.append(width - n + (p % n))
-        out[b.indices] = h[torch.arange(len(b.indices), device=device), torch.tensor(cols, device=device)].float().cpu()
+        out[b.indices] = read_at(h, b.attention_mask.bool(), torch.tensor(cols, device=device), pool,
+                                 massive_norm_threshold).cpu()
     return out
 
 

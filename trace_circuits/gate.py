@@ -1,14 +1,15 @@
 """Gates: when a hook set's cuts act.
 
-The **prompt gate** (default) is a linear probe on the residual stream ``x = blocks.{l}.hook_resid_post`` at the end
-of the user's turn (the chat template's assistant header, so a prefilled answer does not move it), read once per
-prompt:
+The **prompt gate** (default) is a linear probe on the residual stream ``blocks.{l}.hook_resid_post``, read once per
+prompt at the end of the user's turn ``p`` (the chat template's assistant header, so a prefilled answer does not move
+it); ``x`` is the prompt's mean residual up to ``p`` (``pool="mean"``, the default: the first token and attention-sink
+positions left out, :func:`~trace_circuits.activations.read_at`) or the residual at ``p`` (``pool="last"``):
 
     s(x) = <(x - m) / sd, w> + b        (an L2-regularised, class-balanced logistic regression, scikit-learn)
 
 trained on harmful requests (label 1) against benign requests and benign documents (label 0). The threshold is set on
-*out-of-fold* scores (k-fold cross-fitting) so the gate opens on at most ``benign_gate_rate`` of benign sequences it
-was not trained on; the probe used at inference is then refitted on all of them. The calibration data may hold each
+*out-of-fold* scores (k-fold cross-fitting; every framing of one request in the same fold) so the gate opens on at
+most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe used at inference is then refitted on all of them. The calibration data may hold each
 request under several framings (the attack templates) so that the probe learns intent, not framing. In a hook set it
 is a ``prompt_probe`` operation with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so
 ``s = <x - mu, r> / gap``.
@@ -78,10 +79,15 @@ def _score(X: torch.Tensor, w, b, m, sd) -> torch.Tensor:
     return (((X.double() - m) / sd) @ w + b).float()
 
 
-def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int = 5) -> torch.Tensor:
+def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int = 5,
+                       groups: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Each row's score from a probe (:func:`fit_logistic`) not trained on it; interleaved folds (row ``i`` in fold
-    ``i mod folds``) keep each class's share in every fold."""
-    oof, idx = torch.zeros(len(X)), torch.arange(len(X))
+    ``i mod folds``, or ``groups[i] mod folds``: rows of one group, e.g. one request under several framings, share a
+    fold, so no request is scored by a probe that saw it) keep each class's share in every fold."""
+    oof = torch.zeros(len(X))
+    idx = torch.arange(len(X)) if groups is None else torch.as_tensor(list(groups))
+    if len(idx) != len(X):
+        raise TraceCircuitsError(f"{len(idx)} fold groups for {len(X)} rows; give one group id per row")
     for k in range(folds):
         test = idx % folds == k
         oof[test] = _score(X[test], *fit_logistic(X[~test], y[~test], l2))
@@ -129,12 +135,21 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                     benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None,
                     l2: float = GateConfig.l2,
                     folds: int = 5, batch_size: int = 16, progress: bool = False,
-                    groups: Optional[tuple[Sequence[str], Sequence[str]]] = None) -> tuple[Operation, dict]:
+                    groups: Optional[tuple[Sequence[str], Sequence[str]]] = None, pool: str = GateConfig.pool,
+                    massive_norm_threshold: Optional[float] = None,
+                    requests: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). Requests are read where the runtime reads them (the end of the last user turn, found from the chat
     template's anchor tokens, else the last token); ``benign_text`` (documents, no chat template) is read at its last
     token and joins the benign class. ``groups`` (a label per harmful and per benign request, e.g. its attack
-    template) breaks the out-of-fold gate rates down by group."""
+    template) breaks the out-of-fold gate rates down by group. ``pool``: what the probe reads (``last``: the residual
+    at that position; ``mean``: the prompt's mean residual up to it, :func:`activations.read_at`, leaving out the
+    first token and positions whose norm exceeds ``massive_norm_threshold``). ``requests`` (an id per harmful and per
+    benign sequence, one id space): the sequences of one id share a fold, so the out-of-fold rates are those of unseen
+    requests; a harmful request and its benign twin (the built-in sets are form-matched pairs, index i to index i)
+    given one id are held out together, as the test split holds them out."""
+    from trace_circuits.hookset.operations import PROBE_POOLS
+
     from trace_circuits.activations import residuals_at
 
     if not 0 <= benign_gate_rate < 1:
@@ -143,11 +158,13 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError(f"gate layer {layer} is outside the model (0..{model.cfg.n_layers - 1})")
     if folds < 2:
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
+    if pool not in PROBE_POOLS:
+        raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
     anchor = user_turn_end(model)
 
     def read(enc, desc, at_anchor=True):
         pos = anchor_positions(enc, anchor) if at_anchor else None
-        return residuals_at(model, enc, layer, pos, batch_size, progress, desc)
+        return residuals_at(model, enc, layer, pos, batch_size, progress, desc, pool, massive_norm_threshold)
 
     H, B = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
     T = read(benign_text, "prompt gate (benign text)", False) if benign_text is not None and len(benign_text) else H[:0]
@@ -155,7 +172,15 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError(f"the prompt gate needs at least {folds} harmful and {folds} benign prompts")
     X = torch.cat([H, B, T])
     y = torch.cat([torch.ones(len(H)), torch.zeros(len(B) + len(T))])
-    oof = out_of_fold_scores(X, y, l2, folds)
+    fold_groups = None
+    if requests is not None:
+        hr, br = (list(map(int, r)) for r in requests)
+        if len(hr) != len(H) or len(br) != len(B):
+            raise TraceCircuitsError(f"requests: {len(hr)} / {len(br)} ids for {len(H)} harmful / {len(B)} benign "
+                                     "sequences; give one id per sequence")
+        top = max(hr + br + [-1]) + 1  # documents: each its own group, after the requests'
+        fold_groups = hr + br + [top + i for i in range(len(T))]
+    oof = out_of_fold_scores(X, y, l2, folds, fold_groups)
     neg = oof[len(H):]
     q = benign_threshold(neg, benign_gate_rate)
     w, b, m, sd = fit_logistic(X, y, l2)
@@ -164,7 +189,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     r = v / v.norm()
     mu = m - b * r * gap
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
-                   gate_threshold=float(q), anchor=anchor, tensors={"r": r.float().contiguous(),
+                   gate_threshold=float(q), anchor=anchor, pool=pool, massive_norm_threshold=massive_norm_threshold
+                   if pool == "mean" else None, tensors={"r": r.float().contiguous(),
                                                                    "mu": mu.float().contiguous()})
     h_oof, b_oof, t_oof = oof[:len(H)], oof[len(H):len(H) + len(B)], oof[len(H) + len(B):]
     calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression (scikit-learn)", "l2": l2,
@@ -173,8 +199,11 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
              "gate_rate_benign_prompts": float((b_oof > q).float().mean()),
              "gate_rate_benign_text": float((t_oof > q).float().mean()) if len(t_oof) else None,
              "gate_score_auroc": auroc(h_oof.numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
-             "n_benign_text": len(T), "rates_are": "out-of-fold (each sequence scored by a probe not trained on it)",
-             "rule": "at the end of the user's turn, layer l: s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
+             "n_benign_text": len(T), "pool": pool, "rates_are": "out-of-fold (each sequence scored by a probe not "
+             "trained on it" + (", nor on any framing of its request)" if requests is not None else ")"),
+             "rule": "at the end of the user's turn, layer l, x = " + ("the residual there" if pool == "last" else
+                                                                       "the mean residual of the prompt up to there")
+                     + ": s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
                      "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores"}
     if groups is not None:

@@ -223,10 +223,15 @@ class Run:
                 if gc.kind == "prompt":
                     from trace_circuits.gate import fit_prompt_gate
 
-                    h, b, groups = self.gate_calibration_sets()
-                    gate, calib = fit_prompt_gate(self.model, h, b, onset if gc.layer is None else gc.layer,
-                                                  gc.benign_rate, benign_text=text, progress=self.progress,
-                                                  groups=groups, l2=gc.l2)
+                    from trace_circuits.saes.encoding import massive_limit
+
+                    h, b, groups, requests = self.gate_calibration_sets()
+                    layer = onset if gc.layer is None else gc.layer
+                    limit = massive_limit(self.saes[layer]) if layer in self.saes else float("inf")
+                    gate, calib = fit_prompt_gate(self.model, h, b, layer, gc.benign_rate, benign_text=text,
+                                                  progress=self.progress, groups=groups, l2=gc.l2, pool=gc.pool,
+                                                  massive_norm_threshold=limit if limit < float("inf") else None,
+                                                  requests=requests)
                 else:
                     from trace_circuits.gate import calibrate_feature_gate
 
@@ -249,7 +254,9 @@ class Run:
     def gate_calibration_sets(self):
         """The prompt gate's calibration requests, encoded: the harmful and benign training requests (and the hard
         negatives' training split) asked directly and under the attack templates (:func:`gate.calibration_texts`);
-        returns ``(harmful, benign, (harmful templates, benign templates))``."""
+        returns ``(harmful, benign, (harmful templates, benign templates), (harmful request ids, benign request
+        ids))``: each sequence's template and the index of the request it asks (harmful request i and benign request
+        i share an id: the built-in sets are form-matched twins, held out together)."""
         from trace_circuits.evaluate.attacks import ATTACKS
         from trace_circuits.gate import calibration_texts
         from trace_circuits.prompts import encode_prompts
@@ -259,9 +266,11 @@ class Run:
                                                  else [])
         templates = [] if gc.templates == "none" else list(ATTACKS) if gc.templates == "all" else [
             t.strip() for t in gc.templates.split(",")]
-        h, hn, b, bn = calibration_texts(self.model.tokenizer, list(self.prompts("harmful")), benign, templates,
-                                         gc.passes, chat=self.config.chat)
-        return encode_prompts(self.model, h, chat=False), encode_prompts(self.model, b, chat=False), (hn, bn)
+        harmful = list(self.prompts("harmful"))
+        h, hn, b, bn = calibration_texts(self.model.tokenizer, harmful, benign, templates, gc.passes,
+                                         chat=self.config.chat)
+        requests = ([i % len(harmful) for i in range(len(h))], [i % len(benign) for i in range(len(b))])
+        return encode_prompts(self.model, h, chat=False), encode_prompts(self.model, b, chat=False), (hn, bn), requests
 
     def evaluate(self):
         """Stage 4: the hook set and the baselines on held-out prompts, judged the same way."""

@@ -12,11 +12,12 @@ Loss. Against the undefended model::
 Against the defense (adaptive) the CE is taken with the hook set attached (its cuts and steering act on the target
 tokens once the gate opens), plus a term that pushes the prompt gate shut::
 
-    L = CE_hookset + lambda * softplus((s - theta) / tau),      s = <x_l[p] - mu, r> / gap
+    L = CE_hookset + lambda * softplus((s - theta) / tau),      s = <h - mu, r> / gap
 
-``x_l[p]`` is the residual the probe reads (``blocks.l.hook_resid_post`` at ``p``), ``theta`` the gate threshold: the
-term is ~0 once ``s`` is a few ``tau`` below ``theta`` and ~``lambda (s - theta) / tau`` above it. ``s`` is computed
-from the same activation the runtime's probe reads and checked against the runtime's own score on every pass.
+``h`` is what the probe reads at layer ``l`` (``x_l[p]``, or the prompt's mean residual up to ``p`` for a ``mean``
+probe), ``theta`` the gate threshold: the term is ~0 once ``s`` is a few ``tau`` below ``theta`` and
+~``lambda (s - theta) / tau`` above it. ``s`` is the runtime's own score of the pass (with autograd), so the attack
+optimises exactly what the deployed gate computes.
 
 Greedy coordinate gradient, per step: the gradient of L w.r.t. the one-hot suffix tokens (TransformerLens autograd,
 hook set attached); per position the ``top_k`` ordinary tokens with the most negative gradient; ``candidates`` copies
@@ -26,7 +27,8 @@ candidate and the best suffix seen is kept. ``early_stop``: a prompt stops once 
 (and, against the defense, the gate is shut). Deterministic for a seed (one generator per prompt).
 
 Speed: the ``prefix`` is run once into a frozen KV cache when the hook set cannot touch it (every operation but the
-probe is gated, so nothing acts before ``p``); otherwise every pass runs the whole sequence. Tested equal.
+probe is gated, so nothing acts before ``p``, and the probe reads only ``p``); otherwise every pass runs the whole
+sequence. Tested equal.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class Objective:
         dev = next(model.parameters()).device
         self.prefix, self.post, self.target = (torch.tensor(v, device=dev) for v in (lay.prefix, lay.post,
                                                                                       lay.target))
-        plain_prefix = hookset is None or all(op.gated for op in hookset.operations if op.kind != "prompt_probe")
+        plain_prefix = hookset is None or (self.gate.pool == "last" and all(  # a mean probe reads the prefix too
+            op.gated for op in hookset.operations if op.kind != "prompt_probe"))
         self.cache = self._prefix_cache() if use_cache and plain_prefix else None
 
     @torch.no_grad()
@@ -183,25 +186,12 @@ class Objective:
                    for e in c.entries]
         return TransformerLensKeyValueCache(entries, c.previous_attention_mask.expand(batch, -1), frozen=True)
 
-    def _anchor_end(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B] where the probe reads: the end of the last anchor match, else the last position (as the runtime)."""
-        B, T = ids.shape
-        pos = torch.arange(T, device=ids.device)
-        last = torch.full((B,), T - 1, device=ids.device)
-        a = self.gate.anchor
-        if a and T >= len(a):
-            hit = (ids.unfold(1, len(a), 1) == torch.tensor(a, device=ids.device)).all(-1)
-            end = torch.where(hit, pos[len(a) - 1:], torch.full_like(pos[len(a) - 1:], -1)).max(1).values
-            last = torch.where(end >= 0, end, last)
-        return last
-
     def _forward(self, suffix: torch.Tensor, one_hot: Optional[torch.Tensor] = None) -> dict:
         m = self.model
         B, n = suffix.shape
         tail = torch.cat([suffix, self.post.expand(B, -1), self.target.expand(B, -1)], 1)
         ids = tail if self.cache is not None else torch.cat([self.prefix.expand(B, -1), tail], 1)
         off = ids.shape[1] - tail.shape[1]  # where the suffix starts in ids
-        seen: dict = {}
         with contextlib.ExitStack() as stack:
             if self.hookset is not None:
                 rt = stack.enter_context(self.hookset.attach(m))
@@ -210,9 +200,6 @@ class Objective:
                         lambda mod, args, kw: rt.start(kw.get("attention_mask"), True, args[0] if args else None),
                         with_kwargs=True)
                     stack.callback(h.remove)
-                h = m.hook_dict[self.gate.hook_name].register_forward_hook(
-                    lambda mod, inp, out: seen.__setitem__("x", inp[0]))  # the input: what the probe reads
-                stack.callback(h.remove)
             if one_hot is not None:
                 def embed(act, hook):
                     e = (one_hot @ m.W_E).to(act.dtype)
@@ -232,14 +219,10 @@ class Objective:
         if self.hookset is None:
             out["loss"] = ce
             return out
-        t, g = self.gate.tensors, self.gate
-        x = seen["x"][torch.arange(B), self._anchor_end(ids)].float()
-        s = ((x - t["mu"].to(x.device)) @ t["r"].to(x.device)) / g.gap
-        ref = rt.prompt_scores
-        if ref is None or not torch.allclose(s.detach().cpu(), ref.float(), rtol=1e-3, atol=1e-3):
-            raise TraceCircuitsError(f"the attack's gate score {s.detach().cpu().tolist()[:3]} differs from the hook "
-                                     f"set's own {None if ref is None else ref.tolist()[:3]}; the probe must be the "
-                                     "first operation at its hook point")
+        g, s = self.gate, rt.prompt_score_tensor  # the runtime's own score, with autograd
+        if s is None or s.shape != (B,):
+            raise TraceCircuitsError("the hook set's prompt gate did not score this pass; the probe must read the "
+                                     "attacked sequence")
         gate_term = self.gate_weight * F.softplus((s - g.gate_threshold) / self.tau)
         out.update(score=s, gate_term=gate_term, open=rt.gate_open.cpu(), loss=ce + gate_term)  # the runtime's decision
         return out

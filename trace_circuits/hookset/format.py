@@ -8,7 +8,8 @@ attached: a NaN threshold or a misspelt key must never switch the defense off si
 
 Format versions: 1 (feature gate, TopK SAEs), 2 (+ prompt gate), 3 (+ any SAE architecture, ``action``, strict
 validation), 4 (+ ``tensors_sha256``: the SHA-256 of ``tensors.safetensors``, so the two files of one export stay
-together). Older files load unchanged, under the same checks.
+together), 5 (+ the prompt probe's ``pool``: ``mean`` reads the prompt's mean residual; older probes read ``last``).
+Older files load unchanged, under the same checks.
 
 What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
 names a key twice or a key this version does not know; a field of the wrong type; an operation of an unknown kind,
@@ -38,7 +39,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
 KIND = "trace-circuits hook set"
@@ -256,7 +257,8 @@ class HookSet:
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
         n_dir = sum(op.kind == "direction" for op in self.operations)
         g = self.gate_operation
-        gate = ("" if g is None else f"; prompt gate at layer {g.layer}" if g.kind == "prompt_probe"
+        mean = "" if g is None or g.pool == "last" else " (prompt mean)"
+        gate = ("" if g is None else f"; prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
                 else f"; feature gate at layer {g.layer}")
         return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} heads, "
                 f"{n_mlp} MLPs" + (f", {n_dir} directions" if n_dir else "") + gate +

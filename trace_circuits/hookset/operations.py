@@ -18,8 +18,10 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     steering a ``reroute`` hook set adds once its gate opens (``r`` the model's refusal direction).
 ``prompt_probe`` at ``blocks.{l}.hook_resid_post`` (the prompt gate; changes nothing)
     Once per sequence, at the end of the user's turn ``p`` (the last position where the token ids ``anchor`` end,
-    else the last real position): ``s = <x[p] - mu, r> / gap``; the gate opens for the rest of the sequence if
-    ``s > gate_threshold``.
+    else the last real position): ``s = <h - mu, r> / gap``; the gate opens for the rest of the sequence if
+    ``s > gate_threshold``. ``pool="last"``: ``h = x[p]``; ``pool="mean"``: ``h = mean_{q in Q} x[q]`` over the
+    prompt up to ``p``, ``Q = {q : first real < q <= p, |x[q]| <= massive_norm_threshold}`` (the first token and
+    attention-sink positions left out), so the probe reads the whole request, not only where its framing ends.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureE
 
 OP_KINDS = ("sae_features", "heads", "mlp", "direction", "prompt_probe")
 DIRECTION_MODES = ("ablate", "add")
+PROBE_POOLS = ("last", "mean")  # prompt_probe: what it reads (module docstring)
 _SAE_TENSORS = {"standard": ("W_enc", "b_enc", "b_dec", "D"), "jumprelu": ("W_enc", "b_enc", "b_dec", "D",
                                                                           "threshold"),
                 "topk": ("W_enc", "b_enc", "b_dec", "dec_norm", "D")}
@@ -45,7 +48,7 @@ _FIELDS = {
     "sae_features": {"features", "zero_thresholds", "gate_source", "gate_scales", "gate_threshold", "k",
                      "architecture", "normalize", "massive_norm_threshold", "sae"},
     "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
-    "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score"},
+    "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -73,6 +76,7 @@ class Operation:
     gate_threshold: float = 0.0  # the gate opens where its score passes this
     gap: float = 1.0  # prompt_probe: scores are divided by it
     anchor: list[int] = field(default_factory=list)  # prompt_probe: token ids that end the user turn
+    pool: str = "last"  # prompt_probe: "last" (x[p]) or "mean" (the prompt's mean up to p)
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -105,7 +109,8 @@ class Operation:
         :class:`~trace_circuits.architectures.Architecture`) adds the transformers module it attaches to."""
         positions = "gate-open positions" if self.gated else "every real position"
         if self.kind == "prompt_probe":
-            positions = "reads the end of the user's turn once per sequence; changes nothing"
+            positions = ("reads the end of the user's turn" if self.pool == "last" else "reads the prompt up to the "
+                         "end of the user's turn") + " once per sequence; changes nothing"
         d: dict[str, Any] = {"kind": self.kind, "layer": self.layer, "hook_name": self.hook_name,
                              "gated": self.gated, "scale": self.scale, "positions": positions}
         if twin is not None:
@@ -120,9 +125,12 @@ class Operation:
         elif self.kind == "direction":
             d.update(mode=self.mode, alpha=self.alpha)
         elif self.kind == "prompt_probe":
+            h = "x[p]" if self.pool == "last" else ("the mean of x[q] over first real < q <= p with |x[q]| <= "
+                                                    "massive_norm_threshold")
             d.update(gate_source=True, gate_threshold=self.gate_threshold, gap=self.gap, anchor=self.anchor,
-                     score="s = <x[p] - mu, r> / gap at p = the end of the last anchor match (else the last real "
-                           "position); the gate opens if s > gate_threshold")
+                     pool=self.pool, massive_norm_threshold=self.massive_norm_threshold,
+                     score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
+                           "real position); the gate opens if s > gate_threshold")
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
                         for name, t in self.tensors.items()}
         return d
@@ -165,7 +173,8 @@ class Operation:
             if not g.bool("gate_source", True):
                 raise g.bad("gate_source", "true (a prompt_probe is the gate)")
             kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", _REQUIRED), gap=g.num("gap", _REQUIRED),
-                      anchor=g.ints("anchor", []), gated=False)
+                      anchor=g.ints("anchor", []), gated=False, pool=g.str("pool", "last"),  # format <= 4: last
+                      massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True))
         op = cls(**kw)
         if hook and hook != op.hook_name:
             raise TraceCircuitsError(f"{where}: field 'hook_name' is {hook!r} but field 'layer' is {op.layer} (a {kind} "
@@ -213,6 +222,12 @@ class Operation:
                 raise TraceCircuitsError(f"{where}: gap must be a finite number > 0, got {self.gap}")
             if any(t < 0 for t in self.anchor):
                 raise TraceCircuitsError(f"{where}: anchor token ids {self.anchor} must be >= 0")
+            if self.pool not in PROBE_POOLS:
+                raise TraceCircuitsError(f"{where}: pool must be one of {', '.join(PROBE_POOLS)}, not {self.pool!r}")
+            t = self.massive_norm_threshold
+            if t is not None and not (math.isfinite(t) and t > 0):
+                raise TraceCircuitsError(f"{where}: massive_norm_threshold must be a finite number > 0 or absent, "
+                                         f"got {t}")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:

@@ -4,7 +4,8 @@
 Gating
 ------
 The *prompt gate* (a ``prompt_probe`` operation) decides once per sequence, in the first forward pass (the prompt,
-i.e. the prefill of a generation), at the end of the user's turn ``p_b``: gated operations after the probe's layer act
+i.e. the prefill of a generation), at the end of the user's turn ``p_b``, from the residual there or the prompt's
+mean residual up to there (its ``pool``, :func:`trace_circuits.activations.read_at`): gated operations after the probe's layer act
 from ``p_b`` on, and every gated operation acts at every position of the later forward passes of that sequence (the
 generated tokens, or a continuation fed with the KV cache)::
 
@@ -28,6 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from jaxtyping import Bool
 
+from trace_circuits.activations import read_at
 from trace_circuits.hookset.operations import Operation
 
 
@@ -45,6 +47,7 @@ class Runtime:
         self.new_sequence = True  # the current forward pass starts a sequence (the prompt gate decides in it)
         self.input_ids: Optional[torch.Tensor] = None  # [batch, pos] token ids of this forward, when seen
         self.prompt_scores: Optional[torch.Tensor] = None  # [batch] the prompt gate's scores of this sequence
+        self.prompt_score_tensor: Optional[torch.Tensor] = None  # the same, on the model's device, with autograd
         self._device_ops: dict[int, Operation] = {}
 
     def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool,
@@ -57,6 +60,7 @@ class Runtime:
         if new_sequence:
             self.fired_before = None
             self.prompt_scores = None
+            self.prompt_score_tensor = None
 
     @property
     def gate_open(self) -> Optional[torch.Tensor]:
@@ -161,8 +165,9 @@ class Runtime:
             end = torch.where(hit, pos[n - 1:], torch.full_like(pos[n - 1:], -1)).max(1).values
             last = torch.where(end >= 0, end, last)
         t = self._on(op, x.device).tensors
-        h = x[torch.arange(B, device=x.device), last].float()
+        h = read_at(x, valid, last, op.pool, op.massive_norm_threshold)
         score = ((h - t["mu"]) @ t["r"]) / op.gap
+        self.prompt_score_tensor = score  # differentiable (the adaptive attack's gate term)
         fired = score > op.gate_threshold
         self.gate = (pos[None, :] >= last[:, None]) & fired[:, None]
         self.fired_before = fired.clone()
