@@ -4,11 +4,12 @@ benign target (one run).
 On a run folder's own gate calibration sets (``Run.gate_calibration_sets``: harmful and benign training requests,
 directly and under the attack templates, plus the gate's benign documents), each prompt is read at every layer from
 ``--first`` to the last in one pass, both ways the probe can read (``pool``,
-:func:`trace_circuits.activations.read_at`): the residual at the end of the user's turn (documents: their last token), and the prompt's mean residual up to there.
-For each single layer and a few layer combinations (features concatenated), the gate's own rule is fitted out of fold
-(5 folds, :func:`trace_circuits.gate.out_of_fold_scores`; all framings of one request, and its benign twin, share a
-fold, so every rate is that of unseen requests; threshold = the ``1 - rate`` quantile of the benign scores): printed are the harmful coverage
-overall and per template, and the benign prompts' opening rate.
+:func:`trace_circuits.activations.read_at`): the residual at the end of the user's turn (documents: their last
+token), and the prompt's mean residual up to there. For each single layer and a few layer combinations (features
+concatenated), the gate's own rule is fitted out of fold (5 folds, :func:`trace_circuits.gate.out_of_fold_scores`;
+all framings of one request, and its benign twin, share a fold, so every rate is that of unseen requests; threshold =
+the ``1 - rate`` quantile of the benign scores): printed are the harmful coverage overall and per template, and the
+benign prompts' opening rate.
 
     python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002] [--first 13]
 """
@@ -40,7 +41,7 @@ def main() -> None:
     import trace_circuits as tc
     from trace_circuits.activations import read_at
     from trace_circuits.gate import (anchor_positions, benign_threshold, out_of_fold_scores, rates_by_group,
-                                     user_turn_end)
+                                     request_fold_groups, user_turn_end)
     from trace_circuits.saes.encoding import massive_limit
     from trace_circuits.prompts import iter_batches
 
@@ -56,7 +57,7 @@ def main() -> None:
     h, b, (h_groups, _), (h_req, b_req) = run.gate_calibration_sets()
     text = run.encoded("gate_text")
     anchor = user_turn_end(model)
-    limits = [massive_limit(run.saes[l]) if l in run.saes else float("inf") for l in layers]  # as the export does
+    limits = [massive_limit(run.saes[l]) if l in run.saes else None for l in layers]  # as the export does
 
     def read(enc, pos, desc):  # [n, layers, pools, d]
         out = torch.zeros(len(enc), len(layers), 2, model.cfg.d_model)
@@ -66,16 +67,14 @@ def main() -> None:
             cols = torch.tensor([width - len(enc.input_ids[i]) + ((-1 if pos is None else pos[i]) %
                                                                     len(enc.input_ids[i])) for i in bt.indices])
             for j, name in enumerate(names):
-                lim = limits[j] if limits[j] < float("inf") else None
                 for k, pool in enumerate(("last", "mean")):
-                    out[bt.indices, j, k] = read_at(cache[name], bt.attention_mask.bool(), cols, pool, lim)
+                    out[bt.indices, j, k] = read_at(cache[name], bt.attention_mask.bool(), cols, pool, limits[j])
         return out
 
     H = read(h, anchor_positions(h, anchor), "harmful")
     B = read(b, anchor_positions(b, anchor), "benign")
     T = read(text, None, "benign documents") if len(text) else B[:0]
-    top = max(h_req + b_req) + 1  # fold groups as fit_prompt_gate's: a request's framings (and its twin) together
-    groups = h_req + b_req + [top + i for i in range(len(T))]
+    groups = request_fold_groups(h_req, b_req, len(T))  # as fit_prompt_gate's: a request's framings and its twin
 
     def oof(cols, k):  # the gate's own rule, as fit_prompt_gate fits it
         X = torch.cat([H[:, cols, k].flatten(1), B[:, cols, k].flatten(1), T[:, cols, k].flatten(1)])

@@ -2,17 +2,17 @@
 
 The **prompt gate** (default) is a linear probe on the residual stream ``blocks.{l}.hook_resid_post``, read once per
 prompt at the end of the user's turn ``p`` (the chat template's assistant header, so a prefilled answer does not move
-it); ``x`` is the prompt's mean residual up to ``p`` (``pool="mean"``, the default: the first token and attention-sink
-positions left out, :func:`~trace_circuits.activations.read_at`) or the residual at ``p`` (``pool="last"``):
+it); ``x`` is the residual at ``p`` (``pool="last"``, the default) or the prompt's mean residual up to ``p``
+(``pool="mean"``: the first token and attention-sink positions left out, :func:`~trace_circuits.activations.read_at`):
 
     s(x) = <(x - m) / sd, w> + b        (an L2-regularised, class-balanced logistic regression, scikit-learn)
 
 trained on harmful requests (label 1) against benign requests and benign documents (label 0). The threshold is set on
 *out-of-fold* scores (k-fold cross-fitting; every framing of one request in the same fold) so the gate opens on at
-most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe used at inference is then refitted on all of them. The calibration data may hold each
-request under several framings (the attack templates) so that the probe learns intent, not framing. In a hook set it
-is a ``prompt_probe`` operation with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so
-``s = <x - mu, r> / gap``.
+most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe used at inference is then
+refitted on all of them. The calibration data may hold each request under several framings (the attack templates)
+so that the probe learns intent, not framing. In a hook set it is a ``prompt_probe`` operation with
+``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so ``s = <x - mu, r> / gap``.
 
 The **feature gate** (``calibrate_feature_gate``, kept as an option) opens at the first position where the source
 SAE features' normalised activations sum past a threshold: ``g(x) = sum_f a_f(x) / s_f`` (``s_f`` the feature's mean
@@ -21,6 +21,7 @@ per-prompt maximum on harmful prompts), threshold the ``(1 - rate)`` quantile of
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -94,6 +95,14 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int =
     return oof
 
 
+def request_fold_groups(harmful_ids: Sequence[int], benign_ids: Sequence[int], n_documents: int) -> list[int]:
+    """Fold groups for :func:`out_of_fold_scores` over ``[harmful | benign | documents]`` rows: the request ids as
+    given (one id space, so a harmful request and a benign twin given its id share a fold), then each document its
+    own group after them."""
+    top = max(list(harmful_ids) + list(benign_ids) + [-1]) + 1
+    return list(harmful_ids) + list(benign_ids) + [top + i for i in range(n_documents)]
+
+
 def benign_threshold(benign_scores: torch.Tensor, rate: float) -> torch.Tensor:
     """The gate threshold: the ``1 - rate`` quantile of the benign scores (their maximum for rate 0)."""
     if rate > 0:
@@ -144,13 +153,12 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     token and joins the benign class. ``groups`` (a label per harmful and per benign request, e.g. its attack
     template) breaks the out-of-fold gate rates down by group. ``pool``: what the probe reads (``last``: the residual
     at that position; ``mean``: the prompt's mean residual up to it, :func:`activations.read_at`, leaving out the
-    first token and positions whose norm exceeds ``massive_norm_threshold``). ``requests`` (an id per harmful and per
-    benign sequence, one id space): the sequences of one id share a fold, so the out-of-fold rates are those of unseen
-    requests; a harmful request and its benign twin (the built-in sets are form-matched pairs, index i to index i)
-    given one id are held out together, as the test split holds them out."""
-    from trace_circuits.hookset.operations import PROBE_POOLS
-
+    first token and positions whose norm exceeds ``massive_norm_threshold``; None or inf: no limit). ``requests``
+    (an id per harmful and per benign sequence, one id space): the sequences of one id share a fold, so the
+    out-of-fold rates are those of unseen requests; a harmful request and its benign twin (the built-in sets are
+    form-matched pairs, index i to index i) given one id are held out together, as the test split holds them out."""
     from trace_circuits.activations import residuals_at
+    from trace_circuits.hookset.operations import PROBE_POOLS
 
     if not 0 <= benign_gate_rate < 1:
         raise TraceCircuitsError(f"benign_gate_rate must be in [0, 1), got {benign_gate_rate!r}")
@@ -178,8 +186,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         if len(hr) != len(H) or len(br) != len(B):
             raise TraceCircuitsError(f"requests: {len(hr)} / {len(br)} ids for {len(H)} harmful / {len(B)} benign "
                                      "sequences; give one id per sequence")
-        top = max(hr + br + [-1]) + 1  # documents: each its own group, after the requests'
-        fold_groups = hr + br + [top + i for i in range(len(T))]
+        fold_groups = request_fold_groups(hr, br, len(T))
     oof = out_of_fold_scores(X, y, l2, folds, fold_groups)
     neg = oof[len(H):]
     q = benign_threshold(neg, benign_gate_rate)
@@ -190,7 +197,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     mu = m - b * r * gap
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
                    gate_threshold=float(q), anchor=anchor, pool=pool, massive_norm_threshold=massive_norm_threshold
-                   if pool == "mean" else None, tensors={"r": r.float().contiguous(),
+                   if pool == "mean" and massive_norm_threshold is not None and math.isfinite(massive_norm_threshold)
+                   else None, tensors={"r": r.float().contiguous(),
                                                                    "mu": mu.float().contiguous()})
     h_oof, b_oof, t_oof = oof[:len(H)], oof[len(H):len(H) + len(B)], oof[len(H) + len(B):]
     calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression (scikit-learn)", "l2": l2,

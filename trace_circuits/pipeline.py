@@ -227,11 +227,10 @@ class Run:
 
                     h, b, groups, requests = self.gate_calibration_sets()
                     layer = onset if gc.layer is None else gc.layer
-                    limit = massive_limit(self.saes[layer]) if layer in self.saes else float("inf")
                     gate, calib = fit_prompt_gate(self.model, h, b, layer, gc.benign_rate, benign_text=text,
                                                   progress=self.progress, groups=groups, l2=gc.l2, pool=gc.pool,
-                                                  massive_norm_threshold=limit if limit < float("inf") else None,
-                                                  requests=requests)
+                                                  massive_norm_threshold=massive_limit(self.saes[layer])
+                                                  if layer in self.saes else None, requests=requests)
                 else:
                     from trace_circuits.gate import calibrate_feature_gate
 

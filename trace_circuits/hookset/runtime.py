@@ -5,9 +5,9 @@ Gating
 ------
 The *prompt gate* (a ``prompt_probe`` operation) decides once per sequence, in the first forward pass (the prompt,
 i.e. the prefill of a generation), at the end of the user's turn ``p_b``, from the residual there or the prompt's
-mean residual up to there (its ``pool``, :func:`trace_circuits.activations.read_at`): gated operations after the probe's layer act
-from ``p_b`` on, and every gated operation acts at every position of the later forward passes of that sequence (the
-generated tokens, or a continuation fed with the KV cache)::
+mean residual up to there (its ``pool``, :func:`trace_circuits.activations.read_at`): gated operations after the
+probe's layer act from ``p_b`` on, and every gated operation acts at every position of the later forward passes of
+that sequence (the generated tokens, or a continuation fed with the KV cache)::
 
     gate[b, p] = s_b > gate_threshold   for p >= p_b (layers after the probe) and every later position
 
