@@ -117,10 +117,10 @@ class GateConfig:
                                 "intent rather than framing (all, none, or comma-separated names)")
     passes: int = opt(2, "how many templated copies of each calibration request (round-robin over the templates)")
     hard_negatives: bool = opt(True, "add the built-in hard negatives (train split) to the benign calibration set")
-    pool: str = opt("last", "what the prompt gate reads: 'last' (the residual at the end of the user's turn) or "
-                            "'mean' (the prompt's mean residual up to there: the whole request; see the README)",
+    pool: str = opt("mean", "what the prompt gate reads: 'mean' (the prompt's mean residual up to the end of the "
+                            "user's turn: the whole request) or 'last' (the residual there only; see the README)",
                     choices=("last", "mean"))
-    l2: float = opt(0.002, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
+    l2: float = opt(0.02, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
                           "benign rate; see the README)")
 
     def check(self) -> None:

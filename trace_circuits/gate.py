@@ -2,17 +2,18 @@
 
 The **prompt gate** (default) is a linear probe on the residual stream ``blocks.{l}.hook_resid_post``, read once per
 prompt at the end of the user's turn ``p`` (the chat template's assistant header, so a prefilled answer does not move
-it); ``x`` is the residual at ``p`` (``pool="last"``, the default) or the prompt's mean residual up to ``p``
-(``pool="mean"``: the first token and attention-sink positions left out, :func:`~trace_circuits.activations.read_at`):
+it); ``x`` is the prompt's mean residual up to ``p`` (``pool="mean"``, the default: the first token and
+attention-sink positions left out, :func:`~trace_circuits.activations.read_at`) or the residual at ``p`` only
+(``pool="last"``):
 
     s(x) = <(x - m) / sd, w> + b        (an L2-regularised, class-balanced logistic regression, scikit-learn)
 
-trained on harmful requests (label 1) against benign requests and benign documents (label 0). The threshold is set on
-*out-of-fold* scores (k-fold cross-fitting; every framing of one request in the same fold) so the gate opens on at
-most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe used at inference is then
-refitted on all of them. The calibration data may hold each request under several framings (the attack templates)
-so that the probe learns intent, not framing. In a hook set it is a ``prompt_probe`` operation with
-``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so ``s = <x - mu, r> / gap``.
+trained on harmful requests (label 1) against benign requests and benign documents (label 0). The threshold is set
+on *out-of-fold* scores (k-fold cross-fitting; every framing of one request, and its benign twin, in the same fold)
+so the gate opens on at most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe
+used at inference is then refitted on all of them. The calibration data may hold each request under several framings
+(the attack templates) so that the probe learns intent, not framing. In a hook set it is a ``prompt_probe`` operation
+with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so ``s = <x - mu, r> / gap``.
 
 The **feature gate** (``calibrate_feature_gate``, kept as an option) opens at the first position where the source
 SAE features' normalised activations sum past a threshold: ``g(x) = sum_f a_f(x) / s_f`` (``s_f`` the feature's mean
