@@ -169,6 +169,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
     if pool not in PROBE_POOLS:
         raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
+    if massive_norm_threshold is not None and not math.isfinite(massive_norm_threshold):
+        massive_norm_threshold = None  # no limit, as massive_limit reports an SAE without one
     anchor = user_turn_end(model)
 
     def read(enc, desc, at_anchor=True):
@@ -197,10 +199,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     r = v / v.norm()
     mu = m - b * r * gap
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
-                   gate_threshold=float(q), anchor=anchor, pool=pool, massive_norm_threshold=massive_norm_threshold
-                   if pool == "mean" and massive_norm_threshold is not None and math.isfinite(massive_norm_threshold)
-                   else None, tensors={"r": r.float().contiguous(),
-                                                                   "mu": mu.float().contiguous()})
+                   gate_threshold=float(q), anchor=anchor, pool=pool,
+                   massive_norm_threshold=massive_norm_threshold if pool == "mean" else None,
+                   tensors={"r": r.float().contiguous(), "mu": mu.float().contiguous()})
     h_oof, b_oof, t_oof = oof[:len(H)], oof[len(H):len(H) + len(B)], oof[len(H) + len(B):]
     calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression (scikit-learn)", "l2": l2,
              "folds": folds, "benign_gate_rate_target": benign_gate_rate, "gate_threshold": float(q),
