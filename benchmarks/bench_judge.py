@@ -33,7 +33,7 @@ def main() -> None:
     plain = [r for r in by_defense["none"] if r["kind"] == "benign"]
     b_prompts, b_answers = [r["prompt"] for r in plain], [r["response"] for r in plain]
 
-    def run(judge, similarity):
+    def run(similarity):
         t0 = time.perf_counter()
         pos = similarity(b_prompts, b_answers)
         neg = similarity(b_prompts, b_answers[1:] + b_answers[:1])
@@ -50,8 +50,8 @@ def main() -> None:
     judge = RelevanceJudge()
     for j in (naive_judge, judge):  # warm-up, outside the timings
         j.model.encode(b_prompts[:8], normalize_embeddings=True, batch_size=64)
-    t_naive, s_naive = run(naive_judge, naive)
-    t_ours, s_ours = run(judge, judge.similarity)
+    t_naive, s_naive = run(naive)
+    t_ours, s_ours = run(judge.similarity)
     n_texts = 2 * sum(len(rs) for rs in by_defense.values()) + 4 * len(plain)
     print(f"{len(by_defense)} defenses, {len(rows)} answers; {n_texts} texts embedded the naive way, "
           f"{len(judge._seen)} distinct")
