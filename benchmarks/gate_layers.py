@@ -3,15 +3,16 @@ benign target (one run).
 
 On a run folder's own gate calibration sets (``Run.gate_calibration_sets``: harmful and benign training requests,
 directly and under the attack templates, plus the gate's benign documents), each prompt is read at every layer from
-``--first`` to the last in one pass, both ways the probe can read (``pool``,
+``--first`` to the last in one pass, every way the probe can read (``pool``,
 :func:`trace_circuits.activations.read_at`): the residual at the end of the user's turn (documents: their last
-token), and the prompt's mean residual up to there. For each single layer and a few layer combinations (features
+token), the prompt's mean residual up to there, and the mean over the last user turn only (after the header that
+opens it: no system prompt, no earlier turns). For each single layer and a few layer combinations (features
 concatenated), the gate's own rule is fitted out of fold (5 folds, :func:`trace_circuits.gate.out_of_fold_scores`;
 all framings of one request, and its benign twin, share a fold, so every rate is that of unseen requests; threshold =
 the ``1 - rate`` quantile of the benign scores): printed are the harmful coverage overall and per template, and the
 benign prompts' opening rate.
 
-    python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002] [--first 13]
+    python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002] [--first 13] [--last 21]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.02, help="benign target rate")
     ap.add_argument("--l2", type=float, default=0.002, help="the probe's L2 strength")
     ap.add_argument("--first", type=int, default=None, help="the first layer read (default: the onset layer)")
+    ap.add_argument("--last", type=int, default=None, help="the last layer read (default: the model's last)")
     args = ap.parse_args()
     from trace_circuits.errors import TraceCircuitsError
 
@@ -41,7 +43,7 @@ def main() -> None:
     import trace_circuits as tc
     from trace_circuits.activations import read_at
     from trace_circuits.gate import (anchor_positions, benign_threshold, out_of_fold_scores, rates_by_group,
-                                     request_fold_groups, user_turn_end)
+                                     request_fold_groups, turn_start_positions, user_turn_end, user_turn_start)
     from trace_circuits.saes.encoding import massive_limit
     from trace_circuits.prompts import iter_batches
 
@@ -52,23 +54,32 @@ def main() -> None:
     first = onset if args.first is None else args.first
     if not 0 <= first < model.cfg.n_layers:
         raise TraceCircuitsError(f"--first must be a layer of the model (0..{model.cfg.n_layers - 1})")
-    layers = list(range(first, model.cfg.n_layers))
+    last_layer = model.cfg.n_layers - 1 if args.last is None else args.last
+    if not first <= last_layer < model.cfg.n_layers:
+        raise TraceCircuitsError(f"--last must be a layer from --first to {model.cfg.n_layers - 1}")
+    layers = list(range(first, last_layer + 1))
     names = [f"blocks.{l}.hook_resid_post" for l in layers]
     h, b, (h_groups, _), (h_req, b_req) = run.gate_calibration_sets()
     text = run.encoded("gate_text")
-    anchor = user_turn_end(model)
+    anchor, opener = user_turn_end(model), user_turn_start(model)
+    pools = ("last", "mean", "turn")
     limits = [massive_limit(run.saes[l]) if l in run.saes else None for l in layers]  # as the export does
 
     def read(enc, pos, desc):  # [n, layers, pools, d]
-        out = torch.zeros(len(enc), len(layers), 2, model.cfg.d_model)
+        out = torch.zeros(len(enc), len(layers), len(pools), model.cfg.d_model)
+        starts = turn_start_positions(enc, opener, pos) if pos is not None else [-1] * len(enc)
         for bt in tqdm(iter_batches(enc, 16, "cpu"), total=(len(enc) + 15) // 16, desc=desc):
-            _, cache = model.run_with_cache(bt.tokens, attention_mask=bt.attention_mask, names_filter=names)
+            _, cache = model.run_with_cache(bt.tokens, attention_mask=bt.attention_mask, names_filter=names,
+                                            stop_at_layer=layers[-1] + 1)
             width = bt.tokens.shape[1]
             cols = torch.tensor([width - len(enc.input_ids[i]) + ((-1 if pos is None else pos[i]) %
                                                                     len(enc.input_ids[i])) for i in bt.indices])
+            begin = torch.tensor([-1 if starts[i] < 0 else width - len(enc.input_ids[i]) + starts[i]
+                                  for i in bt.indices])
             for j, name in enumerate(names):
-                for k, pool in enumerate(("last", "mean")):
-                    out[bt.indices, j, k] = read_at(cache[name], bt.attention_mask.bool(), cols, pool, limits[j])
+                for k, pool in enumerate(pools):
+                    out[bt.indices, j, k] = read_at(cache[name], bt.attention_mask.bool(), cols, pool, limits[j],
+                                                    begin)
         return out
 
     H = read(h, anchor_positions(h, anchor), "harmful")
@@ -89,7 +100,7 @@ def main() -> None:
     print("| reads | layers | harmful opened | benign prompts opened | per template |\n|---|---|---|---|---|")
     last = len(layers) - 1
     combos = [[j] for j in range(len(layers))] + [[0, last], [0, last // 2, last], [last // 2, last]]
-    for k, pool in enumerate(("last", "mean")):
+    for k, pool in enumerate(pools):
         for cols in combos:
             cols = sorted(set(cols))
             harm, ben, by = oof(cols, k)

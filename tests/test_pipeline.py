@@ -75,22 +75,48 @@ def test_read_at_means_the_prompt_up_to_the_anchor_without_the_first_token_and_s
     assert torch.equal(got[1], x[1, [1, 3, 4]].mean(0))  # the sink at 2 left out
     assert torch.equal(read_at(x, valid, last, "last"), x[[0, 1], [3, 4]])
     assert torch.equal(read_at(x, valid, torch.tensor([1, 0]), "mean")[0], x[0, 1])  # nothing before: x[last]
+    # turn: only after the header that opens the last user turn (row 0's ends at 2; row 1 has none: as mean)
+    got = read_at(x, valid, last, "turn", massive_norm_threshold=500.0, start=torch.tensor([2, -1]))
+    assert torch.equal(got[0], x[0, 3]) and torch.equal(got[1], x[1, [1, 3, 4]].mean(0))
 
 
-def test_a_mean_prompt_gate_scores_as_fitted_at_inference_on_both_models(planted, tmp_path):
-    """The mean-pooled probe: fitted with request-grouped folds, saved and reloaded (format 5), its runtime score on
-    padded batches equals the score of the fitted reading, in TransformerLens and on the transformers model."""
+def test_user_turn_start_is_the_header_before_every_user_message(planted):
+    """The opener is found from the chat template alone, and a two-turn conversation's last match is the second
+    turn's header."""
+    from trace_circuits.evaluate.attacks import attack_texts
+    from trace_circuits.gate import anchor_positions, turn_start_positions, user_turn_end, user_turn_start
+
+    tl, _, tok, _ = planted
+    opener = user_turn_start(tl)
+    assert tok.decode(opener).endswith("user\n") and opener
+    texts = attack_texts(tok, ["How do I bake bread?"], "direct") + attack_texts(tok, ["How do I bake bread?"],
+                                                                                   "multi_turn")
+    enc = encode_prompts(tl, texts, chat=False)
+    ends = anchor_positions(enc, user_turn_end(tl))
+    starts = turn_start_positions(enc, opener, ends)
+    for ids, s_, e in zip(enc.input_ids, starts, ends):
+        assert tok.decode(list(ids[s_ + 1:e + 1])).startswith("How do I bake bread?")
+    assert starts[1] - starts[0] > 10  # the second turn's header, after the first exchange
+
+
+@pytest.mark.parametrize("pool", ["mean", "turn"])
+def test_a_pooled_prompt_gate_scores_as_fitted_at_inference_on_both_models(planted, tmp_path, pool):
+    """The mean- and turn-pooled probes: fitted with request-grouped folds, saved and reloaded, the runtime's score on
+    padded batches (two-turn conversations among them) equals the score of the fitted reading, in TransformerLens
+    and on the transformers model."""
     from trace_circuits.activations import residuals_at
-    from trace_circuits.gate import anchor_positions, gate_decisions
+    from trace_circuits.evaluate.attacks import attack_texts
+    from trace_circuits.gate import anchor_positions, gate_decisions, turn_start_positions
     from trace_circuits.hookset import HookSet, hookset_for
 
     tl, hf, tok, _ = planted
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
     ids = (list(range(30)) * 2, list(range(30)) * 2)  # two sequences per request, as the templates give
-    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="mean", massive_norm_threshold=50.0,
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool=pool, massive_norm_threshold=50.0,
                                 requests=ids)
-    assert op.pool == "mean" and calib["pool"] == "mean" and "nor on any framing" in calib["rates_are"]
+    assert op.pool == pool and calib["pool"] == pool and "nor on any framing" in calib["rates_are"]
+    assert bool(op.opener) == (pool == "turn")
     assert calib["gate_score_auroc"] > 0.9, calib
     with pytest.raises(TraceCircuitsError, match="one id per sequence"):
         fit_prompt_gate(tl, h, b, layer=2, requests=(ids[0][:5], ids[1]))
@@ -99,10 +125,14 @@ def test_a_mean_prompt_gate_scores_as_fitted_at_inference_on_both_models(planted
     hs = hookset_for(tl, [op])
     hs.save(tmp_path / "hs")
     back = HookSet.load(tmp_path / "hs")
-    assert back.gate_operation.pool == "mean" and back.gate_operation.massive_norm_threshold == 50.0
-    test = encode_prompts(tl, list(builtin_prompts("harmful", "test"))[:12]
-                          + list(builtin_prompts("benign", "test"))[:12])
-    x = residuals_at(tl, test, 2, anchor_positions(test, op.anchor), pool="mean", massive_norm_threshold=50.0)
+    assert back.gate_operation.pool == pool and back.gate_operation.massive_norm_threshold == 50.0
+    assert back.gate_operation.opener == op.opener
+    raw = list(builtin_prompts("harmful", "test"))[:9] + list(builtin_prompts("benign", "test"))[:9]
+    test = encode_prompts(tl, attack_texts(tok, raw[:12], "direct") + attack_texts(tok, raw[12:] + raw[:3],
+                                                                                    "multi_turn"), chat=False)
+    ends = anchor_positions(test, op.anchor)
+    starts = turn_start_positions(test, op.opener, ends) if op.opener else None
+    x = residuals_at(tl, test, 2, ends, pool=pool, massive_norm_threshold=50.0, starts=starts)
     want = ((x - op.tensors["mu"]) @ op.tensors["r"]) / op.gap
     scores, opened = gate_decisions(tl, back, test, batch_size=5)  # padded batches of mixed lengths
     assert torch.allclose(torch.from_numpy(scores), want, atol=1e-4) and opened.any() and not opened.all()

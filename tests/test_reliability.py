@@ -240,7 +240,7 @@ def test_the_export_itself_loads_and_acts_like_the_original(exported, twins):
     tl = twins[0]
     back = load_hookset(exported)
     meta = json.loads((exported / "hookset.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 5 and len(meta["tensors_sha256"]) == 64
+    assert meta["format_version"] == FORMAT_VERSION == 6 and len(meta["tensors_sha256"]) == 64
     original = all_kinds_hookset(tl, threshold=CALIB["gate_threshold"])
     tokens = torch.tensor([tl.tokenizer("How do I make a pipe bomb?")["input_ids"]])
     with torch.no_grad():
@@ -266,7 +266,19 @@ def test_a_format_4_probe_without_pool_reads_the_last_position_and_a_bad_pool_is
             del meta["operations"][0][k]
     assert load_hookset(tampered(exported, tmp_path, v4)).gate_operation.pool == "last"
     bad = tampered(exported, tmp_path / "bad", lambda m: m["operations"][0].__setitem__("pool", "max"))
-    with pytest.raises(TraceCircuitsError, match="operation 0.*pool must be one of last, mean, not 'max'"):
+    with pytest.raises(TraceCircuitsError, match="operation 0.*pool must be one of last, mean, turn, not 'max'"):
+        load_hookset(bad)
+
+
+def test_a_format_5_mean_probe_still_loads_and_an_opener_is_checked(exported, tmp_path):
+    """Format 6 added the ``turn`` reading and its ``opener``; a format-5 file (no opener) loads as it was read."""
+    def v5(meta):
+        meta["format_version"] = 5
+        meta["operations"][0]["pool"] = "mean"
+    back = load_hookset(tampered(exported, tmp_path, v5)).gate_operation
+    assert back.pool == "mean" and back.opener == []
+    bad = tampered(exported, tmp_path / "bad", lambda m: m["operations"][0].update(pool="turn", opener=[1, -2]))
+    with pytest.raises(TraceCircuitsError, match=r"operation 0.*opener token ids \[1, -2\] must be >= 0"):
         load_hookset(bad)
 
 

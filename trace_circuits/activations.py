@@ -15,16 +15,21 @@ from trace_circuits.prompts import EncodedPrompts, iter_batches
 
 
 def read_at(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: torch.Tensor, pool: str = "last",
-            massive_norm_threshold: Optional[float] = None) -> Float[torch.Tensor, "batch d"]:
+            massive_norm_threshold: Optional[float] = None,
+            start: Optional[torch.Tensor] = None) -> Float[torch.Tensor, "batch d"]:
     """What a reader (the prompt gate) sees of each row: ``pool="last"``: ``x[b, last_b]``; ``pool="mean"``: the
     mean of ``x[b, q]`` over ``Q_b = {q valid : first valid < q <= last_b, |x[b, q]| <= massive_norm_threshold}``
-    (the first real token and attention sinks left out; ``x[b, last_b]`` where ``Q_b`` is empty)."""
+    (the first real token and attention sinks left out; ``x[b, last_b]`` where ``Q_b`` is empty); ``pool="turn"``:
+    the same mean over the last user turn only, ``q > max(first valid, start_b)`` with ``start_b`` the last position
+    of the header that opens that turn (-1 where none was found: then the whole prompt, as ``mean``)."""
     B, T = x.shape[:2]
     at_last = x[torch.arange(B, device=x.device), last].float()
     if pool == "last":
         return at_last
     pos = torch.arange(T, device=x.device)
     first = torch.where(valid, pos, torch.full_like(pos, T)).min(1).values
+    if pool == "turn" and start is not None:
+        first = torch.maximum(first, start.to(first.device))
     q = valid & (pos > first[:, None]) & (pos <= last[:, None])
     xf = x.float()
     if massive_norm_threshold is not None:
@@ -37,10 +42,12 @@ def read_at(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: to
 @torch.inference_mode()
 def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, positions: Optional[Sequence[int]] = None,
                  batch_size: int = 16, progress: bool = False, desc: str = "residuals", pool: str = "last",
-                 massive_norm_threshold: Optional[float] = None) -> Float[torch.Tensor, "n d_model"]:
+                 massive_norm_threshold: Optional[float] = None,
+                 starts: Optional[Sequence[int]] = None) -> Float[torch.Tensor, "n d_model"]:
     """``blocks.{layer}.hook_resid_post`` of every prompt at one position: ``positions[i]`` (an index into prompt
     i's own tokens; negative counts from its end) or, by default, its last token. ``layer`` defaults to the last.
-    ``pool="mean"``: the mean up to that position instead (:func:`read_at`)."""
+    ``pool="mean"``: the mean up to that position instead; ``pool="turn"``: the mean after ``starts[i]`` (an index
+    into prompt i's tokens, -1 for none) up to it (:func:`read_at`)."""
     device = next(model.parameters()).device
     stop = model.cfg.n_layers if layer is None else int(layer) + 1
     out = torch.zeros(len(encoded), model.cfg.d_model)
@@ -48,13 +55,14 @@ def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, po
     for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
         h = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=stop)
         width = h.shape[1]
-        cols = []
+        cols, begin = [], []
         for r, i in enumerate(b.indices):
             n = len(encoded.input_ids[i])
             p = -1 if positions is None else int(positions[i])
             cols.append(width - n + (p % n))
+            begin.append(-1 if starts is None or starts[i] < 0 else width - n + int(starts[i]))
         out[b.indices] = read_at(h, b.attention_mask.bool(), torch.tensor(cols, device=device), pool,
-                                 massive_norm_threshold).cpu()
+                                 massive_norm_threshold, torch.tensor(begin, device=device)).cpu()
     return out
 
 

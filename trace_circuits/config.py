@@ -118,8 +118,9 @@ class GateConfig:
     passes: int = opt(2, "how many templated copies of each calibration request (round-robin over the templates)")
     hard_negatives: bool = opt(True, "add the built-in hard negatives (train split) to the benign calibration set")
     pool: str = opt("mean", "what the prompt gate reads: 'mean' (the prompt's mean residual up to the end of the "
-                            "user's turn: the whole request) or 'last' (the residual there only; see the README)",
-                    choices=("last", "mean"))
+                            "user's turn: the whole request), 'turn' (the same over the last user turn only: no "
+                            "system prompt or earlier turns) or 'last' (the residual there only; see the README)",
+                    choices=("last", "mean", "turn"))
     l2: float = opt(0.02, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
                           "benign rate; see the README)")
 

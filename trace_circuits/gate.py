@@ -50,6 +50,38 @@ def user_turn_end(model_or_tokenizer) -> list[int]:
     return list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
 
 
+def user_turn_start(model_or_tokenizer) -> list[int]:
+    """Token ids that open a user turn in the chat template (the header right before the user's message, as it
+    stands both at the first turn and after an assistant's answer), or [] if the tokenizer has no chat template."""
+    from trace_circuits.prompts import uses_chat_template
+
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if tokenizer is None or not uses_chat_template(model_or_tokenizer):
+        return []
+    one, two, answer = "\x00ONE\x00", "\x00TWO\x00", "\x00ANS\x00"
+    first = tokenizer.apply_chat_template([{"role": "user", "content": one}], tokenize=False,
+                                          add_generation_prompt=True)
+    later = tokenizer.apply_chat_template([{"role": "user", "content": one}, {"role": "assistant", "content": answer},
+                                           {"role": "user", "content": two}], tokenize=False, add_generation_prompt=True)
+    a = list(tokenizer(first[:first.index(one)], add_special_tokens=False)["input_ids"])
+    b = list(tokenizer(later[later.index(answer) + len(answer):later.index(two)], add_special_tokens=False)["input_ids"])
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def turn_start_positions(encoded: EncodedPrompts, opener: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """Per prompt, the index of the last token of the last ``opener`` match that ends before ``ends[i]`` (the
+    header of the last user turn), else -1: where a ``turn`` prompt gate starts reading, as the runtime finds it."""
+    out, n = [], len(opener)
+    for ids, end in zip(encoded.input_ids, ends):
+        hits = [i + n - 1 for i in range(len(ids) - n + 1) if n and i + n - 1 < end and
+                list(ids[i:i + n]) == list(opener)]
+        out.append(hits[-1] if hits else -1)
+    return out
+
+
 def anchor_positions(encoded: EncodedPrompts, anchor: Sequence[int]) -> list[int]:
     """Per prompt, the index of the last token of the last ``anchor`` match (the end of the last user turn), else
     its last token: where the prompt gate reads, exactly as the runtime finds it."""
@@ -173,9 +205,12 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         massive_norm_threshold = None  # no limit, as massive_limit reports an SAE without one
     anchor = user_turn_end(model)
 
+    opener = user_turn_start(model) if pool == "turn" else []
+
     def read(enc, desc, at_anchor=True):
         pos = anchor_positions(enc, anchor) if at_anchor else None
-        return residuals_at(model, enc, layer, pos, batch_size, progress, desc, pool, massive_norm_threshold)
+        starts = turn_start_positions(enc, opener, pos) if at_anchor and opener else None
+        return residuals_at(model, enc, layer, pos, batch_size, progress, desc, pool, massive_norm_threshold, starts)
 
     H, B = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
     T = read(benign_text, "prompt gate (benign text)", False) if benign_text is not None and len(benign_text) else H[:0]
@@ -199,8 +234,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     r = v / v.norm()
     mu = m - b * r * gap
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
-                   gate_threshold=float(q), anchor=anchor, pool=pool,
-                   massive_norm_threshold=massive_norm_threshold if pool == "mean" else None,
+                   gate_threshold=float(q), anchor=anchor, pool=pool, opener=opener,
+                   massive_norm_threshold=massive_norm_threshold if pool != "last" else None,
                    tensors={"r": r.float().contiguous(), "mu": mu.float().contiguous()})
     h_oof, b_oof, t_oof = oof[:len(H)], oof[len(H):len(H) + len(B)], oof[len(H) + len(B):]
     calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression (scikit-learn)", "l2": l2,
@@ -211,8 +246,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
              "gate_score_auroc": auroc(h_oof.numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
              "n_benign_text": len(T), "pool": pool, "rates_are": "out-of-fold (each sequence scored by a probe not "
              "trained on it" + (", nor on any framing of its request)" if requests is not None else ")"),
-             "rule": "at the end of the user's turn, layer l, x = " + ("the residual there" if pool == "last" else
-                                                                       "the mean residual of the prompt up to there")
+             "rule": "at the end of the user's turn, layer l, x = " + {
+                 "last": "the residual there", "mean": "the mean residual of the prompt up to there",
+                 "turn": "the mean residual of the last user turn (after its header) up to there"}[pool]
                      + ": s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
                      "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores"}

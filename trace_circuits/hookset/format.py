@@ -39,7 +39,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
 KIND = "trace-circuits hook set"
@@ -257,7 +257,7 @@ class HookSet:
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
         n_dir = sum(op.kind == "direction" for op in self.operations)
         g = self.gate_operation
-        mean = "" if g is None or g.pool == "last" else " (prompt mean)"
+        mean = "" if g is None or g.pool == "last" else " (last user turn mean)" if g.pool == "turn" else " (prompt mean)"
         gate = ("" if g is None else f"; prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
                 else f"; feature gate at layer {g.layer}")
         return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} heads, "

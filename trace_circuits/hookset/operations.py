@@ -21,7 +21,10 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     else the last real position): ``s = <h - mu, r> / gap``; the gate opens for the rest of the sequence if
     ``s > gate_threshold``. ``pool="last"``: ``h = x[p]``; ``pool="mean"``: ``h = mean_{q in Q} x[q]`` over the
     prompt up to ``p``, ``Q = {q : first real < q <= p, |x[q]| <= massive_norm_threshold}`` (the first token and
-    attention-sink positions left out), so the probe reads the whole request, not only where its framing ends.
+    attention-sink positions left out), so the probe reads the whole request, not only where its framing ends;
+    ``pool="turn"``: the same mean over the last user turn only (``q`` after the last match of the token ids
+    ``opener`` that ends before ``p``; the whole prompt where none is found), so neither the system prompt nor
+    earlier turns of a conversation dilute the request.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureE
 
 OP_KINDS = ("sae_features", "heads", "mlp", "direction", "prompt_probe")
 DIRECTION_MODES = ("ablate", "add")
-PROBE_POOLS = ("last", "mean")  # prompt_probe: what it reads (module docstring)
+PROBE_POOLS = ("last", "mean", "turn")  # prompt_probe: what it reads (module docstring)
 _SAE_TENSORS = {"standard": ("W_enc", "b_enc", "b_dec", "D"), "jumprelu": ("W_enc", "b_enc", "b_dec", "D",
                                                                           "threshold"),
                 "topk": ("W_enc", "b_enc", "b_dec", "dec_norm", "D")}
@@ -48,7 +51,8 @@ _FIELDS = {
     "sae_features": {"features", "zero_thresholds", "gate_source", "gate_scales", "gate_threshold", "k",
                      "architecture", "normalize", "massive_norm_threshold", "sae"},
     "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
-    "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold"},
+    "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold",
+                     "opener"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -76,7 +80,8 @@ class Operation:
     gate_threshold: float = 0.0  # the gate opens where its score passes this
     gap: float = 1.0  # prompt_probe: scores are divided by it
     anchor: list[int] = field(default_factory=list)  # prompt_probe: token ids that end the user turn
-    pool: str = "last"  # prompt_probe: "last" (x[p]) or "mean" (the prompt's mean up to p)
+    pool: str = "last"  # prompt_probe: "last" (x[p]), "mean" (the prompt's mean up to p) or "turn" (its last turn's)
+    opener: list[int] = field(default_factory=list)  # prompt_probe "turn": token ids that open a user turn
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -109,8 +114,9 @@ class Operation:
         :class:`~trace_circuits.architectures.Architecture`) adds the transformers module it attaches to."""
         positions = "gate-open positions" if self.gated else "every real position"
         if self.kind == "prompt_probe":
-            positions = ("reads the end of the user's turn" if self.pool == "last" else "reads the prompt up to the "
-                         "end of the user's turn") + " once per sequence; changes nothing"
+            positions = {"last": "reads the end of the user's turn", "mean": "reads the prompt up to the end of the "
+                         "user's turn", "turn": "reads the last user turn up to its end"}.get(self.pool, self.pool) \
+                + " once per sequence; changes nothing"
         d: dict[str, Any] = {"kind": self.kind, "layer": self.layer, "hook_name": self.hook_name,
                              "gated": self.gated, "scale": self.scale, "positions": positions}
         if twin is not None:
@@ -126,9 +132,11 @@ class Operation:
             d.update(mode=self.mode, alpha=self.alpha)
         elif self.kind == "prompt_probe":
             h = "x[p]" if self.pool == "last" else ("the mean of x[q] over first real < q <= p with |x[q]| <= "
-                                                    "massive_norm_threshold")
+                                                    "massive_norm_threshold") + (
+                ", q also after the last opener match before p" if self.pool == "turn" else "")
             d.update(gate_source=True, gate_threshold=self.gate_threshold, gap=self.gap, anchor=self.anchor,
                      pool=self.pool, massive_norm_threshold=self.massive_norm_threshold,
+                     **({"opener": self.opener} if self.pool == "turn" else {}),
                      score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
                            "real position); the gate opens if s > gate_threshold")
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
@@ -174,6 +182,7 @@ class Operation:
                 raise g.bad("gate_source", "true (a prompt_probe is the gate)")
             kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", _REQUIRED), gap=g.num("gap", _REQUIRED),
                       anchor=g.ints("anchor", []), gated=False, pool=g.str("pool", "last"),  # format <= 4: last
+                      opener=g.ints("opener", []),
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True))
         op = cls(**kw)
         if hook and hook != op.hook_name:
@@ -220,8 +229,9 @@ class Operation:
             _vector(self, "mu", d_model, where)
             if not (math.isfinite(self.gap) and self.gap > 0):
                 raise TraceCircuitsError(f"{where}: gap must be a finite number > 0, got {self.gap}")
-            if any(t < 0 for t in self.anchor):
-                raise TraceCircuitsError(f"{where}: anchor token ids {self.anchor} must be >= 0")
+            for name, ids in (("anchor", self.anchor), ("opener", self.opener)):
+                if any(t < 0 for t in ids):
+                    raise TraceCircuitsError(f"{where}: {name} token ids {ids} must be >= 0")
             if self.pool not in PROBE_POOLS:
                 raise TraceCircuitsError(f"{where}: pool must be one of {', '.join(PROBE_POOLS)}, not {self.pool!r}")
             t = self.massive_norm_threshold

@@ -33,6 +33,22 @@ from trace_circuits.activations import read_at
 from trace_circuits.hookset.operations import Operation
 
 
+def last_match(ids: Optional[torch.Tensor], valid: torch.Tensor, pattern: list[int], before: torch.Tensor
+               ) -> torch.Tensor:
+    """Per row, the position of the last token of the last match of ``pattern`` among the valid token ids that ends
+    before ``before[b]``; -1 where there is none (or no ids were seen). [batch]"""
+    B, T = valid.shape
+    n = len(pattern)
+    none = torch.full((B,), -1, dtype=torch.long, device=valid.device)
+    if not n or ids is None or T < n:
+        return none
+    pos = torch.arange(n - 1, T, device=valid.device)
+    windows = ids.to(valid.device).unfold(1, n, 1)  # [B, T - n + 1, n]
+    hit = (windows == torch.tensor(pattern, device=valid.device)).all(-1) & valid[:, n - 1:]
+    hit &= pos[None, :] < before.to(valid.device)[:, None]
+    return torch.where(hit, pos, torch.full_like(pos, -1)).max(1).values
+
+
 class Runtime:
     """Per-forward state of an attached hook set: valid positions, the gate, and whether it opened earlier."""
 
@@ -158,14 +174,12 @@ class Runtime:
         valid = self._valid_for(x)
         pos = torch.arange(T, device=x.device)
         last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)  # [B]
-        ids, n = self.input_ids, len(op.anchor)
-        if n and ids is not None and tuple(ids.shape) == (B, T) and T >= n:
-            windows = ids.to(x.device).unfold(1, n, 1)  # [B, T - n + 1, n]
-            hit = (windows == torch.tensor(op.anchor, device=x.device)).all(-1) & valid[:, n - 1:]
-            end = torch.where(hit, pos[n - 1:], torch.full_like(pos[n - 1:], -1)).max(1).values
-            last = torch.where(end >= 0, end, last)
+        ids = self.input_ids if self.input_ids is not None and tuple(self.input_ids.shape) == (B, T) else None
+        end = last_match(ids, valid, op.anchor, torch.full_like(last, T))
+        last = torch.where(end >= 0, end, last)
+        start = last_match(ids, valid, op.opener, last) if op.pool == "turn" else None
         t = self._on(op, x.device).tensors
-        h = read_at(x, valid, last, op.pool, op.massive_norm_threshold)
+        h = read_at(x, valid, last, op.pool, op.massive_norm_threshold, start)
         score = ((h - t["mu"]) @ t["r"]) / op.gap
         self.prompt_score_tensor = score  # differentiable (the adaptive attack's gate term)
         fired = score > op.gate_threshold
