@@ -227,3 +227,23 @@ def test_stage_without_sae_at_the_onset_is_one_line(planted):
 
 
 _ = torch
+
+
+def test_the_prompt_gate_reads_the_candidate_layer_with_the_best_out_of_fold_coverage(planted):
+    """Several candidate layers are read in one pass; each one's coverage is the one a single-layer fit reports, the
+    gate reads the best (ties: the deeper), and its probe is the single-layer fit's."""
+    tl = planted[0]
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
+    op, calib = fit_prompt_gate(tl, h, b, layer=[0, 1, 2, 3], benign_gate_rate=0.05, massive_norm_threshold={3: 1e-6})
+    cov = {int(k): v for k, v in calib["layer_search"].items()}
+    assert sorted(cov) == [0, 1, 2, 3] and len(set(cov.values())) > 1, cov
+    assert op.layer == calib["layer"] == max(cov, key=lambda l: (cov[l], l))
+    for layer in cov:
+        alone, c1 = fit_prompt_gate(tl, h, b, layer=layer, benign_gate_rate=0.05,
+                                    massive_norm_threshold=1e-6 if layer == 3 else None)
+        assert c1["gate_rate_harmful"] == cov[layer] and "layer_search" not in c1
+        if layer == op.layer:
+            assert torch.equal(alone.tensors["r"], op.tensors["r"]) and alone.gate_threshold == op.gate_threshold
+    with pytest.raises(TraceCircuitsError, match="outside the model"):
+        fit_prompt_gate(tl, h, b, layer=[2, 9])

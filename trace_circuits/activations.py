@@ -48,21 +48,37 @@ def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, po
     i's own tokens; negative counts from its end) or, by default, its last token. ``layer`` defaults to the last.
     ``pool="mean"``: the mean up to that position instead; ``pool="turn"``: the mean after ``starts[i]`` (an index
     into prompt i's tokens, -1 for none) up to it (:func:`read_at`)."""
+    layer = model.cfg.n_layers - 1 if layer is None else int(layer)
+    return residuals_at_layers(model, encoded, [layer], positions, batch_size, progress, desc, pool,
+                               {layer: massive_norm_threshold}, starts)[layer]
+
+
+@torch.inference_mode()
+def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int], positions: Optional[Sequence[int]] = None,
+                        batch_size: int = 16, progress: bool = False, desc: str = "residuals", pool: str = "last",
+                        massive_norm_thresholds: Optional[dict] = None, starts: Optional[Sequence[int]] = None
+                        ) -> dict[int, Float[torch.Tensor, "n d_model"]]:
+    """:func:`residuals_at` at several layers from one forward pass (stopped after the deepest), ``{layer: [n,
+    d_model]}``; ``massive_norm_thresholds`` maps a layer to its limit (absent or None: no limit)."""
     device = next(model.parameters()).device
-    stop = model.cfg.n_layers if layer is None else int(layer) + 1
-    out = torch.zeros(len(encoded), model.cfg.d_model)
+    layers = sorted({int(l) for l in layers})
+    limits = massive_norm_thresholds or {}
+    names = {f"blocks.{l}.hook_resid_post": l for l in layers}
+    out = {l: torch.zeros(len(encoded), model.cfg.d_model) for l in layers}
     n_batches = math.ceil(len(encoded) / batch_size)
     for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
-        h = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=stop)
-        width = h.shape[1]
+        _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=list(names),
+                                        stop_at_layer=layers[-1] + 1)
+        width = b.tokens.shape[1]
         cols, begin = [], []
         for r, i in enumerate(b.indices):
             n = len(encoded.input_ids[i])
             p = -1 if positions is None else int(positions[i])
             cols.append(width - n + (p % n))
             begin.append(-1 if starts is None or starts[i] < 0 else width - n + int(starts[i]))
-        out[b.indices] = read_at(h, b.attention_mask.bool(), torch.tensor(cols, device=device), pool,
-                                 massive_norm_threshold, torch.tensor(begin, device=device)).cpu()
+        cols, begin = torch.tensor(cols, device=device), torch.tensor(begin, device=device)
+        for name, l in names.items():
+            out[l][b.indices] = read_at(cache[name], b.attention_mask.bool(), cols, pool, limits.get(l), begin).cpu()
     return out
 
 

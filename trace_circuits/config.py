@@ -110,16 +110,20 @@ class GateConfig:
 
     kind: str = opt("prompt", "'prompt': a probe decides once at the end of the user's turn; 'features': the source "
                               "features open it where they fire", choices=("prompt", "features"))
-    layer: Optional[int] = opt(None, "layer the prompt gate reads (default: the onset layer)")
+    layer: Optional[int] = opt(None, "layer the prompt gate reads (default: the best of the onset layer and the "
+                                     "--gate-search layers before it)")
+    search: int = opt(3, "with no --gate-layer, the prompt gate is fitted at the onset layer and this many layers "
+                         "before it, and reads the one with the highest out-of-fold harmful coverage at the benign "
+                         "rate (0: the onset layer)")
     benign_rate: float = opt(0.02, "the gate may open on at most this fraction of benign calibration sequences")
     text_docs: int = opt(200, "benign corpus documents added to the gate calibration (0: prompts only)")
     templates: str = opt("all", "attack templates the calibration requests are also asked under, so the gate learns "
                                 "intent rather than framing (all, none, or comma-separated names)")
     passes: int = opt(2, "how many templated copies of each calibration request (round-robin over the templates)")
     hard_negatives: bool = opt(True, "add the built-in hard negatives (train split) to the benign calibration set")
-    pool: str = opt("mean", "what the prompt gate reads: 'mean' (the prompt's mean residual up to the end of the "
-                            "user's turn: the whole request), 'turn' (the same over the last user turn only: no "
-                            "system prompt or earlier turns) or 'last' (the residual there only; see the README)",
+    pool: str = opt("turn", "what the prompt gate reads: 'turn' (the mean residual over the last user turn up to "
+                            "its end: the whole request, no system prompt or earlier turns), 'mean' (the same over "
+                            "the whole prompt) or 'last' (the residual at the end of the turn only; see the README)",
                     choices=("last", "mean", "turn"))
     l2: float = opt(0.02, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
                           "benign rate; see the README)")
@@ -128,7 +132,7 @@ class GateConfig:
         from trace_circuits.evaluate.attacks import ATTACKS
 
         _between(self, "benign_rate", 0, 1, hi_open=True)
-        _at_least(self, 0, "text_docs", "passes")
+        _at_least(self, 0, "text_docs", "passes", "search")
         if not self.l2 > 0:
             raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")
         bad = [t for t in self.templates.split(",") if t.strip() not in ATTACKS] \

@@ -2,13 +2,15 @@
 
 The **prompt gate** (default) is a linear probe on the residual stream ``blocks.{l}.hook_resid_post``, read once per
 prompt at the end of the user's turn ``p`` (the chat template's assistant header, so a prefilled answer does not move
-it); ``x`` is the prompt's mean residual up to ``p`` (``pool="mean"``, the default: the first token and
-attention-sink positions left out, :func:`~trace_circuits.activations.read_at`) or the residual at ``p`` only
+it); ``x`` is the mean residual of the last user turn up to ``p`` (``pool="turn"``, the default: after the
+header that opens the turn, attention-sink positions left out, :func:`~trace_circuits.activations.read_at`), the
+same over the whole prompt (``pool="mean"``, the first token left out) or the residual at ``p`` only
 (``pool="last"``):
 
     s(x) = <(x - m) / sd, w> + b        (an L2-regularised, class-balanced logistic regression, scikit-learn)
 
-trained on harmful requests (label 1) against benign requests and benign documents (label 0). The threshold is set
+trained on harmful requests (label 1) against benign requests and benign documents (label 0), at the candidate
+layer (the onset layer or one of the few before it) whose out-of-fold harmful coverage is highest. The threshold is set
 on *out-of-fold* scores (k-fold cross-fitting; every framing of one request, and its benign twin, in the same fold)
 so the gate opens on at most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe
 used at inference is then refitted on all of them. The calibration data may hold each request under several framings
@@ -173,36 +175,42 @@ def calibration_texts(tokenizer, harmful: Sequence[str], benign: Sequence[str], 
     return h, hn, b, bn
 
 
-def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int,
+def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int | Sequence[int],
                     benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None,
                     l2: float = GateConfig.l2,
                     folds: int = 5, batch_size: int = 16, progress: bool = False,
                     groups: Optional[tuple[Sequence[str], Sequence[str]]] = None, pool: str = GateConfig.pool,
-                    massive_norm_threshold: Optional[float] = None,
+                    massive_norm_threshold: Optional[float] | dict = None,
                     requests: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
-    docstring). Requests are read where the runtime reads them (the end of the last user turn, found from the chat
+    docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
+    gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
+    ``calib["layer_search"]`` holds every candidate's coverage. Requests are read where the runtime reads them (the end of the last user turn, found from the chat
     template's anchor tokens, else the last token); ``benign_text`` (documents, no chat template) is read at its last
     token and joins the benign class. ``groups`` (a label per harmful and per benign request, e.g. its attack
     template) breaks the out-of-fold gate rates down by group. ``pool``: what the probe reads (``last``: the residual
     at that position; ``mean``: the prompt's mean residual up to it, :func:`activations.read_at`, leaving out the
-    first token and positions whose norm exceeds ``massive_norm_threshold``; None or inf: no limit). ``requests``
+    first token and positions whose norm exceeds ``massive_norm_threshold``, one number or ``{layer: limit}``; None
+    or inf: no limit; ``turn``: that mean over the last user turn, after its header). ``requests``
     (an id per harmful and per benign sequence, one id space): the sequences of one id share a fold, so the
     out-of-fold rates are those of unseen requests; a harmful request and its benign twin (the built-in sets are
     form-matched pairs, index i to index i) given one id are held out together, as the test split holds them out."""
-    from trace_circuits.activations import residuals_at
+    from trace_circuits.activations import residuals_at_layers
     from trace_circuits.hookset.operations import PROBE_POOLS
 
     if not 0 <= benign_gate_rate < 1:
         raise TraceCircuitsError(f"benign_gate_rate must be in [0, 1), got {benign_gate_rate!r}")
-    if not 0 <= layer < model.cfg.n_layers:
-        raise TraceCircuitsError(f"gate layer {layer} is outside the model (0..{model.cfg.n_layers - 1})")
+    layers = sorted({int(layer)} if isinstance(layer, (int, np.integer)) else {int(l) for l in layer})
+    if not layers or not all(0 <= l < model.cfg.n_layers for l in layers):
+        raise TraceCircuitsError(f"gate layer(s) {layer} outside the model (0..{model.cfg.n_layers - 1})")
     if folds < 2:
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
     if pool not in PROBE_POOLS:
         raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
-    if massive_norm_threshold is not None and not math.isfinite(massive_norm_threshold):
-        massive_norm_threshold = None  # no limit, as massive_limit reports an SAE without one
+    limits = massive_norm_threshold if isinstance(massive_norm_threshold, dict) else {
+        l: massive_norm_threshold for l in layers}
+    limits = {l: None if limits.get(l) is None or not math.isfinite(limits[l]) else float(limits[l])
+              for l in layers}  # None or inf: no limit, as massive_limit reports an SAE without one
     anchor = user_turn_end(model)
 
     opener = user_turn_start(model) if pool == "turn" else []
@@ -210,24 +218,33 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     def read(enc, desc, at_anchor=True):
         pos = anchor_positions(enc, anchor) if at_anchor else None
         starts = turn_start_positions(enc, opener, pos) if at_anchor and opener else None
-        return residuals_at(model, enc, layer, pos, batch_size, progress, desc, pool, massive_norm_threshold, starts)
+        return residuals_at_layers(model, enc, layers, pos, batch_size, progress, desc, pool, limits, starts)
 
-    H, B = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
-    T = read(benign_text, "prompt gate (benign text)", False) if benign_text is not None and len(benign_text) else H[:0]
-    if len(H) < folds or len(B) + len(T) < folds:
+    Hs, Bs = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
+    Ts = read(benign_text, "prompt gate (benign text)", False) if benign_text is not None and len(benign_text) \
+        else {l: Hs[l][:0] for l in layers}
+    n_h, n_b, n_t = len(harmful), len(benign), len(Ts[layers[0]])
+    if n_h < folds or n_b + n_t < folds:
         raise TraceCircuitsError(f"the prompt gate needs at least {folds} harmful and {folds} benign prompts")
-    X = torch.cat([H, B, T])
-    y = torch.cat([torch.ones(len(H)), torch.zeros(len(B) + len(T))])
+    y = torch.cat([torch.ones(n_h), torch.zeros(n_b + n_t)])
     fold_groups = None
     if requests is not None:
         hr, br = (list(map(int, r)) for r in requests)
-        if len(hr) != len(H) or len(br) != len(B):
-            raise TraceCircuitsError(f"requests: {len(hr)} / {len(br)} ids for {len(H)} harmful / {len(B)} benign "
+        if len(hr) != n_h or len(br) != n_b:
+            raise TraceCircuitsError(f"requests: {len(hr)} / {len(br)} ids for {n_h} harmful / {n_b} benign "
                                      "sequences; give one id per sequence")
-        fold_groups = request_fold_groups(hr, br, len(T))
-    oof = out_of_fold_scores(X, y, l2, folds, fold_groups)
+        fold_groups = request_fold_groups(hr, br, n_t)
+    fits, coverage = {}, {}
+    for l in layers:  # the gate's rule at each candidate layer, out of fold
+        X = torch.cat([Hs[l], Bs[l], Ts[l]])
+        oof = out_of_fold_scores(X, y, l2, folds, fold_groups)
+        q = benign_threshold(oof[n_h:], benign_gate_rate)
+        fits[l], coverage[l] = (X, oof, q), float((oof[:n_h] > q).float().mean())
+    layer = max(layers, key=lambda l: (coverage[l], l))
+    X, oof, q = fits[layer]
+    H, B, T = Hs[layer], Bs[layer], Ts[layer]
+    massive_norm_threshold = limits[layer]
     neg = oof[len(H):]
-    q = benign_threshold(neg, benign_gate_rate)
     w, b, m, sd = fit_logistic(X, y, l2)
     v = w / sd
     gap = 1.0 / float(v.norm())
@@ -244,6 +261,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
              "gate_rate_benign_prompts": float((b_oof > q).float().mean()),
              "gate_rate_benign_text": float((t_oof > q).float().mean()) if len(t_oof) else None,
              "gate_score_auroc": auroc(h_oof.numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
+             **({"layer_search": {str(l): c for l, c in coverage.items()}} if len(layers) > 1 else {}),
              "n_benign_text": len(T), "pool": pool, "rates_are": "out-of-fold (each sequence scored by a probe not "
              "trained on it" + (", nor on any framing of its request)" if requests is not None else ")"),
              "rule": "at the end of the user's turn, layer l, x = " + {

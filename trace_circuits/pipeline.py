@@ -226,11 +226,13 @@ class Run:
                     from trace_circuits.saes.encoding import massive_limit
 
                     h, b, groups, requests = self.gate_calibration_sets()
-                    layer = onset if gc.layer is None else gc.layer
-                    gate, calib = fit_prompt_gate(self.model, h, b, layer, gc.benign_rate, benign_text=text,
+                    layers = [gc.layer] if gc.layer is not None else list(range(max(0, onset - gc.search),
+                                                                                 onset + 1))
+                    gate, calib = fit_prompt_gate(self.model, h, b, layers, gc.benign_rate, benign_text=text,
                                                   progress=self.progress, groups=groups, l2=gc.l2, pool=gc.pool,
-                                                  massive_norm_threshold=massive_limit(self.saes[layer])
-                                                  if layer in self.saes else None, requests=requests)
+                                                  massive_norm_threshold={l: massive_limit(self.saes[l])
+                                                                          for l in layers if l in self.saes},
+                                                  requests=requests)
                 else:
                     from trace_circuits.gate import calibrate_feature_gate
 
