@@ -54,10 +54,10 @@ def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, po
 
 
 @torch.inference_mode()
-def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int], positions: Optional[Sequence[int]] = None,
-                        batch_size: int = 16, progress: bool = False, desc: str = "residuals", pool: str = "last",
-                        massive_norm_thresholds: Optional[dict] = None, starts: Optional[Sequence[int]] = None
-                        ) -> dict[int, Float[torch.Tensor, "n d_model"]]:
+def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
+                        positions: Optional[Sequence[int]] = None, batch_size: int = 16, progress: bool = False,
+                        desc: str = "residuals", pool: str = "last", massive_norm_thresholds: Optional[dict] = None,
+                        starts: Optional[Sequence[int]] = None) -> dict[int, Float[torch.Tensor, "n d_model"]]:
     """:func:`residuals_at` at several layers from one forward pass (stopped after the deepest), ``{layer: [n,
     d_model]}``; ``massive_norm_thresholds`` maps a layer to its limit (absent or None: no limit)."""
     device = next(model.parameters()).device

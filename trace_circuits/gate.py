@@ -61,12 +61,13 @@ def user_turn_start(model_or_tokenizer) -> list[int]:
     if tokenizer is None or not uses_chat_template(model_or_tokenizer):
         return []
     one, two, answer = "\x00ONE\x00", "\x00TWO\x00", "\x00ANS\x00"
-    first = tokenizer.apply_chat_template([{"role": "user", "content": one}], tokenize=False,
-                                          add_generation_prompt=True)
-    later = tokenizer.apply_chat_template([{"role": "user", "content": one}, {"role": "assistant", "content": answer},
-                                           {"role": "user", "content": two}], tokenize=False, add_generation_prompt=True)
+    turns = [{"role": "user", "content": one}, {"role": "assistant", "content": answer},
+             {"role": "user", "content": two}]
+    first = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+    later = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    between = later[later.index(answer) + len(answer):later.index(two)]
     a = list(tokenizer(first[:first.index(one)], add_special_tokens=False)["input_ids"])
-    b = list(tokenizer(later[later.index(answer) + len(answer):later.index(two)], add_special_tokens=False)["input_ids"])
+    b = list(tokenizer(between, add_special_tokens=False)["input_ids"])
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
@@ -185,16 +186,17 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
     gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
-    ``calib["layer_search"]`` holds every candidate's coverage. Requests are read where the runtime reads them (the end of the last user turn, found from the chat
-    template's anchor tokens, else the last token); ``benign_text`` (documents, no chat template) is read at its last
-    token and joins the benign class. ``groups`` (a label per harmful and per benign request, e.g. its attack
-    template) breaks the out-of-fold gate rates down by group. ``pool``: what the probe reads (``last``: the residual
-    at that position; ``mean``: the prompt's mean residual up to it, :func:`activations.read_at`, leaving out the
-    first token and positions whose norm exceeds ``massive_norm_threshold``, one number or ``{layer: limit}``; None
-    or inf: no limit; ``turn``: that mean over the last user turn, after its header). ``requests``
-    (an id per harmful and per benign sequence, one id space): the sequences of one id share a fold, so the
-    out-of-fold rates are those of unseen requests; a harmful request and its benign twin (the built-in sets are
-    form-matched pairs, index i to index i) given one id are held out together, as the test split holds them out."""
+    ``calib["layer_search"]`` holds every candidate's coverage. Requests are read where the runtime reads them (the
+    end of the last user turn, found from the chat template's anchor tokens, else the last token); ``benign_text``
+    (documents, no chat template) is read at its last token and joins the benign class. ``groups`` (a label per
+    harmful and per benign request, e.g. its attack template) breaks the out-of-fold gate rates down by group.
+    ``pool``: what the probe reads (``last``: the residual at that position; ``mean``: the prompt's mean residual up
+    to it, :func:`activations.read_at`, leaving out the first token and positions whose norm exceeds
+    ``massive_norm_threshold``, one number or ``{layer: limit}``; None or inf: no limit; ``turn``: that mean over
+    the last user turn, after its header). ``requests`` (an id per harmful and per benign sequence, one id space):
+    the sequences of one id share a fold, so the out-of-fold rates are those of unseen requests; a harmful request
+    and its benign twin (the built-in sets are form-matched pairs, index i to index i) given one id are held out
+    together, as the test split holds them out."""
     from trace_circuits.activations import residuals_at_layers
     from trace_circuits.hookset.operations import PROBE_POOLS
 

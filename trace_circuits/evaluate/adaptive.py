@@ -15,9 +15,9 @@ tokens once the gate opens), plus a term that pushes the prompt gate shut::
     L = CE_hookset + lambda * softplus((s - theta) / tau),      s = <h - mu, r> / gap
 
 ``h`` is what the probe reads at layer ``l`` (``x_l[p]``, or the prompt's mean residual up to ``p`` for a ``mean``
-probe, its last user turn's for a ``turn`` probe), ``theta`` the gate threshold: the term is ~0 once ``s`` is a few ``tau`` below ``theta`` and
-~``lambda (s - theta) / tau`` above it. ``s`` is the runtime's own score of the pass (with autograd), so the attack
-optimises exactly what the deployed gate computes.
+probe, its last user turn's for a ``turn`` probe), ``theta`` the gate threshold: the term is ~0 once ``s`` is a few
+``tau`` below ``theta`` and ~``lambda (s - theta) / tau`` above it. ``s`` is the runtime's own score of the pass
+(with autograd), so the attack optimises exactly what the deployed gate computes.
 
 Greedy coordinate gradient, per step: the gradient of L w.r.t. the one-hot suffix tokens (TransformerLens autograd,
 hook set attached); per position the ``top_k`` ordinary tokens with the most negative gradient; ``candidates`` copies

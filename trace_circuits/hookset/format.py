@@ -257,7 +257,7 @@ class HookSet:
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
         n_dir = sum(op.kind == "direction" for op in self.operations)
         g = self.gate_operation
-        mean = "" if g is None or g.pool == "last" else " (last user turn mean)" if g.pool == "turn" else " (prompt mean)"
+        mean = {"mean": " (prompt mean)", "turn": " (last user turn mean)"}.get(g.pool, "") if g is not None else ""
         gate = ("" if g is None else f"; prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
                 else f"; feature gate at layer {g.layer}")
         return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} heads, "
