@@ -74,27 +74,29 @@ def user_turn_start(model_or_tokenizer) -> list[int]:
     return a[len(a) - n:]
 
 
+def last_match_end(ids: Sequence[int], pattern: Sequence[int], before: int) -> int:
+    """The index of the last token of the last match of ``pattern`` in ``ids`` that ends before ``before``, else -1
+    (:func:`trace_circuits.hookset.runtime.last_match` on padded tensors)."""
+    n, pattern = len(pattern), list(pattern)
+    for i in range(min(len(ids), before) - n, -1, -1) if n else ():
+        if list(ids[i:i + n]) == pattern:
+            return i + n - 1
+    return -1
+
+
 def turn_start_positions(encoded: EncodedPrompts, opener: Sequence[int], ends: Sequence[int]) -> list[int]:
     """Per prompt, the index of the last token of the last ``opener`` match that ends before ``ends[i]`` (the
     header of the last user turn), else -1: where a ``turn`` prompt gate starts reading, as the runtime finds it."""
-    out, n = [], len(opener)
-    for ids, end in zip(encoded.input_ids, ends):
-        hits = [i + n - 1 for i in range(len(ids) - n + 1) if n and i + n - 1 < end and
-                list(ids[i:i + n]) == list(opener)]
-        out.append(hits[-1] if hits else -1)
-    return out
+    return [last_match_end(ids, opener, end) for ids, end in zip(encoded.input_ids, ends)]
 
 
 def anchor_positions(encoded: EncodedPrompts, anchor: Sequence[int]) -> list[int]:
     """Per prompt, the index of the last token of the last ``anchor`` match (the end of the last user turn), else
     its last token: where the prompt gate reads, exactly as the runtime finds it."""
-    out, n = [], len(anchor)
+    out = []
     for ids in encoded.input_ids:
-        end = len(ids) - 1
-        if n:
-            hits = [i + n - 1 for i in range(len(ids) - n + 1) if list(ids[i:i + n]) == list(anchor)]
-            end = hits[-1] if hits else end
-        out.append(end)
+        end = last_match_end(ids, anchor, len(ids))
+        out.append(end if end >= 0 else len(ids) - 1)
     return out
 
 
