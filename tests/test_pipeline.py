@@ -205,6 +205,38 @@ def test_reroute_adds_gated_steering(planted):
     assert hs.action == "reroute" and steer and all(op.gated and op.alpha > 0 for op in steer)
 
 
+def test_steer_keeps_the_gate_and_the_steering_and_cuts_nothing(planted):
+    """``action="steer"``: the same gate and steering as ``reroute``, the sources' operation kept with scale 1 (it
+    names the features, changes nothing), no downstream cut; where the gate is shut the model is the plain model, where
+    it opens the output differs from the plain model's only through the steering."""
+    tl, hf, tok, saes = planted
+    runs = {a: Run(dataclasses.replace(small_config(), hookset=dataclasses.replace(small_config().hookset, action=a)),
+                   model=tl, hf=(hf, tok), saes=saes, progress=False) for a in ("reroute", "steer")}
+    reroute, steer = (runs[a].export() for a in ("reroute", "steer"))
+    assert steer.action == "steer" and "left alone" in steer.description
+    assert [op.kind for op in steer.operations] == ["prompt_probe", "sae_features"] + ["direction"] * (
+        len(steer.operations) - 2)
+    assert steer.source_operation.scale == 1.0 and steer.source_operation.features == reroute.source_operation.features
+    assert steer.gate_operation.to_json(0) == reroute.gate_operation.to_json(0)
+    pairs = [(a, b) for a, b in zip(steer.operations[2:], [op for op in reroute.operations if op.kind == "direction"])]
+    assert len(pairs) == len(steer.operations) - 2 >= 1
+    for a, b in pairs:
+        assert a.to_json(0) == b.to_json(0) and torch.equal(a.tensors["r"], b.tensors["r"])
+    no_steer = dataclasses.replace(steer, operations=steer.operations[:2], action="none")
+    enc = encode_prompts(tl, list(builtin_prompts("harmful", "test"))[:8] + list(builtin_prompts("benign", "test"))[:8])
+    opened = []
+    for row in enc.input_ids:
+        x = torch.tensor([row])
+        plain = tl(x)
+        with steer.attach(tl) as rt:
+            got = tl(x)
+        opened.append(bool(rt.gate_open[0]))
+        with no_steer.attach(tl):
+            assert torch.allclose(tl(x), plain, atol=1e-5)  # the kept source operation changes nothing
+        assert torch.allclose(got, plain, atol=1e-5) != opened[-1]
+    assert any(opened) and not all(opened), opened
+
+
 def test_config_round_trips_through_json_and_refuses_unknown_fields():
     cfg = small_config()
     data = json.loads(json.dumps(cfg.to_json()))

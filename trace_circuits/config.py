@@ -148,9 +148,11 @@ class HookSetConfig:
     """What the exported hook set does once its gate opens."""
 
     action: str = opt("reroute", "'zero': sever the traced chains (the paper's operation); 'reroute': also steer "
-                                 "toward the model's own refusal", choices=("zero", "reroute"))
+                                 "toward the model's own refusal; 'steer': only steer (no cut)",
+                      choices=("zero", "reroute", "steer"))
     gated_sources: bool = opt(True, "cut the source features only behind the gate")
-    steer_strength: float = opt(0.4, "reroute: steer by this multiple of the refusal-compliance gap at each layer")
+    steer_strength: float = opt(0.4, "reroute/steer: steer by this multiple of the refusal-compliance gap at each "
+                                     "layer")
 
     def check(self) -> None:
         if not 0 <= self.steer_strength <= 10:

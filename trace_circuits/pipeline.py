@@ -211,7 +211,7 @@ class Run:
         return self.results["circuit"]
 
     def export(self):
-        """The hook set that severs the circuit, with its gate calibrated (and, for ``reroute``, the steering)."""
+        """The hook set that severs the circuit, with its gate calibrated (and, for ``reroute`` and ``steer``, the steering)."""
         if "hookset" not in self.results:
             from trace_circuits.hookset import hookset_from_circuit, sae_operation
 
@@ -241,7 +241,7 @@ class Run:
                                                          self.encoded("harmful"), self.encoded("benign"),
                                                          gc.benign_rate, text, progress=self.progress)
                 steering, steer = [], None
-                if hc.action == "reroute":
+                if hc.action in ("reroute", "steer"):
                     from trace_circuits.refusal import steering_operations
 
                     steering, steer = steering_operations(self, circuit)

@@ -1,4 +1,5 @@
-"""The model's own refusal, as a direction to steer toward once the gate opens (the ``reroute`` action).
+"""The model's own refusal, as a direction to steer toward once the gate opens (the ``reroute`` and ``steer``
+actions: with and without the circuit's cut).
 
 Refusal direction at layer l, a difference of means (Arditi et al. 2024) on teacher-forced answers: for training
 requests P (harmful and benign), the residual stream ``h_l`` averaged over the last prompt position and the first
@@ -106,7 +107,7 @@ def steering_layers(onset: int, n_layers: int) -> list[int]:
 
 
 def steering_operations(run, circuit, strength: Optional[float] = None) -> tuple[list[Operation], dict]:
-    """The gated steering operations of a ``reroute`` hook set for ``run``'s model, and their record."""
+    """The gated steering operations of a ``reroute`` or ``steer`` hook set for ``run``'s model, and their record."""
     model = run.model
     onset = int(circuit.meta["onset_layer"])
     layers = steering_layers(onset, model.cfg.n_layers)

@@ -20,7 +20,12 @@ def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation
     SAE (any SAE-Lens architecture, as used for tracing). ``gate``: a ``prompt_probe`` (see
     :func:`trace_circuits.gate.fit_prompt_gate`) or a gate-source SAE operation; without one every operation acts
     everywhere. ``steering``: gated ``direction`` operations added by ``action="reroute"`` (see
-    :mod:`trace_circuits.refusal`)."""
+    :mod:`trace_circuits.refusal`). ``action="steer"``: the gate and the steering only, nothing cut: the source
+    features' operation stays with scale 1 (it changes nothing, and names the features the baselines read); it needs
+    a gate and steering."""
+    if action == "steer" and (gate is None or not steering):
+        raise TraceCircuitsError("action 'steer' needs a gate and steering operations (steer only where the gate "
+                                 "opens); pass gate= and steering=, or use action 'zero'")
     nmap = circuit.node_map
     chosen = list(nodes) if nodes is not None else [n.id for n in circuit.severed_nodes]
     unknown = [k for k in chosen if k not in nmap]
@@ -53,8 +58,13 @@ def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation
             ops.append(Operation(kind="heads", layer=layer, heads=sorted(n.index for n in group)))
         else:
             ops.append(Operation(kind="mlp", layer=layer))
+    if action == "steer":  # keep the gate and the sources' operation (scale 1: it cuts nothing), drop the rest
+        keep = ops[:2 if gate.kind == "prompt_probe" else 1]
+        ops = [op if op.kind == "prompt_probe" else Operation(**{**vars(op), "scale": 1.0}) for op in keep]
     ops += list(steering)
     prov = {"circuit_nodes": [n.id for n in picked], "onset_layer": onset,
             **{k: circuit.meta.get(k) for k in ("model", "readout_definition", "n_prompts")}, **(provenance or {})}
-    return hookset_for(model, ops, description=f"TraceRouter: {action} of {len(picked)} circuit nodes once the gate "
-                                               "opens", action=action, provenance=prov)
+    what = (f"steering toward refusal at {len(steering)} layers (the {len(picked)} circuit nodes left alone)"
+            if action == "steer" else f"{action} of {len(picked)} circuit nodes")
+    return hookset_for(model, ops, description=f"TraceRouter: {what} once the gate opens", action=action,
+                       provenance=prov)

@@ -8,7 +8,8 @@ attached: a NaN threshold or a misspelt key must never switch the defense off si
 
 Format versions: 1 (feature gate, TopK SAEs), 2 (+ prompt gate), 3 (+ any SAE architecture, ``action``, strict
 validation), 4 (+ ``tensors_sha256``: the SHA-256 of ``tensors.safetensors``, so the two files of one export stay
-together), 5 (+ the prompt probe's ``pool``: ``mean`` reads the prompt's mean residual; older probes read ``last``).
+together), 5 (+ the prompt probe's ``pool``: ``mean`` reads the prompt's mean residual; older probes read ``last``),
+6 (+ ``pool="turn"`` and the probe's ``opener``), 7 (+ ``action="steer"``).
 Older files load unchanged, under the same checks.
 
 What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
@@ -39,14 +40,15 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
-#: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``none`` for
-#: baselines that are not TraceRouter hook sets.
-ACTIONS = ("zero", "reroute", "none")
+#: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
+#: steers (the circuit gives the gate's and the steering's layers, nothing is cut); ``none`` for baselines that are
+#: not TraceRouter hook sets.
+ACTIONS = ("zero", "reroute", "steer", "none")
 _TOP_KEYS = {"format_version", "kind", "model", "model_fingerprint", "weights_signature", "architecture", "d_model",
              "n_layers", "n_heads", "d_head", "description", "semantics", "action", "operations", "provenance",
              "tensors_sha256"}

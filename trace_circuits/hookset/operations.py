@@ -15,7 +15,7 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     ``mlp_out <- scale * mlp_out``.
 ``direction`` at ``blocks.{l}.hook_resid_post``
     ``mode="ablate"``: ``x <- x - <x, r> r`` (Arditi et al. 2024); ``mode="add"``: ``x <- x + alpha r``, the
-    steering a ``reroute`` hook set adds once its gate opens (``r`` the model's refusal direction).
+    steering a ``reroute`` or ``steer`` hook set adds once its gate opens (``r`` the model's refusal direction).
 ``prompt_probe`` at ``blocks.{l}.hook_resid_post`` (the prompt gate; changes nothing)
     Once per sequence, at the end of the user's turn ``p`` (the last position where the token ids ``anchor`` end,
     else the last real position): ``s = <h - mu, r> / gap``; the gate opens for the rest of the sequence if
