@@ -45,6 +45,10 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="run folders with responses.jsonl")
     ap.add_argument("--defense", default="tracerouter", help="which defense's answers to read")
     args = ap.parse_args()
+    for run in args.runs:
+        missing = [f for f in ("config.json", "responses.jsonl") if not (Path(run) / f).is_file()]
+        if missing:
+            ap.error(f"{run} has no {' or '.join(missing)}; pass a run folder written by `trace-circuits run`")
 
     from trace_circuits.evaluate.attacks import attack, attack_texts
     from trace_circuits.evaluate.judges import is_refusal
@@ -55,13 +59,14 @@ def main() -> None:
     for run in args.runs:
         rows = [json.loads(line) for line in (Path(run) / "responses.jsonl").read_text().splitlines() if line]
         harm = [r for r in rows if r["kind"] == "harmful"]
-        ctx = {id(r): attack_texts(tok, [r["prompt"]], r["template"])[0] for r in harm}
         strip = lambda r: r["response"][len(attack(r["template"]).prefill):]  # noqa: E731
+        context = lambda r: attack_texts(tok, [r["prompt"]], r["template"])[0]  # noqa: E731
         opened = [r for r in harm if r["defense"] == args.defense and r.get("gate_opened", True) and strip(r)]
         plain = [r for r in harm if r["defense"] == "none" and strip(r)]
-        a = nll(hf, tok, [ctx[id(r)] for r in opened], [strip(r) for r in opened])
-        ref = nll(hf, tok, [ctx[id(r)] for r in opened], [REFERENCE] * len(opened))
-        own = nll(hf, tok, [ctx[id(r)] for r in plain], [strip(r) for r in plain])
+        opened_ctx = [context(r) for r in opened]
+        a = nll(hf, tok, opened_ctx, [strip(r) for r in opened])
+        ref = nll(hf, tok, opened_ctx, [REFERENCE] * len(opened))
+        own = nll(hf, tok, [context(r) for r in plain], [strip(r) for r in plain])
         cut = float(np.quantile(ref, 0.9))
         refusals = np.mean([is_refusal(r["response"]) for r in opened])
         print(f"{run} ({args.defense}, {len(opened)} harmful answers where the gate opened): NLL median "

@@ -218,7 +218,7 @@ def test_steer_keeps_the_gate_and_the_steering_and_cuts_nothing(planted):
         len(steer.operations) - 2)
     assert steer.source_operation.scale == 1.0 and steer.source_operation.features == reroute.source_operation.features
     assert steer.gate_operation.to_json(0) == reroute.gate_operation.to_json(0)
-    pairs = [(a, b) for a, b in zip(steer.operations[2:], [op for op in reroute.operations if op.kind == "direction"])]
+    pairs = list(zip(steer.operations[2:], [op for op in reroute.operations if op.kind == "direction"]))
     assert len(pairs) == len(steer.operations) - 2 >= 1
     for a, b in pairs:
         assert a.to_json(0) == b.to_json(0) and torch.equal(a.tensors["r"], b.tensors["r"])

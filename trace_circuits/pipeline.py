@@ -211,7 +211,8 @@ class Run:
         return self.results["circuit"]
 
     def export(self):
-        """The hook set that severs the circuit, with its gate calibrated (and, for ``reroute`` and ``steer``, the steering)."""
+        """The hook set that severs the circuit, with its gate calibrated (and, for ``reroute`` and ``steer``, the
+        steering)."""
         if "hookset" not in self.results:
             from trace_circuits.hookset import hookset_from_circuit, sae_operation
 

@@ -42,14 +42,15 @@ def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation
             raise TraceCircuitsError(f"no SAE for layer {layer}; pass saes={{{layer}: SAE, ...}}")
         return saes[layer]
 
+    cut = 1.0 if action == "steer" else 0.0  # the sources' operation: scale 1 keeps it without cutting anything
     ops: list[Operation] = [gate] if gate is not None and gate.kind == "prompt_probe" else []
     if gate is not None and gate.kind == "sae_features":
-        ops.append(gate)
+        ops.append(Operation(**{**vars(gate), "scale": cut}) if action == "steer" else gate)
     else:
-        ops.append(sae_operation(sae_for(onset), [n.index for n in srcs], gated=gated_sources))
+        ops.append(sae_operation(sae_for(onset), [n.index for n in srcs], gated=gated_sources, scale=cut))
     by_layer: dict[tuple[str, int], list] = {}
     for n in picked:
-        if n.kind != "source":
+        if n.kind != "source" and action != "steer":  # steer: nothing downstream is cut
             by_layer.setdefault((n.kind, n.layer), []).append(n)
     for (kind, layer), group in sorted(by_layer.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if kind == "feature":
@@ -58,9 +59,6 @@ def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation
             ops.append(Operation(kind="heads", layer=layer, heads=sorted(n.index for n in group)))
         else:
             ops.append(Operation(kind="mlp", layer=layer))
-    if action == "steer":  # keep the gate and the sources' operation (scale 1: it cuts nothing), drop the rest
-        keep = ops[:2 if gate.kind == "prompt_probe" else 1]
-        ops = [op if op.kind == "prompt_probe" else Operation(**{**vars(op), "scale": 1.0}) for op in keep]
     ops += list(steering)
     prov = {"circuit_nodes": [n.id for n in picked], "onset_layer": onset,
             **{k: circuit.meta.get(k) for k in ("model", "readout_definition", "n_prompts")}, **(provenance or {})}
