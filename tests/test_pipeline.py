@@ -155,7 +155,7 @@ def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
     circuit = run.trace()
     assert circuit.sources and circuit.severed_nodes and run.results["circuit_full"].meta["onset_layer"] == 1
     hs = run.export()
-    assert hs.gate_operation.kind == "prompt_probe" and hs.action == "reroute"  # the default
+    assert hs.gate_operation.kind == "prompt_probe" and hs.action == "steer"  # the default
     assert hs.source_operation.layer == 1 and hs.source_operation.architecture == "topk"
     ev = run.evaluate()
     assert set(ev.defenses) == {"none", "tracerouter", "top_feature", "direction_ablation", "layer_ablation"}

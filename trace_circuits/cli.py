@@ -343,6 +343,8 @@ def _print_trace(run) -> None:
     print(f"pruned circuit: {len(circuit.nodes)} nodes, {len(circuit.links)} links; suppressing "
           f"{len(circuit.severed_nodes)} nodes severs {sum(link.severed for link in circuit.links)} links")
     hookset = run.export()
+    if hookset.action == "steer":
+        print("the hook set's action 'steer' leaves those nodes in place (--hookset-action zero or reroute cuts them)")
     g = hookset.provenance["gate_calibration"]
     where = f"prompt gate at layer {g['layer']}" if g.get("gate") == "prompt" else "feature gate"
     print(f"{hookset.summary()}; {where} opens on {g['gate_rate_harmful']:.0%} of harmful and "

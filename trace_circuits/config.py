@@ -147,8 +147,9 @@ class GateConfig:
 class HookSetConfig:
     """What the exported hook set does once its gate opens."""
 
-    action: str = opt("reroute", "'zero': sever the traced chains (the paper's operation); 'reroute': also steer "
-                                 "toward the model's own refusal; 'steer': only steer (no cut)",
+    action: str = opt("steer", "'zero': sever the traced chains (the paper's operation); 'reroute': also steer "
+                               "toward the model's own refusal; 'steer' (default): only steer, no cut (on SmolLM2 "
+                               "the same DSR as reroute with real refusals instead of broken text; README)",
                       choices=("zero", "reroute", "steer"))
     gated_sources: bool = opt(True, "cut the source features only behind the gate")
     steer_strength: float = opt(0.4, "reroute/steer: steer by this multiple of the refusal-compliance gap at each "

@@ -254,7 +254,8 @@ class HookSet:
         return plot_hookset(self)
 
     def summary(self) -> str:
-        n_feat = sum(len(op.features) for op in self.operations if op.kind == "sae_features")
+        n_feat = sum(len(op.features) for op in self.operations if op.kind == "sae_features" and op.scale != 1.0)
+        n_read = sum(len(op.features) for op in self.operations if op.kind == "sae_features" and op.scale == 1.0)
         n_heads = sum(len(op.heads) for op in self.operations if op.kind == "heads")
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
         n_dir = sum(op.kind == "direction" for op in self.operations)
@@ -263,7 +264,8 @@ class HookSet:
         gate = ("" if g is None else f"; prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
                 else f"; feature gate at layer {g.layer}")
         return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} heads, "
-                f"{n_mlp} MLPs" + (f", {n_dir} directions" if n_dir else "") + gate +
+                f"{n_mlp} MLPs" + (f" cut; {n_read} SAE features named, unchanged" if n_read else "") +
+                (f", {n_dir} directions" if n_dir else "") + gate +
                 (f"; action {self.action}" if self.action != "none" else "") + ")")
 
     def __repr__(self) -> str:

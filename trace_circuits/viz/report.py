@@ -89,8 +89,10 @@ def summary(scan=None, features=None, circuit=None, hookset=None, evaluation=Non
             kinds[n.kind] = kinds.get(n.kind, 0) + 1
         facts.append(_fact("circuit", f"{len(circuit.nodes)} nodes, {len(circuit.links)} links",
                            html.escape(", ".join(f"{v} {k}" for k, v in kinds.items())) + "; "
-                           f"{len(circuit.severed_nodes)} nodes suppressed, "
-                           f"{sum(link.severed for link in circuit.links)} links severed"))
+                           f"{len(circuit.severed_nodes)} nodes marked for the cut, "
+                           f"{sum(link.severed for link in circuit.links)} links it severs" + (
+                               " (this hook set's action 'steer' leaves them in place)"
+                               if getattr(hookset, "action", None) == "steer" else "")))
     if hookset is not None:
         g = hookset.provenance.get("gate_calibration") or {}
         gate = (f"gate opens on {fmt(g.get('gate_rate_harmful'), 2)} of harmful, {fmt(g.get('gate_rate_benign'), 3)}"

@@ -81,7 +81,7 @@ Circuit.prune(cumulative=...); 1.00 turns this rule off">cumulative influence
       <input id="tc-cum" type="range" min="0.3" max="1" step="0.01" value="1"><output id="tc-cum-val">1.00 (off)</output></label>
     <label title="Keep links with |weight| at or above this value, as Circuit.prune(threshold=...)">link threshold |w| &ge;
       <input id="tc-thr" type="range" min="0" max="0" step="1" value="0"><output id="tc-thr-val"></output></label>
-    <label title="Remove the links the hook set severs and grey out what no unsuppressed source reaches any more">
+    <label title="Remove the links a cutting hook set (action zero or reroute) severs and grey out what no unsuppressed source reaches any more">
       <input id="tc-cut" type="checkbox"> apply the cut</label>
     <span class="tc-search"><input id="tc-search" type="search" placeholder="search id or token (Enter: go)"
       list="tc-ids" autocomplete="off"><datalist id="tc-ids"></datalist><span id="tc-search-n" class="tc-muted"></span></span>
