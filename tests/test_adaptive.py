@@ -3,6 +3,7 @@ defined, the prefix cache exact, GCG steps, shutting the gate, resuming, bad inp
 end with the result object."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -212,6 +213,20 @@ def test_resume_skips_finished_prompts(setup, tmp_path, monkeypatch):
                                                                   add_generation_prompt=True).split("x")[-1])
     optimise(tl, prompts[:1], hs, AttackConfig(**{**cfg.__dict__, "seed": 1}), "adaptive", path, progress=False)
     assert len(calls) == 2  # other settings: not reused
+
+
+def test_resume_key_follows_what_the_hook_set_computes_not_its_file_format(setup):
+    """A hook set re-saved under a new format version, description or provenance keeps the attack's finished rows; a
+    changed tensor or threshold does not."""
+    tl, _, _, hs = setup
+    cfg = AttackConfig(steps=2)
+    key = adaptive._settings_key(tl, hs, cfg, "adaptive")
+    relabelled = dataclasses.replace(hs, description="another export", provenance={"note": "re-exported"})
+    assert adaptive._settings_key(tl, relabelled, cfg, "adaptive") == key
+    assert adaptive._settings_key(tl, with_threshold(hs, 0.123), cfg, "adaptive") != key
+    ops = [dataclasses.replace(op, tensors={n: t + 1e-3 for n, t in op.tensors.items()}) if op.kind == "prompt_probe"
+           else op for op in hs.operations]
+    assert adaptive._settings_key(tl, dataclasses.replace(hs, operations=ops), cfg, "adaptive") != key
 
 
 def test_bad_input_is_one_line(setup, tmp_path, capsys):

@@ -26,6 +26,8 @@ is not the recorded one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -171,6 +173,17 @@ class HookSet:
                              "trace_circuits.hookset.runtime (when gated operations act)",
                 "operations": [op.to_json(i, twin) for i, op in enumerate(self.operations)],
                 "provenance": self.provenance}
+
+    def behaviour_sha256(self) -> str:
+        """SHA-256 of what the hook set computes: each operation's parameters (not its descriptive text) and tensors,
+        and the action; unchanged by a new format version, the description or the provenance (a resume key)."""
+        h = hashlib.sha256(self.action.encode())
+        for i, op in enumerate(self.operations):
+            d = {k: v for k, v in op.to_json(i).items() if k not in ("positions", "score")}
+            h.update(json.dumps(d, sort_keys=True, default=str).encode())
+            for name in sorted(op.tensors):
+                h.update(name.encode() + op.tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     @classmethod
     def from_json(cls, meta: dict, tensors: dict[str, torch.Tensor], where: str = HOOKSET_FILE) -> "HookSet":
