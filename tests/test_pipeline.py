@@ -279,3 +279,56 @@ def test_the_prompt_gate_reads_the_candidate_layer_with_the_best_out_of_fold_cov
             assert torch.equal(alone.tensors["r"], op.tensors["r"]) and alone.gate_threshold == op.gate_threshold
     with pytest.raises(TraceCircuitsError, match="outside the model"):
         fit_prompt_gate(tl, h, b, layer=[2, 9])
+
+
+def test_evaluation_generates_in_the_dtype_it_records_and_leaves_the_runs_model_alone(planted):
+    """``evaluation.generation_dtype``: the answers come from a copy of the transformers model in that dtype (the run's
+    own model stays float32 for the other stages), the result records it; a config written before the field existed
+    reads as float32, what those runs generated in; ``auto`` resolves by the hardware."""
+    from trace_circuits.models import hf_in_dtype, native_bf16, resolve_eval_dtype
+
+    tl, hf, tok, saes = planted
+    one = dataclasses.replace(small_config().evaluation, baselines="none", templates="direct", limit=4)
+    got = {}
+    for dt in ("bfloat16", "float32"):
+        cfg = dataclasses.replace(small_config(), evaluation=dataclasses.replace(one, generation_dtype=dt))
+        run = Run(cfg, model=tl, hf=(hf, tok), saes=saes, progress=False)
+        got[dt] = run.evaluate()
+        assert got[dt].params["dtype"] == dt and next(run.hf[0].parameters()).dtype == torch.float32
+    assert len(got["bfloat16"].responses) == len(got["float32"].responses)
+    assert hf_in_dtype(hf, torch.float32) is hf and next(hf_in_dtype(hf, torch.bfloat16).parameters()).dtype == \
+        torch.bfloat16
+    assert resolve_eval_dtype("auto") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    old = small_config().to_json()
+    del old["evaluation"]["generation_dtype"]
+    assert RunConfig.from_json(old).evaluation.generation_dtype == "float32"
+    assert RunConfig().evaluation.generation_dtype == "auto"
+
+
+def test_a_hook_set_recognises_its_model_loaded_in_bfloat16(planted):
+    """The weights signature rounds to bfloat16, so a deployer's bfloat16 copy of the model is accepted (and attaches
+    with the same gate decisions); a hook set of format 7 or older (float32 signature) still matches the float32 model;
+    another model is refused."""
+    import copy
+
+    from trace_circuits.models import weights_signature
+
+    tl, hf, tok, saes = planted
+    hs = Run(small_config(), model=tl, hf=(hf, tok), saes=saes, progress=False).export()
+    half = copy.deepcopy(hf).to(torch.bfloat16)
+    hs.check_model(half)
+    texts = list(builtin_prompts("harmful", "test")[:3]) + list(builtin_prompts("benign", "test")[:3])
+    from trace_circuits.generation import generate_responses
+
+    full = generate_responses(hf, tok, texts, hookset=hs, max_new_tokens=2, progress=False)
+    low = generate_responses(half, tok, texts, hookset=hs, max_new_tokens=2, progress=False)
+    assert [r["gate_opened"] for r in low] == [r["gate_opened"] for r in full]
+    old = dataclasses.replace(hs, model_fingerprint="elsewhere@0", weights_signature=weights_signature(hf, legacy=True))
+    old.check_model(hf)
+    with pytest.raises(TraceCircuitsError, match="trace the circuit on this model"):
+        old.check_model(half)
+    other = copy.deepcopy(hf)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.5)
+    with pytest.raises(TraceCircuitsError, match="trace the circuit on this model"):
+        dataclasses.replace(hs, model_fingerprint="elsewhere@0").check_model(other)

@@ -174,6 +174,10 @@ class EvaluationConfig:
     harmful: Optional[str] = opt(None, "held-out harmful prompts file; default: the built-in harmful test split")
     benign: Optional[str] = opt(None, "held-out benign prompts file; default: the built-in benign test split")
     hard_negatives: bool = opt(True, "also measure over-refusal on the built-in hard negatives (test split)")
+    generation_dtype: str = opt("auto", "the transformers model's dtype while the evaluation generates and measures: "
+                                        "auto = bfloat16 where the device computes it natively (a CPU with AVX-512 "
+                                        "BF16 or AMX, a bf16 GPU; 2.3x faster on SmolLM2), else float32",
+                                choices=("auto", "float32", "bfloat16", "float16"))
 
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
@@ -242,6 +246,9 @@ class RunConfig:
 
         check_format(data, "trace-circuits run config", FORMAT_VERSION, where, "write one with `trace-circuits run`")
         body = {k: v for k, v in data.items() if k not in ("kind", "format_version")}
+        if isinstance(body.get("evaluation"), dict) and "generation_dtype" not in body["evaluation"]:
+            # written before the field existed: those evaluations generated in float32
+            body["evaluation"] = {**body["evaluation"], "generation_dtype": "float32"}
         try:
             return _build(cls, body, where)
         except TypeError as err:

@@ -173,6 +173,44 @@ def _model_file(spec: ModelSpec) -> Path:
     return ensure_file(spec.file)
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bf16, or a CPU with AVX-512 BF16
+    or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch: read the CPU flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_eval_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto`` -> bfloat16 where :func:`native_bf16`, else float32; any other name as :func:`resolve_dtype`."""
+    if str(dtype) == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return resolve_dtype(dtype)
+
+
+def hf_in_dtype(model, dtype: torch.dtype):
+    """``model`` itself when its weights are ``dtype``, else a copy in ``dtype`` (the original is left as it is),
+    recorded under the same :class:`ModelInfo`."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    import copy
+
+    info = model_info(model)  # before the cast: a fingerprint derived from the weights must be the original's
+    twin = copy.deepcopy(model).to(dtype)
+    _INFO[twin] = info
+    return twin
+
+
 def load_hf_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """The transformers model and tokenizer for an offline model, dequantized from its checked GGUF (~15-60 s)."""
     spec = _spec(name)
@@ -261,19 +299,21 @@ def _tl_fingerprint(model) -> str:
     return f"{model.cfg.model_name}@{h.hexdigest()[:16]}"
 
 
-def weights_signature(model) -> str:
-    """A hash of the token-embedding matrix (every 64th row), the same for a HookedTransformer built with
-    unprocessed weights and the transformers model it came from: how a hook set recognises its model in
-    either library."""
+def weights_signature(model, legacy: bool = False) -> str:
+    """A hash of the token-embedding matrix (every 64th row, rounded to bfloat16), the same for a HookedTransformer
+    built with unprocessed weights and the transformers model it came from, in float32 or bfloat16: how a hook set
+    recognises its model in either library. ``legacy``: the float32 rows unrounded (hook sets of format 7 and
+    older)."""
     if hasattr(model, "W_E"):
         w = model.W_E
     elif hasattr(model, "get_input_embeddings"):
         w = model.get_input_embeddings().weight
     else:
         raise TraceCircuitsError("expected a HookedTransformer or a transformers model")
-    w = w.detach().float().cpu()
     h = hashlib.sha256(json.dumps(list(w.shape)).encode())
-    h.update(w[::64].contiguous().numpy().tobytes())
+    rows = w.detach().cpu()[::64]
+    rows = rows.float() if legacy else rows.to(torch.bfloat16).float()
+    h.update(rows.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -60,7 +60,8 @@ class Run:
         if self._hf is None:
             from trace_circuits.models import load_hf_model, model_info
 
-            self._hf = load_hf_model(model_info(self.model).name, device=str(next(self.model.parameters()).device))
+            self._hf = load_hf_model(model_info(self.model).name, dtype=self.config.dtype,
+                                     device=str(next(self.model.parameters()).device))
         return self._hf
 
     @property
@@ -297,7 +298,10 @@ class Run:
                 self._log(f"[4] defense evaluation: {', '.join(['tracerouter'] + names)}")
                 defenses = {"tracerouter": hookset, **build_baselines(self.model, hookset, self.encoded("harmful"),
                                                                       self.encoded("benign"), self.saes, names)}
+                from trace_circuits.models import hf_in_dtype, resolve_eval_dtype
+
                 hf, tok = self.hf
+                hf = hf_in_dtype(hf, resolve_eval_dtype(ec.generation_dtype, next(hf.parameters()).device))
                 self.results["evaluation"] = evaluate_defenses(
                     hf, tok, defenses, list(self.prompts("harmful_test")), list(self.prompts("benign_test")),
                     hard_negatives=list(self.prompts("hard_negative_test")) if ec.hard_negatives else [],

@@ -196,7 +196,7 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
                          "gate_opened": bool(opened[j]) if hs is not None else False})
     params = {"templates": [a.name for a in attacks], "max_new_tokens": max_new_tokens, "n_harmful": len(harmful),
               "n_benign": len(benign), "n_hard_negative": len(hard), "n_benign_text": len(text_ctx),
-              "relevance_calibration": calib,
+              "relevance_calibration": calib, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "defended_rule": "refusal substring OR relevance < threshold (does not address the request)",
               "defended_strict_rule": "refusal substring OR relevance < strict threshold (as unrelated as a random "
                                       "answer)"}

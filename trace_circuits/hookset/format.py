@@ -9,7 +9,9 @@ attached: a NaN threshold or a misspelt key must never switch the defense off si
 Format versions: 1 (feature gate, TopK SAEs), 2 (+ prompt gate), 3 (+ any SAE architecture, ``action``, strict
 validation), 4 (+ ``tensors_sha256``: the SHA-256 of ``tensors.safetensors``, so the two files of one export stay
 together), 5 (+ the prompt probe's ``pool``: ``mean`` reads the prompt's mean residual; older probes read ``last``),
-6 (+ ``pool="turn"`` and the probe's ``opener``), 7 (+ ``action="steer"``).
+6 (+ ``pool="turn"`` and the probe's ``opener``), 7 (+ ``action="steer"``), 8 (``weights_signature`` hashes the
+embedding rows rounded to bfloat16, so a float32 and a bfloat16 copy of the same weights are both recognised; older
+files keep the float32 signature, which the float32 model still matches).
 Older files load unchanged, under the same checks.
 
 What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
@@ -42,7 +44,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 HOOKSET_FILE = "hookset.json"
 TENSORS_FILE = "tensors.safetensors"
 KIND = "trace-circuits hook set"
@@ -123,7 +125,7 @@ class HookSet:
                                      f"but this model has {dims}; trace the circuit on this model")
         if model_fingerprint(model) == self.model_fingerprint:
             return
-        if weights_signature(model) != self.weights_signature:
+        if self.weights_signature not in (weights_signature(model), weights_signature(model, legacy=True)):
             raise TraceCircuitsError(f"hook set was made for model {self.model_fingerprint}, not "
                                      f"{model_fingerprint(model)}; trace the circuit on this model")
 
