@@ -1,7 +1,8 @@
 """Benchmark the evaluation's generation: several defenses answering the same prompts with the prompt's layers below
 each defense computed once (``generate_shared``) vs one ordinary generation per defense, the next-token KL of those
 defenses reusing the plain run's lower layers vs a full defended pass, and the gate pass stopped after the gate's
-layer vs a full forward. One run; the answers / KL figures of both ways are compared.
+layer vs a full forward, and the shared generation on a bfloat16 copy vs float32. One run; the answers / KL figures of
+both ways are compared.
 
     python benchmarks/bench_evaluate.py [--model smollm2-135m-instruct] [--layer 21] [--n 50] [--tokens 24]
 
@@ -90,6 +91,17 @@ def main() -> None:
     print(f"  KL of the 3 defenses on {len(ctx)} documents, plain lower layers reused: {t_kl_shared:.1f} s   full "
           f"defended passes: {t_kl_full:.1f} s   ratio {t_kl_full / t_kl_shared:.2f}x   largest KL difference "
           f"{worst:.1e}")
+
+    # the same shared generation on a bfloat16 copy (the evaluation's default where the CPU has native bf16)
+    from trace_circuits.models import hf_in_dtype, native_bf16
+
+    half = hf_in_dtype(hf, torch.bfloat16)
+    t0 = time.perf_counter()
+    low = generate_shared(half, tok, texts, defenses, args.tokens, args.batch, progress=False)
+    t_low = time.perf_counter() - t0
+    same_low = sum(a == b for name in defenses for a, b in zip(shared[name][0], low[name][0]))
+    print(f"  shared generation in bfloat16 (native bf16 on this CPU: {native_bf16('cpu')}): {t_low:.1f} s   float32: "
+          f"{t_shared:.1f} s   ratio {t_shared / t_low:.2f}x   answers identical to float32 {same_low}/{total}")
 
     gate = hookset_for(tl, [Operation(kind="prompt_probe", layer=L, gap=1.0, anchor=user_turn_end(tl),
                                       gate_threshold=0.0, tensors={"r": r, "mu": torch.zeros(d)})])

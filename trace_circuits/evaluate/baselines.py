@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.hookset.format import hookset_for
+from trace_circuits.hookset.build import hookset_for
 from trace_circuits.hookset.operations import Operation, sae_operation
 from trace_circuits.prompts import EncodedPrompts
 

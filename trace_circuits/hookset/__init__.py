@@ -1,14 +1,13 @@
 """The exported hook set: operations (what each intervention computes), runtime (attaching to TransformerLens or
 transformers, gate state), format (save, load, validate) and build (from a traced circuit)."""
 
-from trace_circuits.hookset.build import hookset_from_circuit
+from trace_circuits.hookset.build import hookset_for, hookset_from_circuit
 from trace_circuits.hookset.format import (
                                            ACTIONS,
                                            FORMAT_VERSION,
                                            HOOKSET_FILE,
                                            TENSORS_FILE,
                                            HookSet,
-                                           hookset_for,
                                            load_hookset,
 )
 from trace_circuits.hookset.operations import OP_KINDS, Operation, sae_operation

@@ -1,11 +1,11 @@
-"""From a traced circuit to the hook set that severs it."""
+"""Building hook sets: for a model from operations (:func:`hookset_for`), and from a traced circuit."""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.hookset.format import HookSet, hookset_for
+from trace_circuits.hookset.format import HookSet
 from trace_circuits.hookset.operations import Operation, sae_operation
 
 
@@ -66,3 +66,18 @@ def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation
             if action == "steer" else f"{action} of {len(picked)} circuit nodes")
     return hookset_for(model, ops, description=f"TraceRouter: {what} once the gate opens", action=action,
                        provenance=prov)
+
+
+def hookset_for(model, operations: list[Operation], *, description: str = "", action: str = "none",
+                provenance: Optional[dict] = None) -> HookSet:
+    """A hook set for ``model`` (a HookedTransformer): its identity, dimensions and architecture filled in."""
+    from trace_circuits.architectures import model_type_of
+    from trace_circuits.models import model_fingerprint, model_info, weights_signature
+
+    c = model.cfg
+    arch = model_type_of(model)
+    return HookSet(model=model_info(model).name, model_fingerprint=model_fingerprint(model),
+                   weights_signature=weights_signature(model), d_model=c.d_model, n_layers=c.n_layers,
+                   n_heads=c.n_heads, d_head=c.d_head, operations=operations, description=description, action=action,
+                   provenance=dict(provenance or {}), architecture=arch)
+

@@ -423,18 +423,3 @@ def _model_dims(model) -> tuple[int, int, int, int]:
     n_heads = int(c.num_attention_heads)
     d_head = int(getattr(c, "head_dim", None) or c.hidden_size // n_heads)
     return (int(c.hidden_size), int(c.num_hidden_layers), n_heads, d_head)
-
-
-def hookset_for(model, operations: list[Operation], *, description: str = "", action: str = "none",
-                provenance: Optional[dict] = None) -> HookSet:
-    """A hook set for ``model`` (a HookedTransformer): its identity, dimensions and architecture filled in."""
-    from trace_circuits.architectures import model_type_of
-    from trace_circuits.models import model_fingerprint, model_info, weights_signature
-
-    c = model.cfg
-    arch = model_type_of(model)
-    return HookSet(model=model_info(model).name, model_fingerprint=model_fingerprint(model),
-                   weights_signature=weights_signature(model), d_model=c.d_model, n_layers=c.n_layers,
-                   n_heads=c.n_heads, d_head=c.d_head, operations=operations, description=description, action=action,
-                   provenance=dict(provenance or {}), architecture=arch)
-
