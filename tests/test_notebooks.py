@@ -30,7 +30,7 @@ EXPECT = {
     "03_trace_and_sever.ipynb": lambda c: c["tl_hf_max_diff"] < 1e-3 and c["same_gate"] and c["n_severed"] >= 2,
     "04_evaluate.ipynb": lambda c: {"none", "tracerouter", "direction_ablation"} <= set(c["defenses"])
     and 0 <= c["dsr_direct"] <= 1 and c["kl_text"] >= 0,
-    # the undefended Qwen refuses only some held-out requests (3 of the first 10; README), and the hook set's reroute
+    # the undefended Qwen refuses only some held-out requests (3 of the first 10; README), and the hook set's steering
     # only turns answers into refusals where its gate opens
     # (its 60-pair scan finds no significant onset on Qwen, so the SAE layer is set to the full scan's 15)
     "05_second_model.ipynb": lambda c: c["model"] == "qwen2.5-coder-0.5b-instruct"
