@@ -361,7 +361,8 @@ def _print_evaluation(result) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(result.table[[c for c in cols if c in result.table]].round(3).to_string())
     if result.params.get("dtype"):
-        print(f"(answers generated and log-probs measured in {result.params['dtype']}; --eval-generation-dtype to change)")
+        print(f"(answers generated and log-probs measured in {result.params['dtype']}; "
+              "--eval-generation-dtype to change)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,7 +16,6 @@ Each stage runs the stages it needs first (once); ``trace-circuits run`` and eve
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional

@@ -298,8 +298,8 @@ def _settings_key(model, hookset, cfg: AttackConfig, against: str) -> str:
 
     keep = {k: v for k, v in asdict(cfg).items() if k in ("steps", "suffix_length", "top_k", "candidates", "target",
                                                           "gate_weight", "gate_temperature", "early_stop", "seed")}
-    blob = json.dumps({"model": model_fingerprint(model), "hookset": hookset.behaviour_sha256(), "against": against, **keep},
-                      sort_keys=True, default=str)
+    blob = json.dumps({"model": model_fingerprint(model), "hookset": hookset.behaviour_sha256(), "against": against,
+                       **keep}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

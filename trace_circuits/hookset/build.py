@@ -80,4 +80,3 @@ def hookset_for(model, operations: list[Operation], *, description: str = "", ac
                    weights_signature=weights_signature(model), d_model=c.d_model, n_layers=c.n_layers,
                    n_heads=c.n_heads, d_head=c.d_head, operations=operations, description=description, action=action,
                    provenance=dict(provenance or {}), architecture=arch)
-
