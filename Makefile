@@ -46,6 +46,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_scan.py
 	$(BIN)/python benchmarks/bench_saes.py
+	$(BIN)/python benchmarks/bench_residuals.py
 	$(BIN)/python benchmarks/bench_influence.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_evaluate.py

@@ -80,6 +80,36 @@ def test_read_at_means_the_prompt_up_to_the_anchor_without_the_first_token_and_s
     assert torch.equal(got[0], x[0, 3]) and torch.equal(got[1], x[1, [1, 3, 4]].mean(0))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prefix_residuals_equal_a_forward_per_prompt(arch):
+    """The prefix a group of prompts shares runs once (TransformerLens's frozen key/value cache): every pool reads
+    what one unpadded forward pass per prompt reads, positions inside the prefix included."""
+    from trace_circuits.activations import residuals_at_layers, shared_prefix_groups
+    from trace_circuits.prompts import EncodedPrompts
+
+    tl, _, _ = tiny.pair(arch, n_layers=3)
+    g = torch.Generator().manual_seed(0)
+    head_a, head_b = torch.randint(3, 90, (12,), generator=g).tolist(), torch.randint(3, 90, (9,), generator=g).tolist()
+    seqs = [head_a + torch.randint(3, 90, (n,), generator=g).tolist() for n in (1, 4, 9, 2, 7)]
+    seqs += [head_b + torch.randint(3, 90, (n,), generator=g).tolist() for n in (5, 3)]
+    seqs += [torch.randint(3, 90, (n,), generator=g).tolist() for n in (6, 15)]
+    enc = EncodedPrompts([""] * len(seqs), seqs, [(0, len(q)) for q in seqs], pad_token_id=0)
+    labels = ["a"] * 5 + ["b"] * 2 + ["c", "d"]
+    plan = shared_prefix_groups(enc, labels)
+    assert [(p, len(i)) for p, i in plan] == [(12, 5), (9, 2), (0, 1), (0, 1)]
+    assert shared_prefix_groups(enc)[0][0] == 0  # no prefix all nine share
+    positions = [len(q) - 1 if i % 3 else 5 for i, q in enumerate(seqs)]  # some read inside the prefix
+    starts = [3 if i % 2 else -1 for i in range(len(seqs))]
+    for pool in ("last", "mean", "turn"):
+        got = residuals_at_layers(tl, enc, [1, 2], positions, batch_size=3, pool=pool, starts=starts,
+                                  massive_norm_thresholds={1: 1e9}, prefix_labels=labels)
+        one = [residuals_at_layers(tl, enc.select([i]), [1, 2], [positions[i]], pool=pool, starts=[starts[i]],
+                                   massive_norm_thresholds={1: 1e9}) for i in range(len(seqs))]
+        for layer in (1, 2):
+            want = torch.cat([o[layer] for o in one])
+            assert torch.allclose(got[layer], want, atol=1e-5), (pool, layer, (got[layer] - want).abs().max())
+
+
 def test_user_turn_start_is_the_header_before_every_user_message(planted):
     """The opener is found from the chat template alone, and a two-turn conversation's last match is the second
     turn's header."""

@@ -11,7 +11,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.prompts import EncodedPrompts, iter_batches
+from trace_circuits.prompts import EncodedPrompts, pad_sequences
 
 
 def read_at(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: torch.Tensor, pool: str = "last",
@@ -53,32 +53,91 @@ def residuals_at(model, encoded: EncodedPrompts, layer: Optional[int] = None, po
                                {layer: massive_norm_threshold}, starts)[layer]
 
 
+MIN_SHARED_PREFIX = 8  # tokens: shorter common prefixes are recomputed per prompt
+
+
+def shared_prefix_groups(encoded: EncodedPrompts, labels: Optional[Sequence] = None) -> list[tuple[int, list[int]]]:
+    """``[(P, indices)]``: the prompts of one label (default: all one label) and the length ``P`` of the token prefix
+    they all share, kept below each one's length (0 when under :data:`MIN_SHARED_PREFIX` tokens or a lone prompt)."""
+    groups: dict = {}
+    for i in range(len(encoded)):
+        groups.setdefault(None if labels is None else labels[i], []).append(i)
+    out = []
+    for idx in groups.values():
+        seqs = [encoded.input_ids[i] for i in idx]
+        p, limit = 0, min(len(q) for q in seqs) - 1
+        while p < limit and all(q[p] == seqs[0][p] for q in seqs):
+            p += 1
+        out.append((p if p >= MIN_SHARED_PREFIX and len(idx) > 1 else 0, idx))
+    return out
+
+
+def _prefix_run(model, prefix: Sequence[int], names: Sequence[str], stop: int, device):
+    """The residuals of one shared prefix and its frozen key/value cache (TransformerLens's, computed once)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+    _, cache = model.run_with_cache(torch.tensor([list(prefix)], device=device), names_filter=list(names),
+                                    stop_at_layer=stop, past_kv_cache=kv)
+    kv.freeze()
+    return {n: cache[n] for n in names}, kv
+
+
+def _expanded(kv, batch: int):
+    """A frozen copy of a one-row prefix cache for ``batch`` rows (views, no copy)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [TransformerLensKeyValueCacheEntry(past_keys=e.past_keys.expand(batch, -1, -1, -1),
+                                                 past_values=e.past_values.expand(batch, -1, -1, -1), frozen=True)
+               for e in kv.entries]
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=kv.previous_attention_mask.expand(
+        batch, -1), frozen=True)
+
+
 @torch.inference_mode()
 def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
                         positions: Optional[Sequence[int]] = None, batch_size: int = 16, progress: bool = False,
                         desc: str = "residuals", pool: str = "last", massive_norm_thresholds: Optional[dict] = None,
-                        starts: Optional[Sequence[int]] = None) -> dict[int, Float[torch.Tensor, "n d_model"]]:
+                        starts: Optional[Sequence[int]] = None,
+                        prefix_labels: Optional[Sequence] = None,
+                        share_prefix: bool = True) -> dict[int, Float[torch.Tensor, "n d_model"]]:
     """:func:`residuals_at` at several layers from one forward pass (stopped after the deepest), ``{layer: [n,
-    d_model]}``; ``massive_norm_thresholds`` maps a layer to its limit (absent or None: no limit)."""
+    d_model]}``; ``massive_norm_thresholds`` maps a layer to its limit (absent or None: no limit). The token prefix
+    that the prompts of one ``prefix_labels`` label (default: all prompts) share is run once and its keys and values
+    reused (:func:`shared_prefix_groups`; ``share_prefix=False``: every prompt whole): the same residuals as a forward
+    pass per prompt, up to float rounding."""
     device = next(model.parameters()).device
     layers = sorted({int(l) for l in layers})
     limits = massive_norm_thresholds or {}
     names = {f"blocks.{l}.hook_resid_post": l for l in layers}
+    stop = layers[-1] + 1
     out = {l: torch.zeros(len(encoded), model.cfg.d_model) for l in layers}
-    n_batches = math.ceil(len(encoded) / batch_size)
-    for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc=desc, disable=not progress):
-        _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=list(names),
-                                        stop_at_layer=layers[-1] + 1)
-        width = b.tokens.shape[1]
-        cols, begin = [], []
-        for r, i in enumerate(b.indices):
-            n = len(encoded.input_ids[i])
-            p = -1 if positions is None else int(positions[i])
-            cols.append(width - n + (p % n))
-            begin.append(-1 if starts is None or starts[i] < 0 else width - n + int(starts[i]))
-        cols, begin = torch.tensor(cols, device=device), torch.tensor(begin, device=device)
-        for name, l in names.items():
-            out[l][b.indices] = read_at(cache[name], b.attention_mask.bool(), cols, pool, limits.get(l), begin).cpu()
+    plan = shared_prefix_groups(encoded, prefix_labels) if share_prefix else [(0, list(range(len(encoded))))]
+    bar = tqdm(total=sum(math.ceil(len(idx) / batch_size) for _, idx in plan), desc=desc, disable=not progress)
+    for P, idx in plan:
+        head, kv = _prefix_run(model, encoded.input_ids[idx[0]][:P], names, stop, device) if P else ({}, None)
+        idx = sorted(idx, key=lambda i: len(encoded.input_ids[i]))
+        for s in range(0, len(idx), batch_size):
+            rows = idx[s:s + batch_size]
+            tokens, mask = pad_sequences([encoded.input_ids[i][P:] for i in rows], encoded.pad_token_id, "left", device)
+            _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=list(names), stop_at_layer=stop,
+                                            past_kv_cache=_expanded(kv, len(rows)) if P else None)
+            width = tokens.shape[1]
+            valid = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), mask.bool()], 1)
+            cols, begin = [], []
+            for i in rows:  # token j of prompt i sits at column j (in the prefix) or j + its padding (after it)
+                n = len(encoded.input_ids[i])
+                col = lambda j, pad=width - (n - P): j if j < P else j + pad  # noqa: E731
+                p = -1 if positions is None else int(positions[i])
+                cols.append(col(p % n))
+                begin.append(-1 if starts is None or starts[i] < 0 else col(int(starts[i])))
+            cols, begin = torch.tensor(cols, device=device), torch.tensor(begin, device=device)
+            for name, l in names.items():
+                x = cache[name] if not P else torch.cat([head[name].expand(len(rows), -1, -1), cache[name]], 1)
+                out[l][rows] = read_at(x, valid, cols, pool, limits.get(l), begin).cpu()
+            bar.update()
+    bar.close()
     return out
 
 

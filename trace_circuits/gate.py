@@ -215,16 +215,20 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         l: massive_norm_threshold for l in layers}
     limits = {l: None if limits.get(l) is None or not math.isfinite(limits[l]) else float(limits[l])
               for l in layers}  # None or inf: no limit, as massive_limit reports an SAE without one
+    if groups is not None and (len(groups[0]) != len(harmful) or len(groups[1]) != len(benign)):
+        raise TraceCircuitsError(f"groups: {len(groups[0])} / {len(groups[1])} labels for {len(harmful)} harmful / "
+                                 f"{len(benign)} benign prompts; give one label per prompt")
     anchor = user_turn_end(model)
 
     opener = user_turn_start(model) if pool == "turn" else []
 
-    def read(enc, desc, at_anchor=True):
+    def read(enc, desc, at_anchor=True, labels=None):  # labels: the prompts of one template share its prefix
         pos = anchor_positions(enc, anchor) if at_anchor else None
         starts = turn_start_positions(enc, opener, pos) if at_anchor and opener else None
-        return residuals_at_layers(model, enc, layers, pos, batch_size, progress, desc, pool, limits, starts)
+        return residuals_at_layers(model, enc, layers, pos, batch_size, progress, desc, pool, limits, starts, labels)
 
-    Hs, Bs = read(harmful, "prompt gate (harmful)"), read(benign, "prompt gate (benign)")
+    Hs = read(harmful, "prompt gate (harmful)", labels=groups[0] if groups is not None else None)
+    Bs = read(benign, "prompt gate (benign)", labels=groups[1] if groups is not None else None)
     Ts = read(benign_text, "prompt gate (benign text)", False) if benign_text is not None and len(benign_text) \
         else {l: Hs[l][:0] for l in layers}
     n_h, n_b, n_t = len(harmful), len(benign), len(Ts[layers[0]])

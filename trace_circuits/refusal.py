@@ -43,28 +43,21 @@ def own_refusal(answers: Sequence[str]) -> str:
     return Counter(firsts).most_common(1)[0][0] if firsts else GENERIC_REFUSAL
 
 
-@torch.inference_mode()
 def answer_residuals(model, prompt_texts: Sequence[str], answers: Sequence[str], layers: Sequence[int],
                      k: int = 6, batch_size: int = 16) -> dict[int, torch.Tensor]:
     """``h_l`` per (templated prompt, answer), averaged over the last prompt position and the first ``k`` answer
-    positions (teacher forcing). ``prompt_texts`` are already templated."""
-    from trace_circuits.names import hook_name
-    from trace_circuits.prompts import encode_prompts, iter_batches
+    positions (teacher forcing; the answer's later tokens are not run). ``prompt_texts`` are already templated."""
+    import dataclasses
+
+    from trace_circuits.activations import residuals_at_layers
+    from trace_circuits.prompts import encode_prompts
 
     tok = model.tokenizer
     base = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in prompt_texts]
     enc = encode_prompts(model, [t + a for t, a in zip(prompt_texts, answers)], chat=False)
-    names = [hook_name("resid_post", layer) for layer in layers]
-    out = {layer: torch.zeros(len(enc), model.cfg.d_model) for layer in layers}
-    for b in iter_batches(enc, batch_size, next(model.parameters()).device):
-        _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=names,
-                                        stop_at_layer=max(layers) + 1)
-        for r, i in enumerate(b.indices):
-            start = b.n_pad[r] + base[i] - 1
-            stop = min(start + 1 + k, b.n_pad[r] + len(enc.input_ids[i]))
-            for layer, name in zip(layers, names):
-                out[layer][i] = cache[name][r, start:stop].float().mean(0).cpu()
-    return out
+    enc = dataclasses.replace(enc, input_ids=[ids[:min(n + k, len(ids))] for ids, n in zip(enc.input_ids, base)])
+    # pool "turn" from just before the last prompt position: the mean over positions base-1 .. base+k-1
+    return residuals_at_layers(model, enc, layers, None, batch_size, pool="turn", starts=[n - 2 for n in base])
 
 
 def refusal_directions(model, hf, tokenizer, harmful: Sequence[str], benign: Sequence[str], layers: Sequence[int],
