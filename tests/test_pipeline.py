@@ -244,6 +244,12 @@ def test_steer_keeps_the_gate_and_the_steering_and_cuts_nothing(planted):
                    model=tl, hf=(hf, tok), saes=saes, progress=False) for a in ("reroute", "steer")}
     reroute, steer = (runs[a].export() for a in ("reroute", "steer"))
     assert steer.action == "steer" and "left alone" in steer.description
+    n_src, n_dir = len(steer.source_operation.features), len(steer.operations) - 2
+    assert f"cuts nothing; {n_src} SAE features named, left in place; steers along {n_dir} directions" in \
+        steer.summary()
+    assert f"action reroute): prompt gate at layer {reroute.gate_operation.layer}" in reroute.summary()
+    assert f"cuts {sum(len(op.features) for op in reroute.operations if op.kind == 'sae_features')} SAE features" \
+        in reroute.summary() and "named" not in reroute.summary()
     assert [op.kind for op in steer.operations] == ["prompt_probe", "sae_features"] + ["direction"] * (
         len(steer.operations) - 2)
     assert steer.source_operation.scale == 1.0 and steer.source_operation.features == reroute.source_operation.features

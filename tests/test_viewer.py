@@ -98,7 +98,7 @@ def synthetic_evaluation(n_harmful: int = 6, n_benign: int = 4, seed: int = 0) -
             rows.append({"defense": name, "kind": "benign", "template": "direct", "prompt": f"benign question {i}",
                          "response": f"An answer ({name})", "refusal": False, "relevance": 0.7, "addressed": True,
                          "gate_opened": False})
-    params = {"templates": templates, "max_new_tokens": 48, "n_harmful": n_harmful, "n_benign": n_benign,
+    params = {"templates": templates, "max_new_tokens": 48, "dtype": "bfloat16", "n_harmful": n_harmful, "n_benign": n_benign,
               "n_benign_text": 8, "relevance_calibration": {"threshold": 0.31},
               "defended_rule": "refusal substring OR relevance < threshold (does not address the request)"}
     return EvaluationResult("synthetic-135m", defenses, rows, params)
@@ -219,7 +219,7 @@ def full_report(tmp_path, **kw) -> Path:
 def test_report_renders_every_template_judge_utility_key_and_defense(tmp_path):
     page = full_report(tmp_path).read_text()
     for text in ("multi_turn", "keyword harm rate", "hard negative / over refusal", "new_idea", "refusal_direction",
-                 "all jailbreak templates", "benign over-refusal"):
+                 "all jailbreak templates", "benign over-refusal", "greedy, 48 new tokens, in bfloat16"):
         assert text in page, text
     ids = set(re.findall(r"<section id='([\w-]+)'", page))
     nav = re.findall(r"<nav class='tc-nav'>.*?</nav>", page, re.S)[0]

@@ -276,12 +276,16 @@ class HookSet:
         n_dir = sum(op.kind == "direction" for op in self.operations)
         g = self.gate_operation
         mean = {"mean": " (prompt mean)", "turn": " (last user turn mean)"}.get(g.pool, "") if g is not None else ""
-        gate = ("" if g is None else f"; prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
-                else f"; feature gate at layer {g.layer}")
-        return (f"HookSet for {self.model}: {len(self.operations)} operations ({n_feat} SAE features, {n_heads} heads, "
-                f"{n_mlp} MLPs" + (f" cut; {n_read} SAE features named, unchanged" if n_read else "") +
-                (f", {n_dir} directions" if n_dir else "") + gate +
-                (f"; action {self.action}" if self.action != "none" else "") + ")")
+        parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
+                                      else f"feature gate at layer {g.layer}"]
+        cut = [f"{n} {what}" for n, what in ((n_feat, "SAE features"), (n_heads, "heads"), (n_mlp, "MLPs")) if n]
+        parts.append("cuts " + ", ".join(cut) if cut else "cuts nothing")
+        if n_read:
+            parts.append(f"{n_read} SAE features named, left in place")
+        if n_dir:
+            parts.append(f"steers along {n_dir} directions")
+        action = f", action {self.action}" if self.action != "none" else ""
+        return f"HookSet for {self.model} ({len(self.operations)} operations{action}): " + "; ".join(parts)
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"

@@ -158,7 +158,7 @@ def params_line(result) -> str:
     if "n_benign_text" in p:
         bits.append(f"{p['n_benign_text']} benign documents")
     if "max_new_tokens" in p:
-        bits.append(f"greedy, {p['max_new_tokens']} new tokens")
+        bits.append(f"greedy, {p['max_new_tokens']} new tokens" + (f", in {p['dtype']}" if p.get("dtype") else ""))
     line = "; ".join(bits)
     if p.get("defended_rule"):
         thr = (p.get("relevance_calibration") or {}).get("threshold")
