@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tiny
 from trace_circuits import Operation, TraceCircuitsError, builtin_prompts, encode_prompts, fit_prompt_gate

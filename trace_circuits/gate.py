@@ -178,6 +178,21 @@ def calibration_texts(tokenizer, harmful: Sequence[str], benign: Sequence[str], 
     return h, hn, b, bn
 
 
+def calibration_sets(model, harmful: Sequence[str], benign: Sequence[str], templates: str = GateConfig.templates,
+                     passes: int = GateConfig.passes, chat: bool = True):
+    """:func:`calibration_texts` encoded, for ``templates`` as the config gives them (``all``, ``none`` or names
+    separated by commas); returns ``(harmful, benign, (harmful templates, benign templates), (harmful request ids,
+    benign request ids))``: each sequence's template and the index of the request it asks."""
+    from trace_circuits.evaluate.attacks import ATTACKS
+    from trace_circuits.prompts import encode_prompts
+
+    names = [] if templates == "none" else list(ATTACKS) if templates == "all" else [
+        t.strip() for t in templates.split(",")]
+    h, hn, b, bn = calibration_texts(model.tokenizer, harmful, benign, names, passes, chat=chat)
+    requests = ([i % len(harmful) for i in range(len(h))], [i % len(benign) for i in range(len(b))])
+    return encode_prompts(model, h, chat=False), encode_prompts(model, b, chat=False), (hn, bn), requests
+
+
 def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int | Sequence[int],
                     benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None,
                     l2: float = GateConfig.l2,

@@ -15,6 +15,7 @@ Each stage runs the stages it needs first (once); ``trace-circuits run`` and eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -259,20 +260,13 @@ class Run:
         returns ``(harmful, benign, (harmful templates, benign templates), (harmful request ids, benign request
         ids))``: each sequence's template and the index of the request it asks (harmful request i and benign request
         i share an id: the built-in sets are form-matched twins, held out together)."""
-        from trace_circuits.evaluate.attacks import ATTACKS
-        from trace_circuits.gate import calibration_texts
-        from trace_circuits.prompts import encode_prompts
+        from trace_circuits.gate import calibration_sets
 
         gc = self.config.gate
         benign = list(self.prompts("benign")) + (list(self.prompts("hard_negative_train")) if gc.hard_negatives
                                                  else [])
-        templates = [] if gc.templates == "none" else list(ATTACKS) if gc.templates == "all" else [
-            t.strip() for t in gc.templates.split(",")]
-        harmful = list(self.prompts("harmful"))
-        h, hn, b, bn = calibration_texts(self.model.tokenizer, harmful, benign, templates, gc.passes,
-                                         chat=self.config.chat)
-        requests = ([i % len(harmful) for i in range(len(h))], [i % len(benign) for i in range(len(b))])
-        return encode_prompts(self.model, h, chat=False), encode_prompts(self.model, b, chat=False), (hn, bn), requests
+        return calibration_sets(self.model, list(self.prompts("harmful")), benign, gc.templates, gc.passes,
+                                self.config.chat)
 
     def evaluate(self):
         """Stage 4: the hook set and the baselines on held-out prompts, judged the same way."""
@@ -406,14 +400,10 @@ class Run:
         if self.progress:
             print(text, flush=True)
 
+    @contextlib.contextmanager
     def _timed(self, name: str):
-        run = self
-
-        class _T:
-            def __enter__(self):
-                self.t0 = time.time()
-
-            def __exit__(self, *exc):
-                run.timings[name] = run.timings.get(name, 0.0) + time.time() - self.t0
-
-        return _T()
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +39,20 @@ import torch
 
 from trace_circuits._io import leftover_dirs, replace_dir, staging_dir, write_json_atomic
 from trace_circuits.errors import TraceCircuitsError
+from trace_circuits.hookset.checks import (
+    HOOKSET_FILE,
+    TENSORS_FILE,
+    architecture_names,
+    check_calibration,
+    check_twin,
+    model_dims,
+    op_tensors,
+)
 from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
 FORMAT_VERSION = 8
-HOOKSET_FILE = "hookset.json"
-TENSORS_FILE = "tensors.safetensors"
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
 #: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
@@ -56,7 +62,6 @@ ACTIONS = ("zero", "reroute", "steer", "none")
 _TOP_KEYS = {"format_version", "kind", "model", "model_fingerprint", "weights_signature", "architecture", "d_model",
              "n_layers", "n_heads", "d_head", "description", "semantics", "action", "operations", "provenance",
              "tensors_sha256"}
-_SPEC_KEYS = {"key", "shape", "dtype"}
 
 
 @dataclass
@@ -118,7 +123,7 @@ class HookSet:
         """Refuse a model other than the one the hook set was made for (shape first, then identity)."""
         from trace_circuits.models import model_fingerprint, weights_signature
 
-        dims = _model_dims(model)
+        dims = model_dims(model)
         mine = (self.d_model, self.n_layers, self.n_heads, self.d_head)
         if dims != mine:
             raise TraceCircuitsError(f"hook set was made for {self.model} (d_model, layers, heads, d_head = {mine}), "
@@ -208,9 +213,9 @@ class HookSet:
                 raise TraceCircuitsError(f"{where}: field '{key}' must be a string, got {meta[key]!r}; fix or "
                                          "re-export the hook set")
         arch = meta.get("architecture", "")
-        if arch and arch not in _architectures():
+        if arch and arch not in architecture_names():
             raise TraceCircuitsError(f"{where}: field 'architecture' is {arch!r}, not one of "
-                                     f"{', '.join(_architectures())} (or empty); fix or re-export the hook set")
+                                     f"{', '.join(architecture_names())} (or empty); fix or re-export the hook set")
         prov = meta.get("provenance", {})
         if not isinstance(prov, dict):
             raise TraceCircuitsError(f"{where}: field 'provenance' must be a JSON object, got {prov!r}; fix or "
@@ -219,7 +224,7 @@ class HookSet:
         ops = []
         for i, d in enumerate(ops_json):
             at = f"{where}, operation {i}"
-            own = _op_tensors(i, d, tensors, at, claimed)
+            own = op_tensors(i, d, tensors, at, claimed)
             ops.append(Operation.from_json(d, own, at))
         try:
             hs = cls(model=meta["model"], model_fingerprint=meta["model_fingerprint"],
@@ -231,12 +236,12 @@ class HookSet:
             msg = str(err)
             raise TraceCircuitsError(where + msg[len("hook set"):] if msg.startswith("hook set") else msg) from None
         for i, (op, d) in enumerate(zip(ops, ops_json)):
-            _check_twin(op, d, arch, f"{where}, operation {i}")
+            check_twin(op, d, arch, f"{where}, operation {i}")
         unclaimed = sorted(set(tensors) - claimed)
         if unclaimed:
             raise TraceCircuitsError(f"{where}: {TENSORS_FILE} holds tensor(s) {unclaimed[:5]} that no operation "
                                      "names (from another export?); re-export the hook set")
-        _check_calibration(hs, where)
+        check_calibration(hs, where)
         return hs
 
     def save(self, out_dir: str | Path) -> Path:
@@ -330,100 +335,3 @@ def load_hookset(path: str | Path) -> HookSet:
                                  "tensors_sha256: the tensors were changed or come from another export); copy both "
                                  "files of one export or re-export the hook set")
     return hs
-
-
-def _architectures() -> list[str]:
-    from trace_circuits.architectures import ARCHITECTURES
-
-    return sorted(ARCHITECTURES)
-
-
-def _op_tensors(i: int, d, tensors: dict[str, torch.Tensor], at: str, claimed: set[str]) -> dict[str, torch.Tensor]:
-    """Operation ``i``'s tensors, each named in ``hookset.json`` as ``{"key": "ops.{i}.{name}", "shape": [...],
-    "dtype": "float32"}`` and stored under that key with that shape and dtype (one error line otherwise)."""
-    specs = d.get("tensors", {}) if isinstance(d, dict) else {}
-    if not isinstance(specs, dict):
-        raise TraceCircuitsError(f"{at}: field 'tensors' must be a JSON object, got {specs!r}; re-export the hook set")
-    own = {}
-    for name, spec in specs.items():
-        field_ = f"tensors.{name}"
-        if not isinstance(spec, dict) or set(spec) - _SPEC_KEYS:
-            extra = sorted(set(spec) - _SPEC_KEYS) if isinstance(spec, dict) else None
-            raise TraceCircuitsError(f"{at}: field '{field_}' must be an object with key, shape and dtype"
-                                     + (f" (unknown: {extra})" if extra else f", got {spec!r}") +
-                                     "; re-export the hook set")
-        key, shape, dtype = spec.get("key"), spec.get("shape"), spec.get("dtype", "float32")
-        if key != f"ops.{i}.{name}":
-            raise TraceCircuitsError(f"{at}: field '{field_}.key' is {key!r}, not 'ops.{i}.{name}'; re-export the "
-                                     "hook set")
-        if key not in tensors:
-            raise TraceCircuitsError(f"{at}: tensor {key} is missing from {TENSORS_FILE}; re-export the hook set")
-        if not isinstance(shape, list) or any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
-            raise TraceCircuitsError(f"{at}: field '{field_}.shape' must be a list of integers, got {shape!r}")
-        t = tensors[key]
-        if list(t.shape) != shape:
-            raise TraceCircuitsError(f"{at}: tensor {key} has shape {list(t.shape)} but {HOOKSET_FILE} says {shape}; "
-                                     "re-export the hook set")
-        if dtype != "float32" or t.dtype != torch.float32:
-            raise TraceCircuitsError(f"{at}: tensor {key} is stored as {str(t.dtype).replace('torch.', '')} and "
-                                     f"declared {dtype!r}; a hook set's tensors are float32; re-export the hook set")
-        claimed.add(key)
-        own[name] = t
-    return own
-
-
-def _check_twin(op: Operation, d: dict, arch: str, at: str) -> None:
-    """``hf_module`` / ``hf_hook`` (what a deployer attaches by hand) must name the operation's transformers twin."""
-    if not arch or ("hf_module" not in d and "hf_hook" not in d):
-        return
-    from trace_circuits.architectures import ARCHITECTURES
-
-    try:
-        module, how = ARCHITECTURES[arch].twin(op.hook_name)
-    except TraceCircuitsError:
-        return  # a hook point without a twin is reported by the operation's own check
-    for key, want in (("hf_module", module), ("hf_hook", how)):
-        if key in d and d[key] != want:
-            raise TraceCircuitsError(f"{at}: field '{key}' is {d[key]!r} but {op.hook_name} of a {arch} model is "
-                                     f"{want!r}; fix or re-export the hook set")
-
-
-def _check_calibration(hs: HookSet, where: str) -> None:
-    """The gate must be the one recorded in ``provenance.gate_calibration`` (kind, layer, threshold): a gate removed,
-    moved or given another threshold after calibration could keep the defense off without a word."""
-    calib = hs.provenance.get("gate_calibration")
-    if calib is None:
-        return
-    if not isinstance(calib, dict):
-        raise TraceCircuitsError(f"{where}: field 'provenance.gate_calibration' must be a JSON object")
-    gate = hs.gate_operation
-    kind = {"prompt": "prompt_probe", "features": "sae_features"}.get(calib.get("gate"))
-    if kind is not None and (gate is None or gate.kind != kind):
-        raise TraceCircuitsError(f"{where}: provenance.gate_calibration records a {calib.get('gate')} gate but the "
-                                 f"hook set's gate is {gate.kind if gate else 'missing'}; re-export the hook set")
-    if gate is None:
-        return
-    layer, t = calib.get("layer"), calib.get("gate_threshold")
-    if layer is not None and layer != gate.layer:
-        raise TraceCircuitsError(f"{where}: the gate is at layer {gate.layer} but provenance.gate_calibration.layer is "
-                                 f"{layer!r}; re-export the hook set")
-    if isinstance(t, (int, float)) and not isinstance(t, bool) and not math.isclose(t, gate.gate_threshold,
-                                                                                    rel_tol=1e-6, abs_tol=1e-9):
-        raise TraceCircuitsError(
-            f"{where}: the gate's gate_threshold {gate.gate_threshold:g} is not the calibrated "
-            f"provenance.gate_calibration.gate_threshold {t:g} (a changed threshold can keep the gate shut); "
-            "re-export the hook set, or set both if the change is deliberate")
-
-
-def _model_dims(model) -> tuple[int, int, int, int]:
-    from trace_circuits.hookset.runtime import is_hooked_transformer
-
-    if is_hooked_transformer(model):
-        c = model.cfg
-        return (int(c.d_model), int(c.n_layers), int(c.n_heads), int(c.d_head))
-    c = getattr(model, "config", None)
-    if c is None:
-        raise TraceCircuitsError("attach a hook set to a HookedTransformer or a transformers causal LM")
-    n_heads = int(c.num_attention_heads)
-    d_head = int(getattr(c, "head_dim", None) or c.hidden_size // n_heads)
-    return (int(c.hidden_size), int(c.num_hidden_layers), n_heads, d_head)
