@@ -72,19 +72,24 @@ def shared_prefix_groups(encoded: EncodedPrompts, labels: Optional[Sequence] = N
     return out
 
 
-def _prefix_run(model, prefix: Sequence[int], names: Sequence[str], stop: int, device):
-    """The residuals of one shared prefix and its frozen key/value cache (TransformerLens's, computed once)."""
+@torch.no_grad()
+def frozen_prefix_cache(model, prefix: Sequence[int] | torch.Tensor, stop_at_layer: Optional[int] = None,
+                        names: Sequence[str] = ()):
+    """One token prefix run once: its frozen TransformerLens key/value cache (one row; :func:`expand_cache` for a
+    batch) and ``{name: activation}`` of the hook points ``names``."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prefix, device=device).reshape(1, -1)
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-    _, cache = model.run_with_cache(torch.tensor([list(prefix)], device=device), names_filter=list(names),
-                                    stop_at_layer=stop, past_kv_cache=kv)
+    _, cache = model.run_with_cache(ids, attention_mask=torch.ones_like(ids), names_filter=list(names),
+                                    stop_at_layer=stop_at_layer, past_kv_cache=kv)
     kv.freeze()
-    return {n: cache[n] for n in names}, kv
+    return kv, {n: cache[n] for n in names}
 
 
-def _expanded(kv, batch: int):
-    """A frozen copy of a one-row prefix cache for ``batch`` rows (views, no copy)."""
+def expand_cache(kv, batch: int):
+    """A frozen copy of a one-row key/value cache for ``batch`` rows (views, no copy)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -116,13 +121,13 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
     plan = shared_prefix_groups(encoded, prefix_labels) if share_prefix else [(0, list(range(len(encoded))))]
     bar = tqdm(total=sum(math.ceil(len(idx) / batch_size) for _, idx in plan), desc=desc, disable=not progress)
     for P, idx in plan:
-        head, kv = _prefix_run(model, encoded.input_ids[idx[0]][:P], names, stop, device) if P else ({}, None)
+        kv, head = frozen_prefix_cache(model, encoded.input_ids[idx[0]][:P], stop, names) if P else (None, {})
         idx = sorted(idx, key=lambda i: len(encoded.input_ids[i]))
         for s in range(0, len(idx), batch_size):
             rows = idx[s:s + batch_size]
             tokens, mask = pad_sequences([encoded.input_ids[i][P:] for i in rows], encoded.pad_token_id, "left", device)
             _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=list(names), stop_at_layer=stop,
-                                            past_kv_cache=_expanded(kv, len(rows)) if P else None)
+                                            past_kv_cache=expand_cache(kv, len(rows)) if P else None)
             width = tokens.shape[1]
             valid = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), mask.bool()], 1)
             cols, begin = [], []

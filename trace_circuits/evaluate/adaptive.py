@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from trace_circuits.activations import expand_cache, frozen_prefix_cache
 from trace_circuits.config import _at_least, opt
 from trace_circuits.errors import TraceCircuitsError
 
@@ -163,28 +164,8 @@ class Objective:
                                                                                       lay.target))
         plain_prefix = hookset is None or (self.gate.pool == "last" and all(  # a mean probe reads the prefix too
             op.gated for op in hookset.operations if op.kind != "prompt_probe"))
-        self.cache = self._prefix_cache() if use_cache and plain_prefix else None
-
-    @torch.no_grad()
-    def _prefix_cache(self):
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        m = self.model
-        cache = TransformerLensKeyValueCache.init_cache(m.cfg, m.cfg.device, 1)
-        ids = self.prefix[None]
-        m(ids, attention_mask=torch.ones_like(ids), past_kv_cache=cache, stop_at_layer=m.cfg.n_layers)
-        cache.freeze()
-        return cache
-
-    def _cache_for(self, batch: int):
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-        c = self.cache
-        entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(batch, -1, -1, -1),
-                                                     e.past_values.expand(batch, -1, -1, -1), frozen=True)
-                   for e in c.entries]
-        return TransformerLensKeyValueCache(entries, c.previous_attention_mask.expand(batch, -1), frozen=True)
+        self.cache = frozen_prefix_cache(model, self.prefix, model.cfg.n_layers)[0] if use_cache and plain_prefix \
+            else None
 
     def _forward(self, suffix: torch.Tensor, one_hot: Optional[torch.Tensor] = None) -> dict:
         m = self.model
@@ -207,7 +188,7 @@ class Objective:
 
                 stack.enter_context(m.hooks(fwd_hooks=[("hook_embed", embed)]))
             resid = m(ids, attention_mask=torch.ones_like(ids), stop_at_layer=m.cfg.n_layers,
-                      past_kv_cache=self._cache_for(B) if self.cache is not None else None)
+                      past_kv_cache=expand_cache(self.cache, B) if self.cache is not None else None)
         where = off + n + len(self.post) + torch.arange(len(self.target), device=ids.device) - 1
         logits = m.unembed(m.ln_final(resid[:, where]) if m.cfg.normalization_type else resid[:, where]).float()
         if getattr(m.cfg, "output_logits_soft_cap", 0) and m.cfg.output_logits_soft_cap > 0:
