@@ -3,6 +3,7 @@ it (the readout, the refusal and harm directions, the prompt gate all read here)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -11,7 +12,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.prompts import EncodedPrompts, pad_sequences
+from trace_circuits.prompts import EncodedPrompts, iter_batches
 
 
 def read_at(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: torch.Tensor, pool: str = "last",
@@ -122,18 +123,18 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
     bar = tqdm(total=sum(math.ceil(len(idx) / batch_size) for _, idx in plan), desc=desc, disable=not progress)
     for P, idx in plan:
         kv, head = frozen_prefix_cache(model, encoded.input_ids[idx[0]][:P], stop, names) if P else (None, {})
-        idx = sorted(idx, key=lambda i: len(encoded.input_ids[i]))
-        for s in range(0, len(idx), batch_size):
-            rows = idx[s:s + batch_size]
-            tokens, mask = pad_sequences([encoded.input_ids[i][P:] for i in rows], encoded.pad_token_id, "left", device)
-            _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=list(names), stop_at_layer=stop,
-                                            past_kv_cache=expand_cache(kv, len(rows)) if P else None)
-            width = tokens.shape[1]
-            valid = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), mask.bool()], 1)
+        tails = encoded.select(idx)
+        tails = dataclasses.replace(tails, input_ids=[ids[P:] for ids in tails.input_ids])
+        for b in iter_batches(tails, batch_size, device):
+            rows = [idx[k] for k in b.indices]
+            past = expand_cache(kv, len(rows)) if P else None
+            _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=list(names),
+                                            stop_at_layer=stop, past_kv_cache=past)
+            valid = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), b.attention_mask.bool()], 1)
             cols, begin = [], []
-            for i in rows:  # token j of prompt i sits at column j (in the prefix) or j + its padding (after it)
+            for i, pad in zip(rows, b.n_pad):  # token j of prompt i sits at column j (in the prefix), else j + pad
                 n = len(encoded.input_ids[i])
-                col = lambda j, pad=width - (n - P): j if j < P else j + pad  # noqa: E731
+                col = lambda j, pad=pad: j if j < P else j + pad  # noqa: E731
                 p = -1 if positions is None else int(positions[i])
                 cols.append(col(p % n))
                 begin.append(-1 if starts is None or starts[i] < 0 else col(int(starts[i])))
