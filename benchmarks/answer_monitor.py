@@ -27,9 +27,10 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
-def answer_means(model, texts, answers, layers, n_tokens, batch_size=16):
+def answer_means(model, texts, answers, layers, n_tokens, batch_size=16, desc="answer residuals"):
     """``{layer: [n, n_tokens, d]}`` running means of the residual over each answer's first ``n_tokens`` positions
     (teacher-forced; shorter answers repeat their last mean) and each answer's length in tokens."""
     from trace_circuits.names import hook_name
@@ -47,7 +48,7 @@ def answer_means(model, texts, answers, layers, n_tokens, batch_size=16):
     lengths = torch.zeros(len(seqs), dtype=torch.long)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
+        for s in tqdm(range(0, len(order), batch_size), desc=desc):
             rows = order[s:s + batch_size]
             ids, mask = pad_sequences([seqs[i] for i in rows], tok.pad_token_id or 0, "left")
             _, cache = model.run_with_cache(ids, attention_mask=mask, names_filter=names,
@@ -75,6 +76,27 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24, help="answer tokens read (the evaluation generates 24)")
     ap.add_argument("--l2", type=float, default=0.02)
     args = ap.parse_args()
+    from trace_circuits.errors import TraceCircuitsError
+
+    try:
+        monitor(args)
+    except TraceCircuitsError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}")
+
+
+def monitor(args) -> None:
+    from trace_circuits.errors import TraceCircuitsError
+
+    for f in ("config.json", "responses.jsonl"):
+        if not Path(args.run, f).exists():
+            raise TraceCircuitsError(f"{args.run} has no {f}: give a folder `make run` wrote (e.g. runs/latest)")
+    if args.attack and not Path(args.attack, "answers_c_adaptive.jsonl").exists():
+        raise TraceCircuitsError(f"{args.attack} has no answers_c_adaptive.jsonl: give a folder `trace-circuits "
+                                 "attack --out` wrote")
+    if not 0 < args.benign_rate < 1:
+        raise TraceCircuitsError(f"--benign-rate must lie between 0 and 1, e.g. 0.02, not {args.benign_rate}")
+    if args.tokens < 2 or not 0 <= args.min_pos < args.tokens:
+        raise TraceCircuitsError("--tokens must be at least 2 and --min-pos a position below it")
 
     import trace_circuits as tc
     from trace_circuits.evaluate.attacks import attack_texts
@@ -86,18 +108,21 @@ def main() -> None:
     layers = args.layer or [18, 21]
     run = tc.Run.load(args.run, progress=False)
     model = run.model
+    if not all(0 <= layer < model.cfg.n_layers for layer in layers):
+        raise TraceCircuitsError(f"--layer must be a layer of the model (0..{model.cfg.n_layers - 1})")
     hf, tok = run.hf
     hf = hf_in_dtype(hf, resolve_eval_dtype("auto"))
     harmful, benign, _, (h_req, b_req) = run.gate_calibration_sets()
     texts = list(harmful.texts) + list(benign.texts)
     answers = []
-    for s in range(0, len(texts), 48):
+    for s in tqdm(range(0, len(texts), 48), desc="the model's own answers"):
         answers += generate_batch(hf, tok, texts[s:s + 48], args.tokens)[0]
     nh = len(harmful)
     comply = [i for i in range(nh) if not is_refusal(answers[i]) and answers[i].strip()]
     keep = comply + list(range(nh, len(texts)))
     y = torch.tensor([1.0] * len(comply) + [0.0] * (len(texts) - nh))
-    M, L = answer_means(model, [texts[i] for i in keep], [answers[i] for i in keep], layers, args.tokens)
+    M, L = answer_means(model, [texts[i] for i in keep], [answers[i] for i in keep], layers, args.tokens,
+                        desc="training answers' residuals")
     groups = request_fold_groups([h_req[i] for i in comply], list(b_req), 0)
     print(f"# answer_monitor  {args.run}  training answers: {len(comply)} complying harmful of {nh}, "
           f"{len(texts) - nh} benign; layers {layers}; benign rate {args.benign_rate}; min position {args.min_pos}")
@@ -118,11 +143,12 @@ def main() -> None:
         caught = seq_max[y == 1] > t
         w, b, m, sd = fit_logistic(flat[rows], y.repeat_interleave(T)[rows], args.l2)
         fit[layer] = (w, b, m, sd, float(t))
+        benign_fired = float((seq_max[y == 0] > t).float().mean())
         print(f"layer {layer}: out of fold, fires on {float(caught.float().mean()):.2f} of complying harmful and "
-              f"{float((seq_max[y == 0] > t).float().mean()):.3f} of benign training answers (threshold {float(t):.3f})")
+              f"{benign_fired:.3f} of benign training answers (threshold {float(t):.3f})")
 
     def score(texts_, answers_):
-        Mt, Lt = answer_means(model, texts_, answers_, layers, args.tokens)
+        Mt, Lt = answer_means(model, texts_, answers_, layers, args.tokens, desc="held-out answers' residuals")
         out = {}
         for layer, (w, b, m, sd, t) in fit.items():
             s = (((Mt[layer].double() - m) / sd) @ w + b).float()
