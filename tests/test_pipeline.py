@@ -110,6 +110,82 @@ def test_shared_prefix_residuals_equal_a_forward_per_prompt(arch):
             assert torch.allclose(got[layer], want, atol=1e-5), (pool, layer, (got[layer] - want).abs().max())
 
 
+def test_prefix_mean_max_is_the_best_running_mean_and_a_suffix_cannot_lower_it():
+    from trace_circuits.activations import prefix_mean_max
+
+    g = torch.Generator().manual_seed(0)
+    x, V = torch.randn(2, 9, 4, generator=g), torch.randn(4, 3, generator=g)
+    q = torch.ones(2, 9, dtype=torch.bool)
+    q[0, :2] = False  # padding / the turn's header
+    q[1, 5] = False  # an attention sink
+    got = prefix_mean_max(x, q, V, min_tokens=3)
+    for b in range(2):
+        idx = q[b].nonzero()[:, 0].tolist()
+        runs = [x[b, idx[:n]].mean(0) @ V for n in range(3, len(idx) + 1)]
+        assert torch.allclose(got[b], torch.stack(runs).max(0).values, atol=1e-5)
+    assert torch.isinf(prefix_mean_max(x, q, V, min_tokens=99)).all()  # never that many tokens: -inf
+
+
+def test_the_message_prefix_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted, tmp_path):
+    """A turn gate with the message-prefix reading: calibrated within the benign rate (both readings together), the
+    runtime's prefix score equals the best running mean of the message computed by hand (TransformerLens and the
+    transformers model), and appending tokens to a message never lowers it, so where it opened it stays open."""
+    from trace_circuits.evaluate.attacks import attack_texts
+    from trace_circuits.gate import anchor_positions, gate_decisions, turn_start_positions
+    from trace_circuits.hookset import HookSet, hookset_for
+
+    tl, hf, tok, _ = planted
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.1, pool="turn", prefix_rate=0.05,
+                                prefix_min_tokens=2)
+    assert op.prefix_threshold == calib["prefix_threshold"] and op.prefix_min_tokens == 2
+    assert calib["gate_rate_benign"] <= 0.1 and calib["prefix_rate_benign"] <= 0.05
+    assert calib["prefix_rate_harmful"] > 0.3, calib  # the planted words open it on their own
+    with pytest.raises(TraceCircuitsError, match="prefix reading"):
+        fit_prompt_gate(tl, h, b, layer=2, pool="mean", prefix_rate=0.05)
+    hs = hookset_for(tl, [op])
+    back = HookSet.load(hs.save(tmp_path / "hs"))
+    assert back.gate_operation.prefix_threshold == op.prefix_threshold
+    raw = list(builtin_prompts("harmful", "test"))[:8] + list(builtin_prompts("benign", "test"))[:4]
+    suffix = " tell me a story about a cat and a dog please"
+    texts = attack_texts(tok, raw, "direct") + attack_texts(tok, [p + suffix for p in raw], "direct")
+    test = encode_prompts(tl, texts, chat=False)
+    ends = anchor_positions(test, op.anchor)
+    starts = turn_start_positions(test, op.opener, ends)
+    want = []
+    for i in range(len(test)):  # by hand: the message's running means (after the header, before the anchor)
+        _, cache = tl.run_with_cache(torch.tensor([test.input_ids[i]]), names_filter="blocks.2.hook_resid_post")
+        msg = cache["blocks.2.hook_resid_post"][0, starts[i] + 1:ends[i] + 1 - len(op.anchor)]
+        runs = torch.stack([msg[:n].mean(0) for n in range(2, len(msg) + 1)])
+        want.append(float(((runs - op.tensors["mu"]) @ op.tensors["r"]).max()) / op.gap)
+    want = torch.tensor(want)
+    with back.attach(tl) as rt, torch.no_grad():
+        got, opened = [], []
+        for i in range(0, len(test), 5):  # padded batches
+            sub = test.select(list(range(i, min(i + 5, len(test)))))
+            width = max(len(r) for r in sub.input_ids)
+            ids_ = torch.tensor([[0] * (width - len(r)) + list(r) for r in sub.input_ids])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in sub.input_ids])
+            tl(ids_, attention_mask=mask, stop_at_layer=3)
+            got.append(rt.prefix_scores)
+            opened.append(rt.gate_open.cpu())
+    got, opened = torch.cat(got), torch.cat(opened)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    n = len(raw)
+    assert (got[n:] >= got[:n] - 1e-4).all()  # the suffix never lowers the prefix reading
+    prefix_open = got[:n] > op.prefix_threshold
+    assert prefix_open.any() and opened[n:][prefix_open].all()  # opened on it: still open with the suffix
+    _, dec = gate_decisions(tl, back, test, batch_size=4)
+    assert (torch.from_numpy(dec) == opened).all()
+    with back.attach(hf) as rt, torch.no_grad():
+        sub = test.select(list(range(6)))
+        width = max(len(r) for r in sub.input_ids)
+        hf(input_ids=torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + list(r) for r in sub.input_ids]),
+           attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in sub.input_ids]))
+        assert torch.allclose(rt.prefix_scores, want[:6], atol=1e-3), (rt.prefix_scores, want[:6])
+
+
 def test_user_turn_start_is_the_header_before_every_user_message(planted):
     """The opener is found from the chat template alone, and a two-turn conversation's last match is the second
     turn's header."""

@@ -131,6 +131,12 @@ META_FAULTS = [
     ("probe_threshold_inf", op(0, gate_threshold=float("inf")), None, "gate_threshold inf must be a finite number"),
     ("probe_threshold_raised", op(0, gate_threshold=1e9), None, "provenance.gate_calibration.gate_threshold"),
     ("probe_gap_zero", op(0, gap=0.0), None, "gap must be a finite number > 0"),
+    ("probe_prefix_string", op(0, prefix_threshold="1"), None, "field 'prefix_threshold' must be a number"),
+    ("probe_prefix_without_turn", op(0, pool="mean", prefix_threshold=1.0), None, "needs pool 'turn'"),
+    ("probe_prefix_min_zero", op(0, pool="turn", prefix_threshold=1.0, prefix_min_tokens=0), None,
+     "prefix_min_tokens must be >= 1"),
+    ("probe_prefix_uncalibrated", op(0, pool="turn", prefix_threshold=1.0), None,
+     "provenance.gate_calibration.prefix_threshold"),
     ("scale_nan", op(3, scale=float("nan")), None, "field 'scale' must be a number"),
     ("scale_huge", op(3, scale=1e30), None, "scale 1e+30 must be a number in [0, 1]"),
     ("scale_negative", op(4, scale=-0.5), None, "scale -0.5 must be a number in [0, 1]"),
@@ -240,7 +246,7 @@ def test_the_export_itself_loads_and_acts_like_the_original(exported, twins):
     tl = twins[0]
     back = load_hookset(exported)
     meta = json.loads((exported / "hookset.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 8 and len(meta["tensors_sha256"]) == 64
+    assert meta["format_version"] == FORMAT_VERSION == 9 and len(meta["tensors_sha256"]) == 64
     original = all_kinds_hookset(tl, threshold=CALIB["gate_threshold"])
     tokens = torch.tensor([tl.tokenizer("How do I make a pipe bomb?")["input_ids"]])
     with torch.no_grad():

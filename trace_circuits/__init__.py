@@ -18,7 +18,8 @@ from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.evaluate import EvaluationResult, RelevanceJudge, build_baselines, evaluate_defenses
 from trace_circuits.feature_stats import differential_feature_stats
 from trace_circuits.features import FeatureResult, find_harmful_features, heldout_auroc
-from trace_circuits.gate import calibrate_feature_gate, fit_prompt_gate, gate_decisions
+from trace_circuits.feature_gate import calibrate_feature_gate
+from trace_circuits.gate import fit_prompt_gate, gate_decisions
 from trace_circuits.generation import generate_responses
 from trace_circuits.hookset import HookSet, Operation, hookset_for, hookset_from_circuit, load_hookset, sae_operation
 from trace_circuits.influence import TraceContext, fit_readout, measure_ablations

@@ -27,17 +27,38 @@ def read_at(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: to
     at_last = x[torch.arange(B, device=x.device), last].float()
     if pool == "last":
         return at_last
+    q = pooled_positions(x, valid, last, massive_norm_threshold, start if pool == "turn" else None)
+    n = q.sum(1, keepdim=True)
+    mean = (x.float() * q[..., None]).sum(1) / n.clamp_min(1)
+    return torch.where(n > 0, mean, at_last)
+
+
+def pooled_positions(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor, last: torch.Tensor,
+                     massive_norm_threshold: Optional[float] = None,
+                     start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[batch, pos] bool: the positions a ``mean`` reader averages, ``q`` valid with ``max(first valid, start_b) < q
+    <= last_b`` and ``|x[b, q]| <= massive_norm_threshold`` (``start`` None: the first valid position only)."""
+    T = x.shape[1]
     pos = torch.arange(T, device=x.device)
     first = torch.where(valid, pos, torch.full_like(pos, T)).min(1).values
-    if pool == "turn" and start is not None:
+    if start is not None:
         first = torch.maximum(first, start.to(first.device))
-    q = valid & (pos > first[:, None]) & (pos <= last[:, None])
-    xf = x.float()
+    q = valid & (pos > first[:, None]) & (pos <= last.to(x.device)[:, None])
     if massive_norm_threshold is not None:
-        q = q & (xf.norm(dim=-1) <= massive_norm_threshold)
-    n = q.sum(1, keepdim=True)
-    mean = (xf * q[..., None]).sum(1) / n.clamp_min(1)
-    return torch.where(n > 0, mean, at_last)
+        q = q & (x.float().norm(dim=-1) <= massive_norm_threshold)
+    return q
+
+
+def prefix_mean_max(x: Float[torch.Tensor, "batch pos d"], q: torch.Tensor, V: Float[torch.Tensor, "d k"],
+                    min_tokens: int = 1) -> Float[torch.Tensor, "batch k"]:
+    """The highest projection of a running mean: ``max_t <mean_{q' in Q, q' <= t} x[q'], V>`` over ``t in Q`` with at
+    least ``min_tokens`` positions of ``Q`` (``q``) up to ``t``; -inf where there is none. Tokens appended after
+    ``Q`` cannot lower it (causal attention leaves ``x[q']`` for ``q' <= t`` as it was)."""
+    cs = (x.float() * q[..., None]).cumsum(1) @ V.float().to(x.device)  # [B, T, k]
+    cn = q.long().cumsum(1)
+    proj = cs / cn.clamp_min(1)[..., None]
+    ok = q & (cn >= max(1, int(min_tokens)))
+    return torch.where(ok[..., None], proj, torch.full_like(proj, -math.inf)).max(1).values
 
 
 @torch.inference_mode()
@@ -107,18 +128,19 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
                         desc: str = "residuals", pool: str = "last", massive_norm_thresholds: Optional[dict] = None,
                         starts: Optional[Sequence[int]] = None,
                         prefix_labels: Optional[Sequence] = None,
-                        share_prefix: bool = True) -> dict[int, Float[torch.Tensor, "n d_model"]]:
+                        share_prefix: bool = True, reader=None) -> dict[int, Float[torch.Tensor, "n d_model"]]:
     """:func:`residuals_at` at several layers from one forward pass (stopped after the deepest), ``{layer: [n,
     d_model]}``; ``massive_norm_thresholds`` maps a layer to its limit (absent or None: no limit). The token prefix
     that the prompts of one ``prefix_labels`` label (default: all prompts) share is run once and its keys and values
     reused (:func:`shared_prefix_groups`; ``share_prefix=False``: every prompt whole): the same residuals as a forward
-    pass per prompt, up to float rounding."""
+    pass per prompt, up to float rounding. ``reader(x, valid, last, start, layer) -> [rows, k]`` replaces
+    :func:`read_at` (``last``/``start``: the read position and turn start per row, as columns of ``x``)."""
     device = next(model.parameters()).device
     layers = sorted({int(l) for l in layers})
     limits = massive_norm_thresholds or {}
     names = {f"blocks.{l}.hook_resid_post": l for l in layers}
     stop = layers[-1] + 1
-    out = {l: torch.zeros(len(encoded), model.cfg.d_model) for l in layers}
+    out: dict = {}
     plan = shared_prefix_groups(encoded, prefix_labels) if share_prefix else [(0, list(range(len(encoded))))]
     bar = tqdm(total=sum(math.ceil(len(idx) / batch_size) for _, idx in plan), desc=desc, disable=not progress)
     for P, idx in plan:
@@ -141,10 +163,12 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
             cols, begin = torch.tensor(cols, device=device), torch.tensor(begin, device=device)
             for name, l in names.items():
                 x = cache[name] if not P else torch.cat([head[name].expand(len(rows), -1, -1), cache[name]], 1)
-                out[l][rows] = read_at(x, valid, cols, pool, limits.get(l), begin).cpu()
+                got = read_at(x, valid, cols, pool, limits.get(l), begin) if reader is None else reader(
+                    x, valid, cols, begin, l)
+                out.setdefault(l, torch.zeros(len(encoded), got.shape[1]))[rows] = got.float().cpu()
             bar.update()
     bar.close()
-    return out
+    return {l: out.get(l, torch.zeros(0, model.cfg.d_model)) for l in layers}
 
 
 def mean_difference(a: Float[torch.Tensor, "n d"], b: Float[torch.Tensor, "m d"]) -> tuple[torch.Tensor, float]:

@@ -346,9 +346,11 @@ def _print_trace(run) -> None:
     if hookset.action == "steer":
         print("the hook set's action 'steer' leaves those nodes in place (--hookset-action zero or reroute cuts them)")
     g = hookset.provenance["gate_calibration"]
-    where = f"prompt gate at layer {g['layer']}" if g.get("gate") == "prompt" else "feature gate"
-    print(f"{hookset.summary()}; {where} opens on {g['gate_rate_harmful']:.0%} of harmful and "
-          f"{g['gate_rate_benign']:.0%} of benign calibration sequences, AUROC {g['gate_score_auroc']:.3f}")
+    pre = (f" ({g['prefix_rate_harmful']:.0%} of harmful on the message-prefix reading alone, which a suffix "
+           "cannot lower)") if "prefix_rate_harmful" in g else ""
+    print(f"{hookset.summary()}.\nThe gate opens on {g['gate_rate_harmful']:.0%} of harmful and "
+          f"{g['gate_rate_benign']:.0%} of benign calibration sequences out of fold{pre}, AUROC "
+          f"{g['gate_score_auroc']:.3f}")
     if run.out is not None:
         print(f"wrote {run.out / 'circuit.json'}, {run.out / 'circuit.html'} and {run.out / 'hookset'}")
 

@@ -127,11 +127,19 @@ class GateConfig:
                     choices=("last", "mean", "turn"))
     l2: float = opt(0.02, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
                           "benign rate; see the README)")
+    prefix_rate: float = opt(0.005, "a 'turn' gate also reads the user's message as it grows (a reading an "
+                                    "adversarial suffix cannot lower) and opens on it at this benign rate, within "
+                                    "--gate-benign-rate (0: off; other pools: off)")
+    prefix_min_tokens: int = opt(8, "that reading starts once the message has this many tokens")
 
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
 
         _between(self, "benign_rate", 0, 1, hi_open=True)
+        _at_least(self, 1, "prefix_min_tokens")
+        if not 0 <= self.prefix_rate <= self.benign_rate:
+            raise TraceCircuitsError(f"--gate-prefix-rate must lie in [0, --gate-benign-rate {self.benign_rate}], got "
+                                     f"{self.prefix_rate}")
         _at_least(self, 0, "text_docs", "passes", "search")
         if not self.l2 > 0:
             raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")

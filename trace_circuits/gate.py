@@ -17,9 +17,7 @@ used at inference is then refitted on all of them. The calibration data may hold
 (the attack templates) so that the probe learns intent, not framing. In a hook set it is a ``prompt_probe`` operation
 with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so ``s = <x - mu, r> / gap``.
 
-The **feature gate** (``calibrate_feature_gate``, kept as an option) opens at the first position where the source
-SAE features' normalised activations sum past a threshold: ``g(x) = sum_f a_f(x) / s_f`` (``s_f`` the feature's mean
-per-prompt maximum on harmful prompts), threshold the ``(1 - rate)`` quantile of benign prompts' ``max_p g``.
+The **feature gate**, kept as an option, is in :mod:`trace_circuits.feature_gate`.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from trace_circuits.config import GateConfig
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.operations import Operation
 from trace_circuits.prompts import EncodedPrompts, iter_batches
+from trace_circuits.activations import pooled_positions, prefix_mean_max
 from trace_circuits.stats import auroc
 
 
@@ -124,13 +123,29 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int =
     ``i mod folds``, or ``groups[i] mod folds``: rows of one group, e.g. one request under several framings, share a
     fold, so no request is scored by a probe that saw it) keep each class's share in every fold."""
     oof = torch.zeros(len(X))
+    for test, fit in out_of_fold_fits(X, y, l2, folds, groups):
+        oof[test] = _score(X[test], *fit)
+    return oof
+
+
+def out_of_fold_fits(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int = 5,
+                     groups: Optional[Sequence[int]] = None) -> list[tuple[torch.Tensor, tuple]]:
+    """``[(test rows, fit_logistic(the other rows))]`` per fold (:func:`out_of_fold_scores`'s folds)."""
     idx = torch.arange(len(X)) if groups is None else torch.as_tensor(list(groups))
     if len(idx) != len(X):
         raise TraceCircuitsError(f"{len(idx)} fold groups for {len(X)} rows; give one group id per row")
-    for k in range(folds):
-        test = idx % folds == k
-        oof[test] = _score(X[test], *fit_logistic(X[~test], y[~test], l2))
-    return oof
+    return [(idx % folds == k, fit_logistic(X[idx % folds != k], y[idx % folds != k], l2)) for k in range(folds)]
+
+
+def union_threshold(scores: torch.Tensor, also_open: torch.Tensor, rate: float) -> torch.Tensor:
+    """The lowest threshold ``q`` among the scores (or their maximum) with ``mean(scores > q OR also_open) <= rate``:
+    the benign rate of a gate that opens on either of two readings, the other's decisions ``also_open`` fixed."""
+    best = scores.max()
+    for q in torch.unique(scores).flip(0):
+        if float(((scores > q) | also_open).float().mean()) > rate:
+            break
+        best = q
+    return best
 
 
 def request_fold_groups(harmful_ids: Sequence[int], benign_ids: Sequence[int], n_documents: int) -> list[int]:
@@ -199,7 +214,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                     folds: int = 5, batch_size: int = 16, progress: bool = False,
                     groups: Optional[tuple[Sequence[str], Sequence[str]]] = None, pool: str = GateConfig.pool,
                     massive_norm_threshold: Optional[float] | dict = None,
-                    requests: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> tuple[Operation, dict]:
+                    requests: Optional[tuple[Sequence[int], Sequence[int]]] = None,
+                    prefix_rate: Optional[float] = None,
+                    prefix_min_tokens: int = GateConfig.prefix_min_tokens) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
     gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
@@ -213,7 +230,11 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     the last user turn, after its header). ``requests`` (an id per harmful and per benign sequence, one id space):
     the sequences of one id share a fold, so the out-of-fold rates are those of unseen requests; a harmful request
     and its benign twin (the built-in sets are form-matched pairs, index i to index i) given one id are held out
-    together, as the test split holds them out."""
+    together, as the test split holds them out. ``prefix_rate`` > 0 (``pool="turn"``): the probe also reads the
+    user's message as it grows (``prefix_threshold``, :mod:`trace_circuits.hookset.operations`), a reading a suffix
+    cannot lower; its threshold lets it open on ``prefix_rate`` of benign sequences out of fold, and the end-of-turn
+    threshold is then the lowest that keeps the two readings together at ``benign_gate_rate`` (None: the config's
+    default for a ``turn`` gate, off for the others)."""
     from trace_circuits.activations import residuals_at_layers
     from trace_circuits.hookset.operations import PROBE_POOLS
 
@@ -226,6 +247,11 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
     if pool not in PROBE_POOLS:
         raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
+    if prefix_rate is None:  # the default: on for a turn gate
+        prefix_rate = min(GateConfig.prefix_rate, benign_gate_rate) if pool == "turn" else 0.0
+    if not 0 <= prefix_rate <= benign_gate_rate or (prefix_rate > 0 and pool != "turn"):
+        raise TraceCircuitsError(f"the prefix reading's rate must lie in [0, benign rate {benign_gate_rate}] and needs "
+                                 f"pool 'turn' (got {prefix_rate} with pool {pool!r}); set --gate-prefix-rate 0")
     limits = massive_norm_threshold if isinstance(massive_norm_threshold, dict) else {
         l: massive_norm_threshold for l in layers}
     limits = {l: None if limits.get(l) is None or not math.isfinite(limits[l]) else float(limits[l])
@@ -237,10 +263,13 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
 
     opener = user_turn_start(model) if pool == "turn" else []
 
-    def read(enc, desc, at_anchor=True, labels=None):  # labels: the prompts of one template share its prefix
+    def read(enc, desc, at_anchor=True, labels=None, at=None, reader=None):  # labels: groups sharing a prefix
         pos = anchor_positions(enc, anchor) if at_anchor else None
         starts = turn_start_positions(enc, opener, pos) if at_anchor and opener else None
-        return residuals_at_layers(model, enc, layers, pos, batch_size, progress, desc, pool, limits, starts, labels)
+        if at is not None:
+            pos = at(enc, pos)
+        return residuals_at_layers(model, enc, at is None and layers or [layer], pos, batch_size, progress, desc,
+                                   pool, limits, starts, labels, reader=reader)
 
     Hs = read(harmful, "prompt gate (harmful)", labels=groups[0] if groups is not None else None)
     Bs = read(benign, "prompt gate (benign)", labels=groups[1] if groups is not None else None)
@@ -266,6 +295,35 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     layer = max(layers, key=lambda l: (coverage[l], l))
     X, oof, q = fits[layer]
     H, B, T = Hs[layer], Bs[layer], Ts[layer]
+    prefix = None
+    if prefix_rate > 0:  # the message read as it grows, scored by each fold's probe (a second pass at that layer)
+        folds_fit = out_of_fold_fits(X, y, l2, folds, fold_groups)
+        V = torch.stack([w_ / sd_ for _, (w_, _, _, sd_) in folds_fit], 1)
+        c = torch.tensor([b_ - float((m_ / sd_) @ w_) for _, (w_, b_, m_, sd_) in folds_fit])
+
+        def message_last(enc, pos):  # the last token before the anchor (documents: their last token)
+            if pos is None:
+                return None
+            return [p - len(anchor) if last_match_end(ids, anchor, len(ids)) >= 0 else p
+                    for ids, p in zip(enc.input_ids, pos)]
+
+        def reader(x, valid, last, start, l):
+            q_ = pooled_positions(x, valid, last, limits[l], start)
+            return prefix_mean_max(x, q_, V.to(x.device), prefix_min_tokens)
+
+        M = [read(enc, f"prompt gate, message prefixes ({desc})", enc is not benign_text, lab, message_last,
+                  reader)[layer] for enc, desc, lab in ((harmful, "harmful", groups[0] if groups else None),
+                                                          (benign, "benign", groups[1] if groups else None),
+                                                          (benign_text, "text", None)) if enc is not None and len(enc)]
+        M = torch.cat(M)
+        pre = torch.full((len(X),), -math.inf)
+        for k, (test, _) in enumerate(folds_fit):
+            pre[test] = M[test, k] + c[k]
+        prefix = benign_threshold(pre[n_h:], prefix_rate)
+        q = union_threshold(oof[n_h:], pre[n_h:] > prefix, benign_gate_rate)
+        opened = (oof > q) | (pre > prefix)
+    else:
+        opened = oof > q
     massive_norm_threshold = limits[layer]
     neg = oof[len(H):]
     w, b, m, sd = fit_logistic(X, y, l2)
@@ -276,14 +334,20 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
                    gate_threshold=float(q), anchor=anchor, pool=pool, opener=opener,
                    massive_norm_threshold=massive_norm_threshold if pool != "last" else None,
+                   prefix_threshold=None if prefix is None else float(prefix), prefix_min_tokens=prefix_min_tokens,
                    tensors={"r": r.float().contiguous(), "mu": mu.float().contiguous()})
-    h_oof, b_oof, t_oof = oof[:len(H)], oof[len(H):len(H) + len(B)], oof[len(H) + len(B):]
+    h_oof, b_oof, t_oof = (opened[:len(H)].float(), opened[len(H):len(H) + len(B)].float(),
+                           opened[len(H) + len(B):].float())  # the rates below: opened by either reading
     calib = {"gate": "prompt", "layer": int(layer), "probe": "logistic regression (scikit-learn)", "l2": l2,
              "folds": folds, "benign_gate_rate_target": benign_gate_rate, "gate_threshold": float(q),
-             "gate_rate_harmful": float((h_oof > q).float().mean()), "gate_rate_benign": float((neg > q).float().mean()),
-             "gate_rate_benign_prompts": float((b_oof > q).float().mean()),
-             "gate_rate_benign_text": float((t_oof > q).float().mean()) if len(t_oof) else None,
-             "gate_score_auroc": auroc(h_oof.numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
+             "gate_rate_harmful": float(h_oof.mean()), "gate_rate_benign": float(opened[len(H):].float().mean()),
+             "gate_rate_benign_prompts": float(b_oof.mean()),
+             "gate_rate_benign_text": float(t_oof.mean()) if len(t_oof) else None,
+             "gate_score_auroc": auroc(oof[:len(H)].numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
+             **({"prefix_threshold": float(prefix), "prefix_rate_target": prefix_rate,
+                 "prefix_min_tokens": prefix_min_tokens,
+                 "prefix_rate_harmful": float((pre[:n_h] > prefix).float().mean()),
+                 "prefix_rate_benign": float((pre[n_h:] > prefix).float().mean())} if prefix is not None else {}),
              **({"layer_search": {str(l): c for l, c in coverage.items()}} if len(layers) > 1 else {}),
              "n_benign_text": len(T), "pool": pool, "rates_are": "out-of-fold (each sequence scored by a probe not "
              "trained on it" + (", nor on any framing of its request)" if requests is not None else ")"),
@@ -292,83 +356,33 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                  "turn": "the mean residual of the last user turn (after its header) up to there"}[pool]
                      + ": s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
                      "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
-                     "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores"}
+                     "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores" + (
+                         "; or if the same score of the user's message's running mean passes prefix_threshold at any "
+                         "token (from prefix_min_tokens on; a suffix cannot lower it), the (1 - prefix rate) quantile, "
+                         "gate_threshold then the lowest keeping both readings together at the benign rate"
+                         if prefix is not None else "")}
     if groups is not None:
         for name, scores, labels in (("harmful", h_oof, groups[0]), ("benign", b_oof, groups[1])):
-            calib[f"gate_rate_{name}_by_group"] = rates_by_group(scores, labels, q)
+            calib[f"gate_rate_{name}_by_group"] = rates_by_group(scores, labels, 0.5)
+        if prefix is not None:
+            calib["prefix_rate_harmful_by_group"] = rates_by_group((pre[:n_h] > prefix).float(), groups[0], 0.5)
     return op, calib
-
-
-@torch.inference_mode()
-def feature_gate_scores(model, op: Operation, encoded: EncodedPrompts, batch_size: int = 16,
-                        progress: bool = False) -> list[torch.Tensor]:
-    """``a_f(x[p])`` of a ``sae_features`` operation's features at every real position of each prompt (what the feature
-    gate sees at inference; massive-norm positions are 0). One [n_positions, n_features] per prompt."""
-    device = next(model.parameters()).device
-    enc_op = op.encoder.to(device)
-    limit = op.massive_norm_threshold if op.massive_norm_threshold is not None else float("inf")
-    out: list = [None] * len(encoded)
-    n_batches = (len(encoded) + batch_size - 1) // batch_size
-    for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc="feature gate",
-                  disable=not progress):
-        x = model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=op.layer + 1).float()
-        ok = b.attention_mask.bool() & (x.norm(dim=-1) <= limit)
-        acts = (enc_op.encode(x) * ok[..., None]).cpu()
-        for r, i in enumerate(b.indices):
-            out[i] = acts[r, b.n_pad[r]:]
-    return out
-
-
-def calibrate_feature_gate(model, op: Operation, harmful: EncodedPrompts, benign: EncodedPrompts,
-                           benign_gate_rate: float = 0.02, benign_text: Optional[EncodedPrompts] = None,
-                           batch_size: int = 16, progress: bool = False) -> tuple[Operation, dict]:
-    """A copy of a gate-source ``sae_features`` operation with ``gate_scales`` and ``gate_threshold`` set from the
-    prompts (module docstring), and the rates measured on them."""
-    if not 0 <= benign_gate_rate < 1:
-        raise TraceCircuitsError(f"benign_gate_rate must be in [0, 1), got {benign_gate_rate!r}")
-    Ha = feature_gate_scores(model, op, harmful, batch_size, progress)
-    Ba = feature_gate_scores(model, op, benign, batch_size, progress)
-    n_text = 0
-    if benign_text is not None and len(benign_text):
-        Ta = feature_gate_scores(model, op, benign_text, batch_size, progress)
-        n_text, Ba = len(Ta), Ba + Ta
-    Hm = torch.stack([a.max(0).values for a in Ha])
-    Bm = torch.stack([a.max(0).values for a in Ba])
-    s = Hm.mean(0)
-    s = torch.where(s > 0, s, torch.maximum(Hm.max(0).values, Bm.max(0).values).clamp_min(1e-6))
-    scales = [float(v) for v in s]
-
-    def scores(acts):
-        return torch.stack([(a / torch.tensor(scales)).sum(-1).max() for a in acts])
-
-    h_score, b_score = scores(Ha), scores(Ba)
-    q = torch.quantile(b_score, 1.0 - benign_gate_rate, interpolation="higher") if benign_gate_rate > 0 \
-        else b_score.max()
-    gated = Operation(**{**vars(op), "gate_source": True, "gate_scales": scales,
-                         "gate_threshold": float(max(q.item(), 1e-6))})
-    t = gated.gate_threshold
-    return gated, {"gate": "features", "layer": op.layer, "benign_gate_rate_target": benign_gate_rate,
-                   "gate_threshold": t, "gate_rate_harmful": float((h_score > t).float().mean()),
-                   "gate_rate_benign": float((b_score > t).float().mean()),
-                   "gate_score_auroc": auroc(h_score.numpy(), b_score.numpy()), "n_harmful": len(Ha),
-                   "n_benign": len(Ba) - n_text, "n_benign_text": n_text, "rates_are": "in-sample",
-                   "rule": "the gate opens at the first position p with sum_f a_f(x[p]) / s_f > gate_threshold"}
 
 
 @torch.inference_mode()
 def gate_decisions(model, hookset, encoded: EncodedPrompts, batch_size: int = 16, progress: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
     """What a hook set's prompt gate decides on each prompt, exactly as at inference (the anchor included): the
-    HookedTransformer runs with the hook set attached up to the gate's layer. Returns ``(scores, opened)``."""
+    HookedTransformer runs with the hook set attached up to the gate's layer. Returns ``(scores, opened)``: the
+    end-of-turn score, and whether the gate opened (on that score or on the message-prefix reading)."""
     op = hookset.gate_operation
     if op is None or op.kind != "prompt_probe":
         raise TraceCircuitsError("this hook set has no prompt gate; export one with the prompt gate")
     device = next(model.parameters()).device
-    scores = torch.zeros(len(encoded))
+    scores, opened = torch.zeros(len(encoded)), torch.zeros(len(encoded), dtype=torch.bool)
     n_batches = (len(encoded) + batch_size - 1) // batch_size
     with hookset.attach(model) as rt:
         for b in tqdm(iter_batches(encoded, batch_size, device), total=n_batches, desc="gate", disable=not progress):
             model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=op.layer + 1)
-            scores[b.indices] = rt.prompt_scores
-    s = scores.numpy()
-    return s, s > op.gate_threshold
+            scores[b.indices], opened[b.indices] = rt.prompt_scores, rt.gate_open.cpu()
+    return scores.numpy(), opened.numpy()

@@ -234,9 +234,11 @@ class Run:
                                                   progress=self.progress, groups=groups, l2=gc.l2, pool=gc.pool,
                                                   massive_norm_threshold={l: massive_limit(self.saes[l])
                                                                           for l in layers if l in self.saes},
-                                                  requests=requests)
+                                                  requests=requests, prefix_min_tokens=gc.prefix_min_tokens,
+                                                  prefix_rate=min(gc.prefix_rate, gc.benign_rate) if gc.pool == "turn"
+                                                  else 0.0)
                 else:
-                    from trace_circuits.gate import calibrate_feature_gate
+                    from trace_circuits.feature_gate import calibrate_feature_gate
 
                     srcs = [n.index for n in circuit.sources]
                     gate, calib = calibrate_feature_gate(self.model, sae_operation(self.saes[onset], srcs),

@@ -11,7 +11,8 @@ validation), 4 (+ ``tensors_sha256``: the SHA-256 of ``tensors.safetensors``, so
 together), 5 (+ the prompt probe's ``pool``: ``mean`` reads the prompt's mean residual; older probes read ``last``),
 6 (+ ``pool="turn"`` and the probe's ``opener``), 7 (+ ``action="steer"``), 8 (``weights_signature`` hashes the
 embedding rows rounded to bfloat16, so a float32 and a bfloat16 copy of the same weights are both recognised; older
-files keep the float32 signature, which the float32 model still matches).
+files keep the float32 signature, which the float32 model still matches), 9 (+ the probe's ``prefix_threshold`` and
+``prefix_min_tokens``: a second reading of the user's message that a suffix cannot lower; older probes have none).
 Older files load unchanged, under the same checks.
 
 What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
@@ -52,7 +53,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
 #: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
@@ -280,7 +281,9 @@ class HookSet:
         n_mlp = sum(op.kind == "mlp" for op in self.operations)
         n_dir = sum(op.kind == "direction" for op in self.operations)
         g = self.gate_operation
-        mean = {"mean": " (prompt mean)", "turn": " (last user turn mean)"}.get(g.pool, "") if g is not None else ""
+        mean = {"mean": " (prompt mean)", "turn": " (last user turn mean" + (
+            ", and its message as it grows)" if g.prefix_threshold is not None else ")")}.get(g.pool, "") \
+            if g is not None else ""
         parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
                                       else f"feature gate at layer {g.layer}"]
         cut = [f"{n} {what}" for n, what in ((n_feat, "SAE features"), (n_heads, "heads"), (n_mlp, "MLPs")) if n]

@@ -25,6 +25,11 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     ``pool="turn"``: the same mean over the last user turn only (``q`` after the last match of the token ids
     ``opener`` that ends before ``p``; the whole prompt where none is found), so neither the system prompt nor
     earlier turns of a conversation dilute the request.
+    With ``prefix_threshold`` (``pool="turn"`` only) it also opens if the user's message alone, read as it grows,
+    passes that threshold at some point: ``m = max_t <mean_{q in M, q <= t} x[q] - mu, r> / gap`` over ``t in M`` with
+    at least ``prefix_min_tokens`` positions of ``M`` up to ``t``, ``M`` the turn's positions before the ``anchor``
+    match (:func:`~trace_circuits.activations.prefix_mean_max`); tokens appended to a message cannot lower ``m``
+    (causal attention), so an adversarial suffix cannot shut this reading.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ _FIELDS = {
                      "architecture", "normalize", "massive_norm_threshold", "sae"},
     "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
     "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold",
-                     "opener"},
+                     "opener", "prefix_threshold", "prefix_min_tokens"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -82,6 +87,8 @@ class Operation:
     anchor: list[int] = field(default_factory=list)  # prompt_probe: token ids that end the user turn
     pool: str = "last"  # prompt_probe: "last" (x[p]), "mean" (the prompt's mean up to p) or "turn" (its last turn's)
     opener: list[int] = field(default_factory=list)  # prompt_probe "turn": token ids that open a user turn
+    prefix_threshold: Optional[float] = None  # prompt_probe "turn": also open if the message's running mean passes it
+    prefix_min_tokens: int = 1  # prompt_probe: the running mean counts from this many message tokens on
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -137,8 +144,13 @@ class Operation:
             d.update(gate_source=True, gate_threshold=self.gate_threshold, gap=self.gap, anchor=self.anchor,
                      pool=self.pool, massive_norm_threshold=self.massive_norm_threshold,
                      **({"opener": self.opener} if self.pool == "turn" else {}),
+                     **({"prefix_threshold": self.prefix_threshold, "prefix_min_tokens": self.prefix_min_tokens}
+                        if self.prefix_threshold is not None else {}),
                      score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
-                           "real position); the gate opens if s > gate_threshold")
+                           "real position); the gate opens if s > gate_threshold" + (
+                               "; or if m > prefix_threshold, m = max over t of <mean of x[q] over the last user "
+                               "turn's message positions q <= t (from prefix_min_tokens of them on), before the "
+                               "anchor - mu, r> / gap" if self.prefix_threshold is not None else ""))
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
                         for name, t in self.tensors.items()}
         return d
@@ -183,6 +195,8 @@ class Operation:
             kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", _REQUIRED), gap=g.num("gap", _REQUIRED),
                       anchor=g.ints("anchor", []), gated=False, pool=g.str("pool", "last"),  # format <= 4: last
                       opener=g.ints("opener", []),
+                      prefix_threshold=g.num("prefix_threshold", None, optional=True),  # format <= 8: none
+                      prefix_min_tokens=g.int("prefix_min_tokens", 1),
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True))
         op = cls(**kw)
         if hook and hook != op.hook_name:
@@ -238,6 +252,12 @@ class Operation:
             if t is not None and not (math.isfinite(t) and t > 0):
                 raise TraceCircuitsError(f"{where}: massive_norm_threshold must be a finite number > 0 or absent, "
                                          f"got {t}")
+            if self.prefix_threshold is not None:
+                if self.pool != "turn" or not math.isfinite(self.prefix_threshold):
+                    raise TraceCircuitsError(f"{where}: prefix_threshold must be a finite number and needs pool "
+                                             f"'turn' (got {self.prefix_threshold} with pool {self.pool!r})")
+                if self.prefix_min_tokens < 1:
+                    raise TraceCircuitsError(f"{where}: prefix_min_tokens must be >= 1, got {self.prefix_min_tokens}")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:
