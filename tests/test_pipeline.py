@@ -379,13 +379,14 @@ def test_the_prompt_gate_reads_the_candidate_layer_with_the_best_out_of_fold_cov
     tl = planted[0]
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
-    op, calib = fit_prompt_gate(tl, h, b, layer=[0, 1, 2, 3], benign_gate_rate=0.05, massive_norm_threshold={3: 1e-6})
+    op, calib = fit_prompt_gate(tl, h, b, layer=[0, 1, 2, 3], benign_gate_rate=0.05, massive_norm_threshold={3: 1e-6},
+                                prefix_rate=0.0)  # the search compares the end-of-turn reading alone
     cov = {int(k): v for k, v in calib["layer_search"].items()}
     assert sorted(cov) == [0, 1, 2, 3] and len(set(cov.values())) > 1, cov
     assert op.layer == calib["layer"] == max(cov, key=lambda l: (cov[l], l))
     for layer in cov:
         alone, c1 = fit_prompt_gate(tl, h, b, layer=layer, benign_gate_rate=0.05,
-                                    massive_norm_threshold=1e-6 if layer == 3 else None)
+                                    massive_norm_threshold=1e-6 if layer == 3 else None, prefix_rate=0.0)
         assert c1["gate_rate_harmful"] == cov[layer] and "layer_search" not in c1
         if layer == op.layer:
             assert torch.equal(alone.tensors["r"], op.tensors["r"]) and alone.gate_threshold == op.gate_threshold

@@ -220,7 +220,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
     gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
-    ``calib["layer_search"]`` holds every candidate's coverage. Requests are read where the runtime reads them (the
+    ``calib["layer_search"]`` holds every candidate's coverage (of the end-of-turn reading alone). Requests are read where the runtime reads them (the
     end of the last user turn, found from the chat template's anchor tokens, else the last token); ``benign_text``
     (documents, no chat template) is read at its last token and joins the benign class. ``groups`` (a label per
     harmful and per benign request, e.g. its attack template) breaks the out-of-fold gate rates down by group.
