@@ -220,17 +220,17 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
     gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
-    ``calib["layer_search"]`` holds every candidate's coverage (of the end-of-turn reading alone). Requests are read where the runtime reads them (the
-    end of the last user turn, found from the chat template's anchor tokens, else the last token); ``benign_text``
-    (documents, no chat template) is read at its last token and joins the benign class. ``groups`` (a label per
-    harmful and per benign request, e.g. its attack template) breaks the out-of-fold gate rates down by group.
-    ``pool``: what the probe reads (``last``: the residual at that position; ``mean``: the prompt's mean residual up
-    to it, :func:`activations.read_at`, leaving out the first token and positions whose norm exceeds
-    ``massive_norm_threshold``, one number or ``{layer: limit}``; None or inf: no limit; ``turn``: that mean over
-    the last user turn, after its header). ``requests`` (an id per harmful and per benign sequence, one id space):
-    the sequences of one id share a fold, so the out-of-fold rates are those of unseen requests; a harmful request
-    and its benign twin (the built-in sets are form-matched pairs, index i to index i) given one id are held out
-    together, as the test split holds them out. ``prefix_rate`` > 0 (``pool="turn"``): the probe also reads the
+    ``calib["layer_search"]`` holds every candidate's coverage (of the end-of-turn reading alone). Requests are read
+    where the runtime reads them (the end of the last user turn, found from the chat template's anchor tokens, else
+    the last token); ``benign_text`` (documents, no chat template) is read at its last token and joins the benign
+    class. ``groups`` (a label per harmful and per benign request, e.g. its attack template) breaks the out-of-fold
+    gate rates down by group. ``pool``: what the probe reads (``last``: the residual at that position; ``mean``: the
+    prompt's mean residual up to it, :func:`activations.read_at`, leaving out the first token and positions whose
+    norm exceeds ``massive_norm_threshold``, one number or ``{layer: limit}``; None or inf: no limit; ``turn``: that
+    mean over the last user turn, after its header). ``requests`` (an id per harmful and per benign sequence, one id
+    space): the sequences of one id share a fold, so the out-of-fold rates are those of unseen requests; a harmful
+    request and its benign twin (the built-in sets are form-matched pairs, index i to index i) given one id are held
+    out together, as the test split holds them out. ``prefix_rate`` > 0 (``pool="turn"``): the probe also reads the
     user's message as it grows (``prefix_threshold``, :mod:`trace_circuits.hookset.operations`), a reading a suffix
     cannot lower; its threshold lets it open on ``prefix_rate`` of benign sequences out of fold, and the end-of-turn
     threshold is then the lowest that keeps the two readings together at ``benign_gate_rate`` (None: the config's
