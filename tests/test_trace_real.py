@@ -98,7 +98,7 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
     prompts = list(builtin_prompts("harmful", "test")[:4]) + list(builtin_prompts("benign", "test")[:4])
     g = hs.gate_operation
     scores = sorted(gate_decisions(real_model, hs, encode_prompts(real_model, prompts))[0])
-    g.gate_threshold = float(scores[3] + scores[4]) / 2  # opens on half the rows
+    g.gate_threshold = float(scores[3] + scores[4]) / 2  # the end-of-turn reading opens on half the rows
     b = next(iter_batches(encode_prompts(real_model, prompts), 8))
     cont = torch.tensor(tok(" Sure, here is how to do it", add_special_tokens=False)["input_ids"]).repeat(8, 1)
     full_mask = torch.cat([b.attention_mask, torch.ones_like(cont)], 1)
@@ -124,7 +124,11 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
         with hs.attach(hf_model) as rt_hf:
             hf_logits = hf_run()
     opened = rt_tl.gate_open
-    assert opened.sum() == 4, opened
+    want = rt_tl.prompt_scores > g.gate_threshold  # or the message-prefix reading, where the hook set has it
+    if g.prefix_threshold is not None:
+        want = want | (rt_tl.prefix_scores > g.prefix_threshold)
+        assert torch.allclose(rt_tl.prefix_scores, rt_hf.prefix_scores, atol=1e-3)
+    assert torch.equal(opened, want) and 4 <= int(opened.sum()) < 8, opened
     assert torch.equal(opened, rt_hf.gate_open)
     assert (tl - hf_logits)[real].abs().max() < 1e-3
     for r in range(8):
