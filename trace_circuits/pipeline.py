@@ -235,8 +235,7 @@ class Run:
                                                   massive_norm_threshold={l: massive_limit(self.saes[l])
                                                                           for l in layers if l in self.saes},
                                                   requests=requests, prefix_min_tokens=gc.prefix_min_tokens,
-                                                  prefix_rate=min(gc.prefix_rate, gc.benign_rate) if gc.pool == "turn"
-                                                  else 0.0)
+                                                  prefix_rate=gc.prefix_rate if gc.pool == "turn" else 0.0)
                 else:
                     from trace_circuits.feature_gate import calibrate_feature_gate
 
