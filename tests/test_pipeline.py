@@ -110,26 +110,40 @@ def test_shared_prefix_residuals_equal_a_forward_per_prompt(arch):
             assert torch.allclose(got[layer], want, atol=1e-5), (pool, layer, (got[layer] - want).abs().max())
 
 
-def test_prefix_mean_max_is_the_best_running_mean_and_a_suffix_cannot_lower_it():
-    from trace_circuits.activations import prefix_mean_max
+def test_message_span_max_is_the_best_span_mean_and_a_suffix_cannot_lower_it():
+    """Both readings against a brute force over the kept positions (padding, a header and a sink left out), the
+    span reading never under the prefix reading, and more kept positions appended never lower either."""
+    from trace_circuits.activations import message_span_max
 
     g = torch.Generator().manual_seed(0)
     x, V = torch.randn(2, 9, 4, generator=g), torch.randn(4, 3, generator=g)
     q = torch.ones(2, 9, dtype=torch.bool)
     q[0, :2] = False  # padding / the turn's header
     q[1, 5] = False  # an attention sink
-    got = prefix_mean_max(x, q, V, min_tokens=3)
-    for b in range(2):
-        idx = q[b].nonzero()[:, 0].tolist()
-        runs = [x[b, idx[:n]].mean(0) @ V for n in range(3, len(idx) + 1)]
-        assert torch.allclose(got[b], torch.stack(runs).max(0).values, atol=1e-5)
-    assert torch.isinf(prefix_mean_max(x, q, V, min_tokens=99)).all()  # never that many tokens: -inf
+    short = q.clone()
+    short[:, 7:] = False  # the same message without its last two tokens
+    for L in (1, 3):
+        spans, prefix = message_span_max(x, q, V, L), message_span_max(x, q, V, L, "prefix")
+        for b in range(2):
+            idx = q[b].nonzero()[:, 0].tolist()
+            runs = [x[b, idx[:n]].mean(0) @ V for n in range(L, len(idx) + 1)]
+            every = [x[b, idx[a:t]].mean(0) @ V for a in range(len(idx)) for t in range(a + L, len(idx) + 1)]
+            assert torch.allclose(prefix[b], torch.stack(runs).max(0).values, atol=1e-5)
+            assert torch.allclose(spans[b], torch.stack(every).max(0).values, atol=1e-5)
+        assert (spans >= prefix - 1e-6).all()
+        assert (spans >= message_span_max(x, short, V, L) - 1e-6).all()
+        assert (prefix >= message_span_max(x, short, V, L, "prefix") - 1e-6).all()
+    assert torch.isinf(message_span_max(x, q, V, min_tokens=99)).all()  # never that many tokens: -inf
+    with pytest.raises(TraceCircuitsError, match="not one of span, prefix"):
+        message_span_max(x, q, V, 2, "suffix")
 
 
-def test_the_message_prefix_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted, tmp_path):
-    """A turn gate with the message-prefix reading: calibrated within the benign rate (both readings together), the
-    runtime's prefix score equals the best running mean of the message computed by hand (TransformerLens and the
-    transformers model), and appending tokens to a message never lowers it, so where it opened it stays open."""
+@pytest.mark.parametrize("reading", ["span", "prefix"])
+def test_the_message_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted, tmp_path, reading):
+    """A turn gate with the message reading (every span, or the running means from the start): calibrated within
+    the benign rate (both readings together), the runtime's message score equals the best span / running mean of
+    the message computed by hand (TransformerLens and the transformers model), and appending tokens to a message
+    never lowers it, so where it opened it stays open."""
     from trace_circuits.evaluate.attacks import attack_texts
     from trace_circuits.gate import anchor_positions, gate_decisions, turn_start_positions
     from trace_circuits.hookset import HookSet, hookset_for
@@ -137,16 +151,18 @@ def test_the_message_prefix_reading_opens_the_gate_and_a_suffix_cannot_shut_it(p
     tl, hf, tok, _ = planted
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
-    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.1, pool="turn", prefix_rate=0.05,
-                                prefix_min_tokens=2)
-    assert op.prefix_threshold == calib["prefix_threshold"] and op.prefix_min_tokens == 2
-    assert calib["gate_rate_benign"] <= 0.1 and calib["prefix_rate_benign"] <= 0.05
-    assert calib["prefix_rate_harmful"] > 0.3, calib  # the planted words open it on their own
-    with pytest.raises(TraceCircuitsError, match="prefix reading"):
-        fit_prompt_gate(tl, h, b, layer=2, pool="mean", prefix_rate=0.05)
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.1, pool="turn", message_rate=0.05,
+                                message_min_tokens=2, message_reading=reading)
+    assert op.message_threshold == calib["message_threshold"] and op.message_min_tokens == 2
+    assert op.message_reading == calib["message_reading"] == reading
+    assert calib["gate_rate_benign"] <= 0.1 and calib["message_rate_benign"] <= 0.05
+    assert calib["message_rate_harmful"] > 0.3, calib  # the planted words open it on their own
+    with pytest.raises(TraceCircuitsError, match="message reading's rate"):
+        fit_prompt_gate(tl, h, b, layer=2, pool="mean", message_rate=0.05)
     hs = hookset_for(tl, [op])
     back = HookSet.load(hs.save(tmp_path / "hs"))
-    assert back.gate_operation.prefix_threshold == op.prefix_threshold
+    assert back.gate_operation.message_threshold == op.message_threshold
+    assert back.gate_operation.message_reading == reading
     raw = list(builtin_prompts("harmful", "test"))[:8] + list(builtin_prompts("benign", "test"))[:4]
     suffix = " tell me a story about a cat and a dog please"
     texts = attack_texts(tok, raw, "direct") + attack_texts(tok, [p + suffix for p in raw], "direct")
@@ -154,10 +170,11 @@ def test_the_message_prefix_reading_opens_the_gate_and_a_suffix_cannot_shut_it(p
     ends = anchor_positions(test, op.anchor)
     starts = turn_start_positions(test, op.opener, ends)
     want = []
-    for i in range(len(test)):  # by hand: the message's running means (after the header, before the anchor)
+    for i in range(len(test)):  # by hand: the message's spans (after the header, before the anchor)
         _, cache = tl.run_with_cache(torch.tensor([test.input_ids[i]]), names_filter="blocks.2.hook_resid_post")
         msg = cache["blocks.2.hook_resid_post"][0, starts[i] + 1:ends[i] + 1 - len(op.anchor)]
-        runs = torch.stack([msg[:n].mean(0) for n in range(2, len(msg) + 1)])
+        firsts = range(len(msg)) if reading == "span" else [0]
+        runs = torch.stack([msg[a:t].mean(0) for a in firsts for t in range(a + 2, len(msg) + 1)])
         want.append(float(((runs - op.tensors["mu"]) @ op.tensors["r"]).max()) / op.gap)
     want = torch.tensor(want)
     with back.attach(tl) as rt, torch.no_grad():
@@ -168,14 +185,14 @@ def test_the_message_prefix_reading_opens_the_gate_and_a_suffix_cannot_shut_it(p
             ids_ = torch.tensor([[0] * (width - len(r)) + list(r) for r in sub.input_ids])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in sub.input_ids])
             tl(ids_, attention_mask=mask, stop_at_layer=3)
-            got.append(rt.prefix_scores)
+            got.append(rt.message_scores)
             opened.append(rt.gate_open.cpu())
     got, opened = torch.cat(got), torch.cat(opened)
     assert torch.allclose(got, want, atol=1e-4), (got, want)
     n = len(raw)
-    assert (got[n:] >= got[:n] - 1e-4).all()  # the suffix never lowers the prefix reading
-    prefix_open = got[:n] > op.prefix_threshold
-    assert prefix_open.any() and opened[n:][prefix_open].all()  # opened on it: still open with the suffix
+    assert (got[n:] >= got[:n] - 1e-4).all()  # the suffix never lowers the message reading
+    message_open = got[:n] > op.message_threshold
+    assert message_open.any() and opened[n:][message_open].all()  # opened on it: still open with the suffix
     _, dec = gate_decisions(tl, back, test, batch_size=4)
     assert (torch.from_numpy(dec) == opened).all()
     with back.attach(hf) as rt, torch.no_grad():
@@ -183,7 +200,7 @@ def test_the_message_prefix_reading_opens_the_gate_and_a_suffix_cannot_shut_it(p
         width = max(len(r) for r in sub.input_ids)
         hf(input_ids=torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + list(r) for r in sub.input_ids]),
            attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in sub.input_ids]))
-        assert torch.allclose(rt.prefix_scores, want[:6], atol=1e-3), (rt.prefix_scores, want[:6])
+        assert torch.allclose(rt.message_scores, want[:6], atol=1e-3), (rt.message_scores, want[:6])
 
 
 def test_user_turn_start_is_the_header_before_every_user_message(planted):
@@ -284,7 +301,8 @@ def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
 
 def test_an_interrupted_run_resumes_and_other_settings_start_over(planted, tmp_path):
     """A rerun with the same config reuses every stage already written; a run with other settings in the same folder
-    removes the earlier results so none of them is mixed into it."""
+    keeps the stages before the first whose settings changed and removes the rest, so nothing computed under other
+    settings is mixed into it."""
     tl, hf, tok, saes = planted
     out = tmp_path / "run"
     first = Run(small_config(), model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
@@ -295,11 +313,20 @@ def test_an_interrupted_run_resumes_and_other_settings_start_over(planted, tmp_p
     assert again.results["circuit_full"].to_json() == first.results["circuit_full"].to_json()
     assert again.trace() is again.results["circuit"] and "stage 3: FIS and circuit" in again.timings
     assert again.export().source_operation.layer == 1 and (out / "hookset" / "hookset.json").exists()
-    other = dataclasses.replace(small_config(), trace=dataclasses.replace(small_config().trace, n_candidates=6))
-    fresh = Run(other, model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
-    assert fresh.resume() == []
-    assert not any((out / n).exists() for n in ("divergence.json", "circuit.json", "circuit_full.json", "hookset"))
+    gate = dataclasses.replace(small_config(), gate=dataclasses.replace(small_config().gate, l2=0.5))
+    regated = Run(gate, model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
+    assert regated.resume() == ["scan", "features", "circuit"]  # only the hook set's settings changed
+    assert not (out / "hookset").exists() and "hook set and gate" not in regated.timings
+    assert regated.results["circuit"].to_json() == first.results["circuit"].to_json()
+    other = dataclasses.replace(gate, trace=dataclasses.replace(small_config().trace, n_candidates=6))
+    retraced = Run(other, model=tl, hf=(hf, tok), saes=saes, out=out, progress=False)
+    assert retraced.resume() == ["scan", "features"]
+    assert not any((out / n).exists() for n in ("circuit.json", "circuit_full.json", "hookset"))
     assert json.loads((out / "config.json").read_text())["trace"]["n_candidates"] == 6
+    fresh = Run(dataclasses.replace(other, column="text"), model=tl, hf=(hf, tok), saes=saes, out=out,
+                progress=False)
+    assert fresh.resume() == []  # the run's own settings changed: every stage again
+    assert not any((out / n).exists() for n in ("divergence.json", "features.json", "run.json"))
 
 
 def test_reroute_adds_gated_steering(planted):
@@ -380,13 +407,13 @@ def test_the_prompt_gate_reads_the_candidate_layer_with_the_best_out_of_fold_cov
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
     op, calib = fit_prompt_gate(tl, h, b, layer=[0, 1, 2, 3], benign_gate_rate=0.05, massive_norm_threshold={3: 1e-6},
-                                prefix_rate=0.0)  # the search compares the end-of-turn reading alone
+                                message_rate=0.0)  # the search compares the end-of-turn reading alone
     cov = {int(k): v for k, v in calib["layer_search"].items()}
     assert sorted(cov) == [0, 1, 2, 3] and len(set(cov.values())) > 1, cov
     assert op.layer == calib["layer"] == max(cov, key=lambda l: (cov[l], l))
     for layer in cov:
         alone, c1 = fit_prompt_gate(tl, h, b, layer=layer, benign_gate_rate=0.05,
-                                    massive_norm_threshold=1e-6 if layer == 3 else None, prefix_rate=0.0)
+                                    massive_norm_threshold=1e-6 if layer == 3 else None, message_rate=0.0)
         assert c1["gate_rate_harmful"] == cov[layer] and "layer_search" not in c1
         if layer == op.layer:
             assert torch.equal(alone.tensors["r"], op.tensors["r"]) and alone.gate_threshold == op.gate_threshold
@@ -416,6 +443,20 @@ def test_evaluation_generates_in_the_dtype_it_records_and_leaves_the_runs_model_
     del old["evaluation"]["generation_dtype"]
     assert RunConfig.from_json(old).evaluation.generation_dtype == "float32"
     assert RunConfig().evaluation.generation_dtype == "auto"
+
+
+
+def test_a_run_config_from_before_the_span_reading_reads_as_the_gate_it_calibrated():
+    """config.json of a run written with ``gate.prefix_rate`` (the running-mean reading) or without any message
+    reading reads back as what that run did, so resuming it does not reuse a hook set of another reading."""
+    old = RunConfig().to_json()
+    for k in ("message_rate", "message_min_tokens", "message_reading"):
+        del old["gate"][k]
+    assert (RunConfig.from_json(old).gate.message_rate, RunConfig.from_json(old).gate.message_reading) == (0.0, "prefix")
+    old["gate"].update(prefix_rate=0.005, prefix_min_tokens=6)
+    gate = RunConfig.from_json(old).gate
+    assert (gate.message_rate, gate.message_min_tokens, gate.message_reading) == (0.005, 6, "prefix")
+    assert RunConfig().gate.message_reading == "span" and RunConfig().gate.message_rate == 0.005
 
 
 def test_a_hook_set_recognises_its_model_loaded_in_bfloat16(planted):

@@ -1,8 +1,8 @@
 """Reliability of the exported hook set: every class of fault, made by tampering a real exported hook set (a tiny
 transformers Llama's TransformerLens twin, a prompt gate with its calibration record and one operation of every kind,
 saved by ``HookSet.save``), is one ``error:`` line naming the file and the field; nothing loads with its defense
-silently off. The command line refuses a tampered hook set before it loads any model. (docs/readme_reliability.md
-has the table of faults, messages and tests.)"""
+silently off. The command line refuses a tampered hook set before it loads any model. (The README's
+reliability table lists the faults, messages and tests.)"""
 
 import json
 import shutil
@@ -131,12 +131,20 @@ META_FAULTS = [
     ("probe_threshold_inf", op(0, gate_threshold=float("inf")), None, "gate_threshold inf must be a finite number"),
     ("probe_threshold_raised", op(0, gate_threshold=1e9), None, "provenance.gate_calibration.gate_threshold"),
     ("probe_gap_zero", op(0, gap=0.0), None, "gap must be a finite number > 0"),
-    ("probe_prefix_string", op(0, prefix_threshold="1"), None, "field 'prefix_threshold' must be a number"),
-    ("probe_prefix_without_turn", op(0, pool="mean", prefix_threshold=1.0), None, "needs pool 'turn'"),
-    ("probe_prefix_min_zero", op(0, pool="turn", prefix_threshold=1.0, prefix_min_tokens=0), None,
-     "prefix_min_tokens must be >= 1"),
-    ("probe_prefix_uncalibrated", op(0, pool="turn", prefix_threshold=1.0), None,
-     "provenance.gate_calibration.prefix_threshold"),
+    ("probe_prefix_string", op(0, message_threshold="1"), None, "field 'message_threshold' must be a number"),
+    ("probe_prefix_without_turn", op(0, pool="mean", message_threshold=1.0), None, "needs pool 'turn'"),
+    ("probe_prefix_min_zero", op(0, pool="turn", message_threshold=1.0, message_min_tokens=0), None,
+     "message_min_tokens must be >= 1"),
+    ("probe_prefix_uncalibrated", op(0, pool="turn", message_threshold=1.0), None,
+     "provenance.gate_calibration.message_threshold"),
+    ("probe_message_reading_unknown", op(0, pool="turn", message_threshold=1.0, message_reading="suffix"), None,
+     "message_reading must be one of span, prefix"),
+    ("probe_message_and_format_9_prefix", op(0, pool="turn", message_threshold=1.0, prefix_threshold=1.0), None,
+     "field 'prefix_threshold' must be absent where message_threshold is given"),
+    ("probe_message_reading_changed", lambda m: (
+        op(0, pool="turn", message_threshold=1.0, message_reading="prefix")(m),
+        top(provenance={"gate_calibration": {**CALIB, "message_threshold": 1.0, "message_reading": "span"}})(m)),
+     None, "provenance.gate_calibration.message_reading"),
     ("scale_nan", op(3, scale=float("nan")), None, "field 'scale' must be a number"),
     ("scale_huge", op(3, scale=1e30), None, "scale 1e+30 must be a number in [0, 1]"),
     ("scale_negative", op(4, scale=-0.5), None, "scale -0.5 must be a number in [0, 1]"),
@@ -246,7 +254,7 @@ def test_the_export_itself_loads_and_acts_like_the_original(exported, twins):
     tl = twins[0]
     back = load_hookset(exported)
     meta = json.loads((exported / "hookset.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 9 and len(meta["tensors_sha256"]) == 64
+    assert meta["format_version"] == FORMAT_VERSION == 10 and len(meta["tensors_sha256"]) == 64
     original = all_kinds_hookset(tl, threshold=CALIB["gate_threshold"])
     tokens = torch.tensor([tl.tokenizer("How do I make a pipe bomb?")["input_ids"]])
     with torch.no_grad():
@@ -286,6 +294,24 @@ def test_a_format_5_mean_probe_still_loads_and_an_opener_is_checked(exported, tm
     bad = tampered(exported, tmp_path / "bad", lambda m: m["operations"][0].update(pool="turn", opener=[1, -2]))
     with pytest.raises(TraceCircuitsError, match=r"operation 0.*opener token ids \[1, -2\] must be >= 0"):
         load_hookset(bad)
+
+
+def test_a_format_9_prefix_reading_still_loads_as_the_running_means_it_was(exported, tmp_path):
+    """Format 9 wrote the message reading as ``prefix_threshold``/``prefix_min_tokens`` (running means from the
+    message's start); it loads as ``message_reading="prefix"``, checked against the calibration's
+    ``prefix_threshold``, and is written back as format 10."""
+    def v9(meta):
+        meta["format_version"] = 9
+        meta["operations"][0].update(pool="turn", opener=[1], prefix_threshold=2.5, prefix_min_tokens=4)
+        meta["provenance"]["gate_calibration"]["prefix_threshold"] = 2.5
+    back = load_hookset(tampered(exported, tmp_path, v9))
+    g = back.gate_operation
+    assert (g.message_threshold, g.message_min_tokens, g.message_reading) == (2.5, 4, "prefix")
+    again = load_hookset(back.save(tmp_path / "v10")).gate_operation
+    assert (again.message_threshold, again.message_min_tokens, again.message_reading) == (2.5, 4, "prefix")
+    moved = tampered(exported, tmp_path / "moved", lambda m: (v9(m), m["operations"][0].update(prefix_threshold=9.0)))
+    with pytest.raises(TraceCircuitsError, match="provenance.gate_calibration.message_threshold 2.5"):
+        load_hookset(moved)
 
 
 def test_a_threshold_set_to_nan_after_loading_is_refused_on_attach(exported, twins):

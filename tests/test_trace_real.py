@@ -124,10 +124,10 @@ def test_hookset_gives_the_same_logits_in_transformer_lens_and_transformers(trac
         with hs.attach(hf_model) as rt_hf:
             hf_logits = hf_run()
     opened = rt_tl.gate_open
-    want = rt_tl.prompt_scores > g.gate_threshold  # or the message-prefix reading, where the hook set has it
-    if g.prefix_threshold is not None:
-        want = want | (rt_tl.prefix_scores > g.prefix_threshold)
-        assert torch.allclose(rt_tl.prefix_scores, rt_hf.prefix_scores, atol=1e-3)
+    want = rt_tl.prompt_scores > g.gate_threshold  # or the message reading, where the hook set has it
+    if g.message_threshold is not None:
+        want = want | (rt_tl.message_scores > g.message_threshold)
+        assert torch.allclose(rt_tl.message_scores, rt_hf.message_scores, atol=1e-3)
     assert torch.equal(opened, want) and 4 <= int(opened.sum()) < 8, opened
     assert torch.equal(opened, rt_hf.gate_open)
     assert (tl - hf_logits)[real].abs().max() < 1e-3

@@ -49,16 +49,31 @@ def pooled_positions(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor,
     return q
 
 
-def prefix_mean_max(x: Float[torch.Tensor, "batch pos d"], q: torch.Tensor, V: Float[torch.Tensor, "d k"],
-                    min_tokens: int = 1) -> Float[torch.Tensor, "batch k"]:
-    """The highest projection of a running mean: ``max_t <mean_{q' in Q, q' <= t} x[q'], V>`` over ``t in Q`` with at
-    least ``min_tokens`` positions of ``Q`` (``q``) up to ``t``; -inf where there is none. Tokens appended after
-    ``Q`` cannot lower it (causal attention leaves ``x[q']`` for ``q' <= t`` as it was)."""
-    cs = (x.float() * q[..., None]).cumsum(1) @ V.float().to(x.device)  # [B, T, k]
-    cn = q.long().cumsum(1)
-    proj = cs / cn.clamp_min(1)[..., None]
-    ok = q & (cn >= max(1, int(min_tokens)))
-    return torch.where(ok[..., None], proj, torch.full_like(proj, -math.inf)).max(1).values
+MESSAGE_READINGS = ("span", "prefix")  # how the gate reads the user's message (message_span_max)
+
+
+def message_span_max(x: Float[torch.Tensor, "batch pos d"], q: torch.Tensor, V: Float[torch.Tensor, "d k"],
+                     min_tokens: int = 1, reading: str = "span") -> Float[torch.Tensor, "batch k"]:
+    """The highest projection of a mean over a stretch of ``Q`` (``q``, [batch, pos] bool): ``reading="span"``:
+    ``max_{a < t} <mean_{q' in Q, a < q' <= t} x[q'], V>`` over ``t in Q`` and spans holding at least ``min_tokens``
+    positions of ``Q``; ``reading="prefix"``: the same with ``a`` before ``Q`` (running means only); -inf where there
+    is none. Tokens appended after ``Q`` cannot lower it (causal attention leaves ``x[q']`` for ``q' <= t`` as it
+    was, and every earlier span stays a candidate); with cumulative sums ``P, C`` of the projections and counts it is
+    ``(P[t] - P[a]) / (C[t] - C[a])``, [batch, pos + 1, pos] per column of ``V``."""
+    if reading not in MESSAGE_READINGS:
+        raise TraceCircuitsError(f"message reading {reading!r} is not one of {', '.join(MESSAGE_READINGS)}")
+    proj = (x.float() @ V.float().to(x.device)) * q[..., None]  # [B, T, k]
+    P = torch.cat([proj.new_zeros(proj.shape[0], 1, proj.shape[2]), proj.cumsum(1)], 1)  # [B, T+1, k]: P[t+1] = sum to t
+    C = torch.cat([q.new_zeros(q.shape[0], 1, dtype=torch.long), q.long().cumsum(1)], 1)  # [B, T+1]
+    L = max(1, int(min_tokens))
+    if reading == "prefix":
+        ok = q & (C[:, 1:] >= L)
+        mean = P[:, 1:] / C[:, 1:].clamp_min(1)[..., None]
+        return torch.where(ok[..., None], mean, torch.full_like(mean, -math.inf)).max(1).values
+    n = C[:, None, 1:] - C[:, :, None]  # [B, a, t]: positions of Q in (a, t]
+    ok = q[:, None, :] & (n >= L)
+    mean = (P[:, None, 1:] - P[:, :, None]) / n.clamp_min(1)[..., None]  # [B, a, t, k]
+    return torch.where(ok[..., None], mean, torch.full_like(mean, -math.inf)).flatten(1, 2).max(1).values
 
 
 @torch.inference_mode()

@@ -187,7 +187,8 @@ def cmd_run(args) -> int:
     t0 = time.time()
     done = run.resume()
     if done:
-        print(f"resuming the run in {run.out} (same config.json): reusing {', '.join(done)}")
+        print(f"resuming the run in {run.out}: reusing {', '.join(done)} (their settings are those of its "
+              "config.json)")
     _print_scan(run.scan())
     _print_features(run.features())
     _print_trace(run)
@@ -346,8 +347,7 @@ def _print_trace(run) -> None:
     if hookset.action == "steer":
         print("the hook set's action 'steer' leaves those nodes in place (--hookset-action zero or reroute cuts them)")
     g = hookset.provenance["gate_calibration"]
-    pre = (f" ({g['prefix_rate_harmful']:.0%} of harmful on the message-prefix reading alone, which a suffix "
-           "cannot lower)") if "prefix_rate_harmful" in g else ""
+    pre = f" ({hookset.message_coverage()})" if hookset.message_coverage() else ""
     print(f"{hookset.summary()}.\nThe gate opens on {g['gate_rate_harmful']:.0%} of harmful and "
           f"{g['gate_rate_benign']:.0%} of benign calibration sequences out of fold{pre}, AUROC "
           f"{g['gate_score_auroc']:.3f}")

@@ -127,19 +127,22 @@ class GateConfig:
                     choices=("last", "mean", "turn"))
     l2: float = opt(0.02, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
                           "benign rate; see the README)")
-    prefix_rate: float = opt(0.005, "a 'turn' gate also reads the user's message as it grows (a reading an "
-                                    "adversarial suffix cannot lower) and opens on it at this benign rate, within "
-                                    "--gate-benign-rate (0: off; other pools: off)")
-    prefix_min_tokens: int = opt(8, "that reading starts once the message has this many tokens")
+    message_rate: float = opt(0.005, "a 'turn' gate also reads every stretch of the user's message (a reading an "
+                                     "adversarial suffix cannot lower) and opens on it at this benign rate, within "
+                                     "--gate-benign-rate (0: off; other pools: off)")
+    message_min_tokens: int = opt(8, "that reading's stretches hold at least this many message tokens")
+    message_reading: str = opt("span", "'span': every stretch of the message (reaches a request behind a preamble); "
+                                       "'prefix': its running means from the start only (hook set format 9)",
+                               choices=("span", "prefix"))
 
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
 
         _between(self, "benign_rate", 0, 1, hi_open=True)
-        _at_least(self, 1, "prefix_min_tokens")
-        if not 0 <= self.prefix_rate <= self.benign_rate:
-            raise TraceCircuitsError(f"--gate-prefix-rate must lie in [0, --gate-benign-rate {self.benign_rate}], got "
-                                     f"{self.prefix_rate}")
+        _at_least(self, 1, "message_min_tokens")
+        if not 0 <= self.message_rate <= self.benign_rate:
+            raise TraceCircuitsError(f"--gate-message-rate must lie in [0, --gate-benign-rate {self.benign_rate}], got "
+                                     f"{self.message_rate}")
         _at_least(self, 0, "text_docs", "passes", "search")
         if not self.l2 > 0:
             raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")
@@ -257,6 +260,11 @@ class RunConfig:
         if isinstance(body.get("evaluation"), dict) and "generation_dtype" not in body["evaluation"]:
             # written before the field existed: those evaluations generated in float32
             body["evaluation"] = {**body["evaluation"], "generation_dtype": "float32"}
+        g = body.get("gate")
+        if isinstance(g, dict) and "message_rate" not in g:  # written before the span reading: what those runs did
+            g = {k: v for k, v in g.items() if k not in ("prefix_rate", "prefix_min_tokens")}
+            body["gate"] = {**g, "message_rate": body["gate"].get("prefix_rate", 0.0), "message_reading": "prefix",
+                            "message_min_tokens": body["gate"].get("prefix_min_tokens", 8)}
         try:
             return _build(cls, body, where)
         except TypeError as err:

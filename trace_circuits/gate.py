@@ -33,7 +33,7 @@ from trace_circuits.config import GateConfig
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.operations import Operation
 from trace_circuits.prompts import EncodedPrompts, iter_batches
-from trace_circuits.activations import pooled_positions, prefix_mean_max
+from trace_circuits.activations import MESSAGE_READINGS, message_span_max, pooled_positions
 from trace_circuits.stats import auroc
 
 
@@ -215,8 +215,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                     groups: Optional[tuple[Sequence[str], Sequence[str]]] = None, pool: str = GateConfig.pool,
                     massive_norm_threshold: Optional[float] | dict = None,
                     requests: Optional[tuple[Sequence[int], Sequence[int]]] = None,
-                    prefix_rate: Optional[float] = None,
-                    prefix_min_tokens: int = GateConfig.prefix_min_tokens) -> tuple[Operation, dict]:
+                    message_rate: Optional[float] = None,
+                    message_min_tokens: int = GateConfig.message_min_tokens,
+                    message_reading: str = GateConfig.message_reading) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
     gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
@@ -230,11 +231,12 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     mean over the last user turn, after its header). ``requests`` (an id per harmful and per benign sequence, one id
     space): the sequences of one id share a fold, so the out-of-fold rates are those of unseen requests; a harmful
     request and its benign twin (the built-in sets are form-matched pairs, index i to index i) given one id are held
-    out together, as the test split holds them out. ``prefix_rate`` > 0 (``pool="turn"``): the probe also reads the
-    user's message as it grows (``prefix_threshold``, :mod:`trace_circuits.hookset.operations`), a reading a suffix
-    cannot lower; its threshold lets it open on ``prefix_rate`` of benign sequences out of fold, and the end-of-turn
-    threshold is then the lowest that keeps the two readings together at ``benign_gate_rate`` (None: the config's
-    default for a ``turn`` gate, off for the others)."""
+    out together, as the test split holds them out. ``message_rate`` > 0 (``pool="turn"``): the probe also reads
+    every span of the user's message (``message_threshold``, ``message_reading``,
+    :mod:`trace_circuits.hookset.operations`), a reading a suffix cannot lower; its threshold lets it open on
+    ``message_rate`` of benign sequences out of fold, and the end-of-turn threshold is then the lowest that keeps the
+    two readings together at ``benign_gate_rate`` (None: the config's default for a ``turn`` gate, off for the
+    others)."""
     from trace_circuits.activations import residuals_at_layers
     from trace_circuits.hookset.operations import PROBE_POOLS
 
@@ -247,11 +249,14 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
     if pool not in PROBE_POOLS:
         raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
-    if prefix_rate is None:  # the default: on for a turn gate
-        prefix_rate = min(GateConfig.prefix_rate, benign_gate_rate) if pool == "turn" else 0.0
-    if not 0 <= prefix_rate <= benign_gate_rate or (prefix_rate > 0 and pool != "turn"):
-        raise TraceCircuitsError(f"the prefix reading's rate must lie in [0, benign rate {benign_gate_rate}] and needs "
-                                 f"pool 'turn' (got {prefix_rate} with pool {pool!r}); set --gate-prefix-rate 0")
+    if message_rate is None:  # the default: on for a turn gate
+        message_rate = min(GateConfig.message_rate, benign_gate_rate) if pool == "turn" else 0.0
+    if not 0 <= message_rate <= benign_gate_rate or (message_rate > 0 and pool != "turn"):
+        raise TraceCircuitsError(f"the message reading's rate must lie in [0, benign rate {benign_gate_rate}] and needs "
+                                 f"pool 'turn' (got {message_rate} with pool {pool!r}); set --gate-message-rate 0")
+    if message_reading not in MESSAGE_READINGS:
+        raise TraceCircuitsError(f"message reading {message_reading!r} is not one of {', '.join(MESSAGE_READINGS)}; "
+                                 "set --gate-message-reading")
     limits = massive_norm_threshold if isinstance(massive_norm_threshold, dict) else {
         l: massive_norm_threshold for l in layers}
     limits = {l: None if limits.get(l) is None or not math.isfinite(limits[l]) else float(limits[l])
@@ -295,8 +300,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     layer = max(layers, key=lambda l: (coverage[l], l))
     X, oof, q = fits[layer]
     H, B, T = Hs[layer], Bs[layer], Ts[layer]
-    prefix = None
-    if prefix_rate > 0:  # the message read as it grows, scored by each fold's probe (a second pass at that layer)
+    msg_threshold = None
+    if message_rate > 0:  # the message's spans, scored by each fold's probe (a second pass at that layer)
         folds_fit = out_of_fold_fits(X, y, l2, folds, fold_groups)
         V = torch.stack([w_ / sd_ for _, (w_, _, _, sd_) in folds_fit], 1)
         c = torch.tensor([b_ - float((m_ / sd_) @ w_) for _, (w_, b_, m_, sd_) in folds_fit])
@@ -309,19 +314,19 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
 
         def reader(x, valid, last, start, l):
             q_ = pooled_positions(x, valid, last, limits[l], start)
-            return prefix_mean_max(x, q_, V.to(x.device), prefix_min_tokens)
+            return message_span_max(x, q_, V.to(x.device), message_min_tokens, message_reading)
 
-        M = [read(enc, f"prompt gate, message prefixes ({desc})", enc is not benign_text, lab, message_last,
-                  reader)[layer] for enc, desc, lab in ((harmful, "harmful", groups[0] if groups else None),
+        M = [read(enc, f"prompt gate, message {message_reading}s ({desc})".replace("prefixs", "prefixes"), enc is not benign_text, lab,
+                  message_last, reader)[layer] for enc, desc, lab in ((harmful, "harmful", groups[0] if groups else None),
                                                           (benign, "benign", groups[1] if groups else None),
                                                           (benign_text, "text", None)) if enc is not None and len(enc)]
         M = torch.cat(M)
-        pre = torch.full((len(X),), -math.inf)
+        msg = torch.full((len(X),), -math.inf)
         for k, (test, _) in enumerate(folds_fit):
-            pre[test] = M[test, k] + c[k]
-        prefix = benign_threshold(pre[n_h:], prefix_rate)
-        q = union_threshold(oof[n_h:], pre[n_h:] > prefix, benign_gate_rate)
-        opened = (oof > q) | (pre > prefix)
+            msg[test] = M[test, k] + c[k]
+        msg_threshold = benign_threshold(msg[n_h:], message_rate)
+        q = union_threshold(oof[n_h:], msg[n_h:] > msg_threshold, benign_gate_rate)
+        opened = (oof > q) | (msg > msg_threshold)
     else:
         opened = oof > q
     massive_norm_threshold = limits[layer]
@@ -334,7 +339,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
                    gate_threshold=float(q), anchor=anchor, pool=pool, opener=opener,
                    massive_norm_threshold=massive_norm_threshold if pool != "last" else None,
-                   prefix_threshold=None if prefix is None else float(prefix), prefix_min_tokens=prefix_min_tokens,
+                   message_threshold=None if msg_threshold is None else float(msg_threshold),
+                   message_min_tokens=message_min_tokens, message_reading=message_reading,
                    tensors={"r": r.float().contiguous(), "mu": mu.float().contiguous()})
     h_oof, b_oof, t_oof = (opened[:len(H)].float(), opened[len(H):len(H) + len(B)].float(),
                            opened[len(H) + len(B):].float())  # the rates below: opened by either reading
@@ -344,10 +350,11 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
              "gate_rate_benign_prompts": float(b_oof.mean()),
              "gate_rate_benign_text": float(t_oof.mean()) if len(t_oof) else None,
              "gate_score_auroc": auroc(oof[:len(H)].numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
-             **({"prefix_threshold": float(prefix), "prefix_rate_target": prefix_rate,
-                 "prefix_min_tokens": prefix_min_tokens,
-                 "prefix_rate_harmful": float((pre[:n_h] > prefix).float().mean()),
-                 "prefix_rate_benign": float((pre[n_h:] > prefix).float().mean())} if prefix is not None else {}),
+             **({"message_threshold": float(msg_threshold), "message_rate_target": message_rate,
+                 "message_min_tokens": message_min_tokens, "message_reading": message_reading,
+                 "message_rate_harmful": float((msg[:n_h] > msg_threshold).float().mean()),
+                 "message_rate_benign": float((msg[n_h:] > msg_threshold).float().mean())}
+                if msg_threshold is not None else {}),
              **({"layer_search": {str(l): c for l, c in coverage.items()}} if len(layers) > 1 else {}),
              "n_benign_text": len(T), "pool": pool, "rates_are": "out-of-fold (each sequence scored by a probe not "
              "trained on it" + (", nor on any framing of its request)" if requests is not None else ")"),
@@ -357,15 +364,18 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                      + ": s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
                      "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores" + (
-                         "; or if the same score of the user's message's running mean passes prefix_threshold at any "
-                         "token (from prefix_min_tokens on; a suffix cannot lower it), the (1 - prefix rate) quantile, "
-                         "gate_threshold then the lowest keeping both readings together at the benign rate"
-                         if prefix is not None else "")}
+                         "; or if the same score of the mean over " + ("any span" if message_reading == "span" else
+                                                                       "any running prefix")
+                         + " of the user's message (at least message_min_tokens of its tokens; a suffix cannot lower "
+                         "it) passes message_threshold, the (1 - message rate) quantile, gate_threshold then the "
+                         "lowest keeping both readings together at the benign rate"
+                         if msg_threshold is not None else "")}
     if groups is not None:
         for name, scores, labels in (("harmful", h_oof, groups[0]), ("benign", b_oof, groups[1])):
             calib[f"gate_rate_{name}_by_group"] = rates_by_group(scores, labels, 0.5)
-        if prefix is not None:
-            calib["prefix_rate_harmful_by_group"] = rates_by_group((pre[:n_h] > prefix).float(), groups[0], 0.5)
+        if msg_threshold is not None:
+            calib["message_rate_harmful_by_group"] = rates_by_group((msg[:n_h] > msg_threshold).float(), groups[0],
+                                                                    0.5)
     return op, calib
 
 
@@ -374,7 +384,7 @@ def gate_decisions(model, hookset, encoded: EncodedPrompts, batch_size: int = 16
                    ) -> tuple[np.ndarray, np.ndarray]:
     """What a hook set's prompt gate decides on each prompt, exactly as at inference (the anchor included): the
     HookedTransformer runs with the hook set attached up to the gate's layer. Returns ``(scores, opened)``: the
-    end-of-turn score, and whether the gate opened (on that score or on the message-prefix reading)."""
+    end-of-turn score, and whether the gate opened (on that score or on the message reading)."""
     op = hookset.gate_operation
     if op is None or op.kind != "prompt_probe":
         raise TraceCircuitsError("this hook set has no prompt gate; export one with the prompt gate")

@@ -234,8 +234,9 @@ class Run:
                                                   progress=self.progress, groups=groups, l2=gc.l2, pool=gc.pool,
                                                   massive_norm_threshold={l: massive_limit(self.saes[l])
                                                                           for l in layers if l in self.saes},
-                                                  requests=requests, prefix_min_tokens=gc.prefix_min_tokens,
-                                                  prefix_rate=gc.prefix_rate if gc.pool == "turn" else 0.0)
+                                                  requests=requests, message_min_tokens=gc.message_min_tokens,
+                                                  message_rate=gc.message_rate if gc.pool == "turn" else 0.0,
+                                                  message_reading=gc.message_reading)
                 else:
                     from trace_circuits.feature_gate import calibrate_feature_gate
 
@@ -367,9 +368,10 @@ class Run:
         return run
 
     def resume(self) -> list[str]:
-        """Reuse the stages an interrupted run with this very config already wrote to ``self.out`` (its
-        ``config.json`` equal to ours); with other settings there, their results are removed so none is mixed in.
-        Writes our ``config.json`` first, so a rerun of an interrupted run finds it. Returns the stages reused."""
+        """Reuse what an earlier run wrote to ``self.out`` that still holds under our config: every stage before the
+        first whose settings differ (an interrupted run with this very config: all it wrote;
+        :func:`run_folder.stages_to_keep`); the rest is removed so none of it is mixed in. Writes our
+        ``config.json`` first, so a rerun of an interrupted run finds it. Returns the stages reused."""
         from trace_circuits.run_folder import resume_results
 
         if self.out is None:

@@ -40,21 +40,48 @@ def read_results(folder: Path) -> tuple[dict, dict]:
     return results, timings
 
 
+TIMED_AS = {"stage 1: scan": "scan", "stage 2: SAE features": "features", "stage 3: FIS and circuit": "circuit",
+            "hook set and gate": "hookset", "stage 4: evaluation": "evaluation"}  # Run._timed's names
+# the config sections each stage reads besides the run's own settings (model, prompts, SAEs, dtype, ...)
+STAGE_SETTINGS = {"scan": ("scan",), "features": ("features",), "circuit": ("trace",), "hookset": ("gate", "hookset"),
+                  "evaluation": ("evaluation",)}
+
+
+def stages_to_keep(old: dict, new: dict) -> list[str]:
+    """The stages whose results written under config ``old`` still hold under ``new``: those before the first stage
+    whose settings (its sections, or any of the run's own settings) differ; every stage where the two are equal."""
+    sections = {s for secs in STAGE_SETTINGS.values() for s in secs}
+    if {k: v for k, v in old.items() if k not in sections} != {k: v for k, v in new.items() if k not in sections}:
+        return []
+    keep = []
+    for stage in STAGE_RESULTS:
+        if any(old.get(s) != new.get(s) for s in STAGE_SETTINGS[stage]):
+            break
+        keep.append(stage)
+    return keep
+
+
 def resume_results(folder: Path, config: dict) -> tuple[dict, dict]:
-    """What an interrupted run with the same ``config`` (equal ``config.json``) left in ``folder``; with another
-    config there, its results are removed (nothing of it is mixed in) and nothing is returned. ``config.json`` is
-    written either way."""
+    """What an earlier run in ``folder`` left that still holds under ``config``: every stage before the first whose
+    settings differ (:func:`stages_to_keep`; an interrupted run with the same ``config.json`` keeps all it wrote); the
+    results of that stage and the later ones are removed, so nothing computed under other settings is mixed in.
+    ``config.json`` is written either way."""
     from trace_circuits._io import write_json_atomic
 
     try:
-        same = json.loads((folder / "config.json").read_text()) == config
+        old = json.loads((folder / "config.json").read_text())
+        keep = stages_to_keep(old, config) if isinstance(old, dict) else []
     except (OSError, ValueError):
-        same = False
-    results, timings = read_results(folder) if same else ({}, {})
-    if not same:
-        for name in (*_FILES.values(), "circuit_full.json", RUN_FILE):
-            path = folder / name
+        keep = []
+    for name in STAGE_RESULTS[len(keep):]:
+        for file in (_FILES[name], *(("circuit_full.json",) if name == "circuit" else ())):
+            path = folder / file
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    results, timings = read_results(folder) if keep else ({}, {})
+    results = {k: v for k, v in results.items() if k in keep or (k == "circuit_full" and "circuit" in keep)}
+    if not keep:
+        (folder / RUN_FILE).unlink(missing_ok=True)
+    timings = {k: v for k, v in timings.items() if TIMED_AS.get(k) in keep}
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "config.json", config)
     return results, timings

@@ -16,8 +16,8 @@ tokens once the gate opens), plus a term that pushes the prompt gate shut::
 
 ``h`` is what the probe reads at layer ``l`` (``x_l[p]``, or the prompt's mean residual up to ``p`` for a ``mean``
 probe, its last user turn's for a ``turn`` probe), ``theta`` the gate threshold: the term is ~0 once ``s`` is a few
-``tau`` below ``theta`` and ~``lambda (s - theta) / tau`` above it. A probe with a ``prefix_threshold`` adds the
-same term for its message-prefix reading ``m`` (``lambda softplus((m - theta_m) / tau)``), which the suffix can
+``tau`` below ``theta`` and ~``lambda (s - theta) / tau`` above it. A probe with a ``message_threshold`` adds the
+same term for its message reading ``m`` (the best span of the message) (``lambda softplus((m - theta_m) / tau)``), which the suffix can
 raise but not lower. ``s`` is the runtime's own score of the pass
 (with autograd), so the attack optimises exactly what the deployed gate computes.
 
@@ -207,8 +207,9 @@ class Objective:
             raise TraceCircuitsError("the hook set's prompt gate did not score this pass; the probe must read the "
                                      "attacked sequence")
         gate_term = self.gate_weight * F.softplus((s - g.gate_threshold) / self.tau)
-        if rt.prefix_score_tensor is not None:  # the message-prefix reading (a suffix can only raise it)
-            gate_term = gate_term + self.gate_weight * F.softplus((rt.prefix_score_tensor - g.prefix_threshold) / self.tau)
+        m = rt.message_score_tensor
+        if m is not None:  # the message reading (a suffix can only raise it)
+            gate_term = gate_term + self.gate_weight * F.softplus((m - g.message_threshold) / self.tau)
         out.update(score=s, gate_term=gate_term, open=rt.gate_open.cpu(), loss=ce + gate_term)  # the runtime's decision
         return out
 

@@ -97,14 +97,20 @@ def check_calibration(hs, where: str) -> None:
             f"{where}: the gate's gate_threshold {gate.gate_threshold:g} is not the calibrated "
             f"provenance.gate_calibration.gate_threshold {t:g} (a changed threshold can keep the gate shut); "
             "re-export the hook set, or set both if the change is deliberate")
-    tp = calib.get("prefix_threshold")
-    if gate.kind == "prompt_probe" and (tp is not None or gate.prefix_threshold is not None) and not (
-            isinstance(tp, (int, float)) and gate.prefix_threshold is not None
-            and math.isclose(tp, gate.prefix_threshold, rel_tol=1e-6, abs_tol=1e-9)):
+    tp = calib.get("message_threshold", calib.get("prefix_threshold"))  # format 9 wrote prefix_threshold
+    if gate.kind == "prompt_probe" and (tp is not None or gate.message_threshold is not None) and not (
+            isinstance(tp, (int, float)) and gate.message_threshold is not None
+            and math.isclose(tp, gate.message_threshold, rel_tol=1e-6, abs_tol=1e-9)):
         raise TraceCircuitsError(
-            f"{where}: the gate's prefix_threshold {gate.prefix_threshold} is not the calibrated "
-            f"provenance.gate_calibration.prefix_threshold {tp} (a changed threshold can keep the gate shut); "
+            f"{where}: the gate's message_threshold {gate.message_threshold} is not the calibrated "
+            f"provenance.gate_calibration.message_threshold {tp} (a changed threshold can keep the gate shut); "
             "re-export the hook set, or set both if the change is deliberate")
+    reading = calib.get("message_reading", "prefix" if "prefix_threshold" in calib else None)
+    if gate.kind == "prompt_probe" and gate.message_threshold is not None and reading != gate.message_reading:
+        raise TraceCircuitsError(
+            f"{where}: the gate's message_reading {gate.message_reading!r} is not the calibrated "
+            f"provenance.gate_calibration.message_reading {reading!r} (its threshold was set for that reading); "
+            "re-export the hook set")
 
 
 def model_dims(model) -> tuple[int, int, int, int]:

@@ -12,7 +12,9 @@ together), 5 (+ the prompt probe's ``pool``: ``mean`` reads the prompt's mean re
 6 (+ ``pool="turn"`` and the probe's ``opener``), 7 (+ ``action="steer"``), 8 (``weights_signature`` hashes the
 embedding rows rounded to bfloat16, so a float32 and a bfloat16 copy of the same weights are both recognised; older
 files keep the float32 signature, which the float32 model still matches), 9 (+ the probe's ``prefix_threshold`` and
-``prefix_min_tokens``: a second reading of the user's message that a suffix cannot lower; older probes have none).
+``prefix_min_tokens``: a second reading of the user's message, its running means, that a suffix cannot lower; older
+probes have none), 10 (the same as ``message_threshold``, ``message_min_tokens`` and ``message_reading``: ``span``
+reads every stretch of the message, ``prefix`` what format 9 read).
 Older files load unchanged, under the same checks.
 
 What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
@@ -53,7 +55,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 9
+FORMAT_VERSION = 10
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
 #: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
@@ -282,7 +284,8 @@ class HookSet:
         n_dir = sum(op.kind == "direction" for op in self.operations)
         g = self.gate_operation
         mean = {"mean": " (prompt mean)", "turn": " (last user turn mean" + (
-            ", and its message as it grows)" if g.prefix_threshold is not None else ")")}.get(g.pool, "") \
+            f", and every {g.message_reading} of its message)" if g.message_threshold is not None else ")")}.get(
+            g.pool, "") \
             if g is not None else ""
         parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
                                       else f"feature gate at layer {g.layer}"]
@@ -294,6 +297,14 @@ class HookSet:
             parts.append(f"steers along {n_dir} directions")
         action = f", action {self.action}" if self.action != "none" else ""
         return f"HookSet for {self.model} ({len(self.operations)} operations{action}): " + "; ".join(parts)
+
+    def message_coverage(self) -> str:
+        """What the gate's message reading alone caught at calibration, one phrase ("" where it has none)."""
+        g = self.provenance.get("gate_calibration") or {}
+        rate = g.get("message_rate_harmful", g.get("prefix_rate_harmful"))  # format 9 wrote prefix_*
+        reading = g.get("message_reading", "prefix")
+        return "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
+                                        "appended suffix cannot lower")
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"

@@ -25,11 +25,12 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     ``pool="turn"``: the same mean over the last user turn only (``q`` after the last match of the token ids
     ``opener`` that ends before ``p``; the whole prompt where none is found), so neither the system prompt nor
     earlier turns of a conversation dilute the request.
-    With ``prefix_threshold`` (``pool="turn"`` only) it also opens if the user's message alone, read as it grows,
-    passes that threshold at some point: ``m = max_t <mean_{q in M, q <= t} x[q] - mu, r> / gap`` over ``t in M`` with
-    at least ``prefix_min_tokens`` positions of ``M`` up to ``t``, ``M`` the turn's positions before the ``anchor``
-    match (:func:`~trace_circuits.activations.prefix_mean_max`); tokens appended to a message cannot lower ``m``
-    (causal attention), so an adversarial suffix cannot shut this reading.
+    With ``message_threshold`` (``pool="turn"`` only) it also opens if some stretch of the user's message alone
+    passes that threshold: ``m = max_{a < t} <mean_{q in M, a < q <= t} x[q] - mu, r> / gap`` over ``t in M`` and
+    spans of at least ``message_min_tokens`` positions of ``M`` (``message_reading="span"``; ``"prefix"``, hook sets
+    of format 9: running means from the message's start only), ``M`` the turn's positions before the ``anchor``
+    match (:func:`~trace_circuits.activations.message_span_max`); tokens appended to a message cannot lower ``m``
+    (causal attention), so an adversarial suffix cannot shut this reading, and a span can skip a preamble.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from trace_circuits.activations import MESSAGE_READINGS
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.names import hook_name as make_hook_name
 from trace_circuits.names import parse_hook
@@ -57,7 +59,8 @@ _FIELDS = {
                      "architecture", "normalize", "massive_norm_threshold", "sae"},
     "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
     "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold",
-                     "opener", "prefix_threshold", "prefix_min_tokens"},
+                     "opener", "message_threshold", "message_min_tokens",
+                     "message_reading", "prefix_threshold", "prefix_min_tokens"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -87,8 +90,9 @@ class Operation:
     anchor: list[int] = field(default_factory=list)  # prompt_probe: token ids that end the user turn
     pool: str = "last"  # prompt_probe: "last" (x[p]), "mean" (the prompt's mean up to p) or "turn" (its last turn's)
     opener: list[int] = field(default_factory=list)  # prompt_probe "turn": token ids that open a user turn
-    prefix_threshold: Optional[float] = None  # prompt_probe "turn": also open if the message's running mean passes it
-    prefix_min_tokens: int = 1  # prompt_probe: the running mean counts from this many message tokens on
+    message_threshold: Optional[float] = None  # prompt_probe "turn": also open if a span of the message passes it
+    message_min_tokens: int = 1  # prompt_probe: spans of at least this many message tokens
+    message_reading: str = "span"  # prompt_probe: "span" (any stretch of the message) or "prefix" (format 9)
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -144,13 +148,14 @@ class Operation:
             d.update(gate_source=True, gate_threshold=self.gate_threshold, gap=self.gap, anchor=self.anchor,
                      pool=self.pool, massive_norm_threshold=self.massive_norm_threshold,
                      **({"opener": self.opener} if self.pool == "turn" else {}),
-                     **({"prefix_threshold": self.prefix_threshold, "prefix_min_tokens": self.prefix_min_tokens}
-                        if self.prefix_threshold is not None else {}),
+                     **({"message_threshold": self.message_threshold, "message_min_tokens": self.message_min_tokens,
+                         "message_reading": self.message_reading} if self.message_threshold is not None else {}),
                      score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
                            "real position); the gate opens if s > gate_threshold" + (
-                               "; or if m > prefix_threshold, m = max over t of <mean of x[q] over the last user "
-                               "turn's message positions q <= t (from prefix_min_tokens of them on), before the "
-                               "anchor - mu, r> / gap" if self.prefix_threshold is not None else ""))
+                               "; or if m > message_threshold, m = max of <mean of x[q] - mu, r> / gap over "
+                               + ("spans a < q <= t" if self.message_reading == "span" else "running means q <= t")
+                               + " of the last user turn's message positions (before the anchor) holding at least "
+                               "message_min_tokens of them" if self.message_threshold is not None else ""))
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
                         for name, t in self.tensors.items()}
         return d
@@ -195,8 +200,7 @@ class Operation:
             kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", _REQUIRED), gap=g.num("gap", _REQUIRED),
                       anchor=g.ints("anchor", []), gated=False, pool=g.str("pool", "last"),  # format <= 4: last
                       opener=g.ints("opener", []),
-                      prefix_threshold=g.num("prefix_threshold", None, optional=True),  # format <= 8: none
-                      prefix_min_tokens=g.int("prefix_min_tokens", 1),
+                      **_message_reading(g),
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True))
         op = cls(**kw)
         if hook and hook != op.hook_name:
@@ -252,12 +256,15 @@ class Operation:
             if t is not None and not (math.isfinite(t) and t > 0):
                 raise TraceCircuitsError(f"{where}: massive_norm_threshold must be a finite number > 0 or absent, "
                                          f"got {t}")
-            if self.prefix_threshold is not None:
-                if self.pool != "turn" or not math.isfinite(self.prefix_threshold):
-                    raise TraceCircuitsError(f"{where}: prefix_threshold must be a finite number and needs pool "
-                                             f"'turn' (got {self.prefix_threshold} with pool {self.pool!r})")
-                if self.prefix_min_tokens < 1:
-                    raise TraceCircuitsError(f"{where}: prefix_min_tokens must be >= 1, got {self.prefix_min_tokens}")
+            if self.message_threshold is not None:
+                if self.pool != "turn" or not math.isfinite(self.message_threshold):
+                    raise TraceCircuitsError(f"{where}: message_threshold must be a finite number and needs pool "
+                                             f"'turn' (got {self.message_threshold} with pool {self.pool!r})")
+                if self.message_min_tokens < 1:
+                    raise TraceCircuitsError(f"{where}: message_min_tokens must be >= 1, got {self.message_min_tokens}")
+                if self.message_reading not in MESSAGE_READINGS:
+                    raise TraceCircuitsError(f"{where}: message_reading must be one of {', '.join(MESSAGE_READINGS)}, "
+                                             f"got {self.message_reading!r}")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -359,6 +366,20 @@ class _Getter:
 
 
 _REQUIRED = object()
+
+
+def _message_reading(g: _Getter) -> dict:
+    """The probe's message reading: format 10 writes ``message_*``; format 9 wrote ``prefix_threshold`` and
+    ``prefix_min_tokens`` for running means from the message's start (read as ``message_reading="prefix"``);
+    format <= 8: none."""
+    if "prefix_threshold" in g.d:
+        if "message_threshold" in g.d:
+            raise g.bad("prefix_threshold", "absent where message_threshold is given (one reading per gate)")
+        return dict(message_threshold=g.num("prefix_threshold", None, optional=True),
+                    message_min_tokens=g.int("prefix_min_tokens", 1), message_reading="prefix")
+    return dict(message_threshold=g.num("message_threshold", None, optional=True),
+                message_min_tokens=g.int("message_min_tokens", 1),
+                message_reading=g.str("message_reading", "span"))
 
 
 def sae_operation(sae, features: Sequence[int], *, layer: Optional[int] = None, gated: bool = True,

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from jaxtyping import Bool
 
-from trace_circuits.activations import pooled_positions, prefix_mean_max, read_at
+from trace_circuits.activations import message_span_max, pooled_positions, read_at
 from trace_circuits.hookset.operations import Operation
 
 
@@ -64,8 +64,8 @@ class Runtime:
         self.input_ids: Optional[torch.Tensor] = None  # [batch, pos] token ids of this forward, when seen
         self.prompt_scores: Optional[torch.Tensor] = None  # [batch] the prompt gate's scores of this sequence
         self.prompt_score_tensor: Optional[torch.Tensor] = None  # the same, on the model's device, with autograd
-        self.prefix_scores: Optional[torch.Tensor] = None  # [batch] the probe's message-prefix reading (if any)
-        self.prefix_score_tensor: Optional[torch.Tensor] = None
+        self.message_scores: Optional[torch.Tensor] = None  # [batch] the probe's message reading (if any)
+        self.message_score_tensor: Optional[torch.Tensor] = None
         self._device_ops: dict[int, Operation] = {}
 
     def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool,
@@ -79,8 +79,8 @@ class Runtime:
             self.fired_before = None
             self.prompt_scores = None
             self.prompt_score_tensor = None
-            self.prefix_scores = None
-            self.prefix_score_tensor = None
+            self.message_scores = None
+            self.message_score_tensor = None
 
     @property
     def gate_open(self) -> Optional[torch.Tensor]:
@@ -187,12 +187,13 @@ class Runtime:
         score = ((h - t["mu"]) @ t["r"]) / op.gap
         self.prompt_score_tensor = score  # differentiable (the adaptive attack's gate term)
         fired = score > op.gate_threshold
-        if op.prefix_threshold is not None:  # the user's message read as it grows (operations module docstring)
+        if op.message_threshold is not None:  # every span of the user's message (operations module docstring)
             message_last = torch.where(end >= 0, end - len(op.anchor), last)
             q = pooled_positions(x, valid, message_last, op.massive_norm_threshold, start)
-            m = (prefix_mean_max(x, q, t["r"][:, None], op.prefix_min_tokens)[:, 0] - t["mu"] @ t["r"]) / op.gap
-            self.prefix_score_tensor, self.prefix_scores = m, m.detach().cpu()
-            fired = fired | (m > op.prefix_threshold)
+            m = message_span_max(x, q, t["r"][:, None], op.message_min_tokens, op.message_reading)[:, 0]
+            m = (m - t["mu"] @ t["r"]) / op.gap
+            self.message_score_tensor, self.message_scores = m, m.detach().cpu()
+            fired = fired | (m > op.message_threshold)
         self.gate = (pos[None, :] >= last[:, None]) & fired[:, None]
         self.fired_before = fired.clone()
         self.prompt_scores = score.detach().cpu()

@@ -97,8 +97,7 @@ def summary(scan=None, features=None, circuit=None, hookset=None, evaluation=Non
         g = hookset.provenance.get("gate_calibration") or {}
         gate = (f"gate opens on {fmt(g.get('gate_rate_harmful'), 2)} of harmful, {fmt(g.get('gate_rate_benign'), 3)}"
                 f" of benign calibration sequences" + (
-                    f" ({fmt(g['prefix_rate_harmful'], 2)} of harmful on the message-prefix reading alone, which an "
-                    "appended suffix cannot lower)" if "prefix_rate_harmful" in g else "") if g else "")
+                    f" ({hookset.message_coverage()})" if hookset.message_coverage() else "") if g else "")
         facts.append(_fact("hook set", f"{len(hookset.operations)} operations",
                            html.escape(hookset.summary()) + (f"<br>{gate}" if gate else "")))
     if evaluation is not None:
