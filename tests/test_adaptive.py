@@ -146,6 +146,54 @@ def test_against_a_mean_probe_the_gate_term_is_the_runtimes_score_and_has_a_grad
     assert (grad - grad0).abs().max() > 1e-4  # the gate term reaches the suffix tokens
 
 
+def test_a_preamble_attack_writes_before_the_request_and_reaches_the_span_reading(setup):
+    """``position="prefix"``: the adversarial tokens come before the request in the user's message (the text
+    re-tokenizes to ``prefix + tokens + post``, the CE is the hand computation), and against a turn gate with the span
+    reading the loss adds ``softplus((m - theta_m) / tau)`` with the runtime's own ``m``, which the preamble can lower
+    (its gradient reaches the preamble tokens); the resume key tells the two positions apart."""
+    from trace_circuits.activations import message_span_max, pooled_positions
+
+    tl, _, tok, hs = setup
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:80])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:80])
+    probe, _ = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="turn", message_rate=0.02,
+                               message_min_tokens=2)
+    turn = hookset_for(tl, [probe] + hs.operations[1:])
+    lay = layout(tok, PROMPT, "Sure, here is", "prefix")
+    allowed = ordinary_tokens(tok, tl.cfg.d_vocab).nonzero().flatten()
+    g = torch.Generator().manual_seed(1)
+    s = next(c for c in (allowed[torch.randint(len(allowed), (6,), generator=g)] for _ in range(200))
+             if stable(tok, lay, c[None])[0])
+    text = lay.text(tok, s)
+    assert text.index(adaptive.decode(tok, s)) < text.index(PROMPT)
+    assert list(encode_prompts(tl, [text], chat=False).input_ids[0]) == lay.prefix + s.tolist() + lay.post
+    assert float(Objective(tl, lay).evaluate(s[None])["ce"][0]) == pytest.approx(hand_ce(tl, lay, s), abs=1e-4)
+    op = turn.gate_operation
+    parts = Objective(tl, lay, turn, gate_temperature=0.5).evaluate(s[None])
+    ids = torch.tensor(lay.prefix + s.tolist() + lay.post + lay.target)[None]
+    with torch.no_grad():
+        x = tl(ids, stop_at_layer=op.layer + 1)
+    message_end = ids.shape[1] - len(lay.target) - len(op.anchor) - 1  # the message's last token
+    start = len(lay.prefix) - 1  # the header's last token: the message starts after it
+    q = pooled_positions(x, torch.ones_like(ids, dtype=torch.bool), torch.tensor([message_end]),
+                         op.massive_norm_threshold, torch.tensor([start]))
+    m = (message_span_max(x, q, op.tensors["r"][:, None], 2)[0, 0] - op.tensors["mu"] @ op.tensors["r"]) / op.gap
+    want = (torch.nn.functional.softplus((parts["score"][0] - op.gate_threshold) / 0.5)
+            + torch.nn.functional.softplus((m - op.message_threshold) / 0.5))
+    assert float(parts["gate_term"][0]) == pytest.approx(float(want), rel=1e-4)
+    opened = copy.deepcopy(turn)
+    opened.gate_operation.message_threshold = float(m) - 1.0
+    opened.provenance = {}
+    grad, _ = Objective(tl, lay, opened, gate_weight=5.0).gradient(s)
+    grad0, _ = Objective(tl, lay, opened, gate_weight=0.0).gradient(s)
+    assert (grad - grad0).abs().max() > 1e-4  # the message term reaches the preamble tokens
+    keys = {p: adaptive._settings_key(tl, hs, AttackConfig(steps=2, position=p), "adaptive")
+            for p in ("suffix", "prefix")}
+    assert keys["suffix"] != keys["prefix"]
+    with pytest.raises(TraceCircuitsError, match="--position must be suffix or prefix"):
+        AttackConfig(position="middle").check()
+
+
 def test_a_gcg_step_never_increases_the_best_loss_and_is_deterministic(setup):
     tl, _, _, hs = setup
     tok = tl.tokenizer

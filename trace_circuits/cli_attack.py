@@ -60,6 +60,9 @@ def cmd_attack(args) -> int:
 
 
 def _print(result) -> None:
+    where = result.params.get("config", {}).get("position", "suffix")
+    if where != "suffix":
+        print("the adversarial tokens are a preamble before the request (--position prefix); 'suffix' below means them")
     for name, m in result.settings.items():
         a = m["asr"]
         print(f"{m['label']:52s} ASR {a['rate']:.2f} [{a['ci'][0]:.2f}, {a['ci'][1]:.2f}]  DSR {m['dsr']['rate']:.2f}"

@@ -1,7 +1,7 @@
 """An attacker who knows the defense: a GCG suffix attack (Zou et al. 2023) optimised against the hook set itself.
 
 The attacked text is the chat template over one user turn, ``request + suffix`` (``n`` ordinary tokens, initially
-" !" x n), then the target ``y`` (default "Sure, here is") teacher-forced after the assistant header. Its token ids
+" !" x n; ``position="prefix"``: ``suffix + " " + request``, a preamble the attacker writes before the request), then the target ``y`` (default "Sure, here is") teacher-forced after the assistant header. Its token ids
 are ``[prefix | suffix | post | y]``; ``post`` ends the user's turn (the prompt gate's anchor, read at its last token
 ``p``).
 
@@ -62,6 +62,9 @@ class AttackConfig:
     limit: int = opt(20, "harmful test prompts attacked")
     steps: int = opt(100, "GCG steps per prompt")
     suffix_length: int = opt(20, "adversarial suffix tokens", flag="suffix-tokens")
+    position: str = opt("suffix", "where the adversarial tokens go in the user's message: 'suffix' (after the "
+                                  "request) or 'prefix' (a preamble before it, which changes every residual of the "
+                                  "request the gate reads)", choices=("suffix", "prefix"))
     top_k: int = opt(256, "candidate tokens per suffix position (most negative gradient)")
     candidates: int = opt(64, "single-token swaps evaluated exactly per step")
     target: str = opt("Sure, here is", "the answer start the attack optimises for")
@@ -84,6 +87,8 @@ class AttackConfig:
         _at_least(self, 0, "gate_weight")
         if not self.gate_temperature > 0:
             raise TraceCircuitsError(f"--gate-temperature must be > 0, got {self.gate_temperature}")
+        if self.position not in ("suffix", "prefix"):
+            raise TraceCircuitsError(f"--position must be suffix or prefix, got {self.position!r}")
         if not self.target.strip():
             raise TraceCircuitsError("--target must be a non-empty string such as 'Sure, here is'")
         resolve_device(self.device)
@@ -113,12 +118,14 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
 
 
-def layout(tokenizer, prompt: str, target: str) -> Layout:
-    """The chat template around ``prompt + suffix`` (the user's message), as :func:`attack_texts` builds it."""
+def layout(tokenizer, prompt: str, target: str, position: str = "suffix") -> Layout:
+    """The chat template around ``prompt + suffix`` (the user's message; ``position="prefix"``: ``suffix + " " +
+    prompt``), as :func:`attack_texts` builds it."""
     if not getattr(tokenizer, "chat_template", None):
         raise TraceCircuitsError("the adaptive attack needs a chat model (the tokenizer has no chat template)")
     marker = "\x00SUFFIX\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt + marker}], tokenize=False,
+    content = prompt + marker if position == "suffix" else marker + " " + prompt
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     before, after = text.split(marker)
     enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -284,6 +291,8 @@ def _settings_key(model, hookset, cfg: AttackConfig, against: str) -> str:
 
     keep = {k: v for k, v in asdict(cfg).items() if k in ("steps", "suffix_length", "top_k", "candidates", "target",
                                                           "gate_weight", "gate_temperature", "early_stop", "seed")}
+    if cfg.position != "suffix":  # suffix runs keep the key they had before the option existed
+        keep["position"] = cfg.position
     blob = json.dumps({"model": model_fingerprint(model), "hookset": hookset.behaviour_sha256(), "against": against,
                        **keep}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -332,7 +341,7 @@ def optimise(model, prompts: Sequence[str], hookset, cfg: AttackConfig, against:
             fh.write("\n")  # a torn last line (an interrupted write) stays alone on its line
     try:
         for i in todo:
-            lay = layout(tok, prompts[i], cfg.target)
+            lay = layout(tok, prompts[i], cfg.target, cfg.position)
             objs = {"undefended": Objective(model, lay, None, use_cache=use_cache),
                     "adaptive": Objective(model, lay, hookset, cfg.gate_weight, cfg.gate_temperature, use_cache)}
             bang = tok(" !", add_special_tokens=False)["input_ids"]
