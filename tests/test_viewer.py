@@ -230,6 +230,21 @@ def test_report_renders_every_template_judge_utility_key_and_defense(tmp_path):
     assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=\s*[\"']?https?:", page, re.I)
 
 
+def test_report_names_what_the_gate_message_reading_catches_alone(tmp_path):
+    """The hook set card says what share of harmful calibration sequences the gate's message reading opened on by
+    itself, and which reading (format 10's ``message_*`` record, format 9's ``prefix_*``); nothing without one."""
+    cases = [({"message_rate_harmful": 0.529, "message_reading": "span"}, "53% of harmful on the message span "
+                                                                          "reading alone"),
+             ({"prefix_rate_harmful": 0.309}, "31% of harmful on the message prefix reading alone"),
+             ({}, None)]
+    for i, (calib, want) in enumerate(cases):
+        hs = fake_hookset()
+        hs.provenance["gate_calibration"].update(calib)
+        (tmp_path / str(i)).mkdir()
+        page = full_report(tmp_path / str(i), hookset=hs).read_text()
+        assert (want in page) if want else "reading alone" not in page
+
+
 def test_report_summary_has_the_headline_numbers(tmp_path):
     ev = synthetic_evaluation()
     page = full_report(tmp_path, evaluation=ev).read_text()

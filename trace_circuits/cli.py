@@ -347,7 +347,9 @@ def _print_trace(run) -> None:
     if hookset.action == "steer":
         print("the hook set's action 'steer' leaves those nodes in place (--hookset-action zero or reroute cuts them)")
     g = hookset.provenance["gate_calibration"]
-    pre = f" ({hookset.message_coverage()})" if hookset.message_coverage() else ""
+    from trace_circuits.hookset.format import message_coverage
+
+    pre = f" ({message_coverage(g)})" if message_coverage(g) else ""
     print(f"{hookset.summary()}.\nThe gate opens on {g['gate_rate_harmful']:.0%} of harmful and "
           f"{g['gate_rate_benign']:.0%} of benign calibration sequences out of fold{pre}, AUROC "
           f"{g['gate_score_auroc']:.3f}")

@@ -298,16 +298,18 @@ class HookSet:
         action = f", action {self.action}" if self.action != "none" else ""
         return f"HookSet for {self.model} ({len(self.operations)} operations{action}): " + "; ".join(parts)
 
-    def message_coverage(self) -> str:
-        """What the gate's message reading alone caught at calibration, one phrase ("" where it has none)."""
-        g = self.provenance.get("gate_calibration") or {}
-        rate = g.get("message_rate_harmful", g.get("prefix_rate_harmful"))  # format 9 wrote prefix_*
-        reading = g.get("message_reading", "prefix")
-        return "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
-                                        "appended suffix cannot lower")
-
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
+
+
+def message_coverage(calibration: Optional[dict]) -> str:
+    """What a prompt gate's message reading alone caught at calibration (``provenance["gate_calibration"]``), one
+    phrase; "" where it has none."""
+    g = calibration or {}
+    rate = g.get("message_rate_harmful", g.get("prefix_rate_harmful"))  # format 9 wrote prefix_*
+    reading = g.get("message_reading", "prefix")
+    return "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
+                                    "appended suffix cannot lower")
 
 
 def load_hookset(path: str | Path) -> HookSet:

@@ -94,10 +94,12 @@ def summary(scan=None, features=None, circuit=None, hookset=None, evaluation=Non
                                " (this hook set's action 'steer' leaves them in place)"
                                if getattr(hookset, "action", None) == "steer" else "")))
     if hookset is not None:
+        from trace_circuits.hookset.format import message_coverage
+
         g = hookset.provenance.get("gate_calibration") or {}
         gate = (f"gate opens on {fmt(g.get('gate_rate_harmful'), 2)} of harmful, {fmt(g.get('gate_rate_benign'), 3)}"
                 f" of benign calibration sequences" + (
-                    f" ({hookset.message_coverage()})" if hookset.message_coverage() else "") if g else "")
+                    f" ({message_coverage(g)})" if message_coverage(g) else "") if g else "")
         facts.append(_fact("hook set", f"{len(hookset.operations)} operations",
                            html.escape(hookset.summary()) + (f"<br>{gate}" if gate else "")))
     if evaluation is not None:
