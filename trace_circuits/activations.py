@@ -63,16 +63,12 @@ def message_span_max(x: Float[torch.Tensor, "batch pos d"], q: torch.Tensor, V: 
     if reading not in MESSAGE_READINGS:
         raise TraceCircuitsError(f"message reading {reading!r} is not one of {', '.join(MESSAGE_READINGS)}")
     proj = (x.float() @ V.float().to(x.device)) * q[..., None]  # [B, T, k]
-    P = torch.cat([proj.new_zeros(proj.shape[0], 1, proj.shape[2]), proj.cumsum(1)], 1)  # [B, T+1, k]: P[t+1] = sum to t
+    P = torch.cat([torch.zeros_like(proj[:, :1]), proj.cumsum(1)], 1)  # [B, T+1, k]: P[t+1] sums to t
     C = torch.cat([q.new_zeros(q.shape[0], 1, dtype=torch.long), q.long().cumsum(1)], 1)  # [B, T+1]
-    L = max(1, int(min_tokens))
-    if reading == "prefix":
-        ok = q & (C[:, 1:] >= L)
-        mean = P[:, 1:] / C[:, 1:].clamp_min(1)[..., None]
-        return torch.where(ok[..., None], mean, torch.full_like(mean, -math.inf)).max(1).values
-    n = C[:, None, 1:] - C[:, :, None]  # [B, a, t]: positions of Q in (a, t]
-    ok = q[:, None, :] & (n >= L)
-    mean = (P[:, None, 1:] - P[:, :, None]) / n.clamp_min(1)[..., None]  # [B, a, t, k]
+    Pa, Ca = (P, C) if reading == "span" else (P[:, :1], C[:, :1])  # span starts a (prefix: the start only)
+    n = C[:, None, 1:] - Ca[:, :, None]  # [B, a, t]: positions of Q in (a, t]
+    ok = q[:, None, :] & (n >= max(1, int(min_tokens)))
+    mean = (P[:, None, 1:] - Pa[:, :, None]) / n.clamp_min(1)[..., None]  # [B, a, t, k]
     return torch.where(ok[..., None], mean, torch.full_like(mean, -math.inf)).flatten(1, 2).max(1).values
 
 

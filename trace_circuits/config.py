@@ -262,9 +262,9 @@ class RunConfig:
             body["evaluation"] = {**body["evaluation"], "generation_dtype": "float32"}
         g = body.get("gate")
         if isinstance(g, dict) and "message_rate" not in g:  # written before the span reading: what those runs did
-            g = {k: v for k, v in g.items() if k not in ("prefix_rate", "prefix_min_tokens")}
-            body["gate"] = {**g, "message_rate": body["gate"].get("prefix_rate", 0.0), "message_reading": "prefix",
-                            "message_min_tokens": body["gate"].get("prefix_min_tokens", 8)}
+            rest = {k: v for k, v in g.items() if k not in ("prefix_rate", "prefix_min_tokens")}
+            body["gate"] = {**rest, "message_rate": g.get("prefix_rate", 0.0), "message_reading": "prefix",
+                            "message_min_tokens": g.get("prefix_min_tokens", 8)}
         try:
             return _build(cls, body, where)
         except TypeError as err:

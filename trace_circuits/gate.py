@@ -316,8 +316,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
             q_ = pooled_positions(x, valid, last, limits[l], start)
             return message_span_max(x, q_, V.to(x.device), message_min_tokens, message_reading)
 
-        M = [read(enc, f"prompt gate, message {message_reading}s ({desc})".replace("prefixs", "prefixes"), enc is not benign_text, lab,
-                  message_last, reader)[layer] for enc, desc, lab in ((harmful, "harmful", groups[0] if groups else None),
+        what = {"span": "spans", "prefix": "prefixes"}[message_reading]
+        M = [read(enc, f"prompt gate, message {what} ({desc})", enc is not benign_text, lab, message_last,
+                  reader)[layer] for enc, desc, lab in ((harmful, "harmful", groups[0] if groups else None),
                                                           (benign, "benign", groups[1] if groups else None),
                                                           (benign_text, "text", None)) if enc is not None and len(enc)]
         M = torch.cat(M)

@@ -77,8 +77,7 @@ def resume_results(folder: Path, config: dict) -> tuple[dict, dict]:
         for file in (_FILES[name], *(("circuit_full.json",) if name == "circuit" else ())):
             path = folder / file
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    results, timings = read_results(folder) if keep else ({}, {})
-    results = {k: v for k, v in results.items() if k in keep or (k == "circuit_full" and "circuit" in keep)}
+    results, timings = read_results(folder)  # only the kept stages' files are left
     if not keep:
         (folder / RUN_FILE).unlink(missing_ok=True)
     timings = {k: v for k, v in timings.items() if TIMED_AS.get(k) in keep}

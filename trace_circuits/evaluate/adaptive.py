@@ -1,7 +1,8 @@
 """An attacker who knows the defense: a GCG suffix attack (Zou et al. 2023) optimised against the hook set itself.
 
 The attacked text is the chat template over one user turn, ``request + suffix`` (``n`` ordinary tokens, initially
-" !" x n; ``position="prefix"``: ``suffix + " " + request``, a preamble the attacker writes before the request), then the target ``y`` (default "Sure, here is") teacher-forced after the assistant header. Its token ids
+" !" x n; ``position="prefix"``: ``suffix + " " + request``, a preamble the attacker writes before the request), then
+the target ``y`` (default "Sure, here is") teacher-forced after the assistant header. Its token ids
 are ``[prefix | suffix | post | y]``; ``post`` ends the user's turn (the prompt gate's anchor, read at its last token
 ``p``).
 
@@ -17,8 +18,8 @@ tokens once the gate opens), plus a term that pushes the prompt gate shut::
 ``h`` is what the probe reads at layer ``l`` (``x_l[p]``, or the prompt's mean residual up to ``p`` for a ``mean``
 probe, its last user turn's for a ``turn`` probe), ``theta`` the gate threshold: the term is ~0 once ``s`` is a few
 ``tau`` below ``theta`` and ~``lambda (s - theta) / tau`` above it. A probe with a ``message_threshold`` adds the
-same term for its message reading ``m`` (the best span of the message) (``lambda softplus((m - theta_m) / tau)``), which the suffix can
-raise but not lower. ``s`` is the runtime's own score of the pass
+same term for its message reading ``m``, the best span of the message (``lambda softplus((m - theta_m) / tau)``),
+which a suffix can raise but not lower (a preamble can lower it). ``s`` is the runtime's own score of the pass
 (with autograd), so the attack optimises exactly what the deployed gate computes.
 
 Greedy coordinate gradient, per step: the gradient of L w.r.t. the one-hot suffix tokens (TransformerLens autograd,
