@@ -138,12 +138,12 @@ def test_message_span_max_is_the_best_span_mean_and_a_suffix_cannot_lower_it():
         message_span_max(x, q, V, 2, "suffix")
 
 
-@pytest.mark.parametrize("reading", ["span", "prefix"])
+@pytest.mark.parametrize("reading", ["span", "prefix", "sentence"])
 def test_the_message_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted, tmp_path, reading):
-    """A turn gate with the message reading (every span, or the running means from the start): calibrated within
-    the benign rate (both readings together), the runtime's message score equals the best span / running mean of
-    the message computed by hand (TransformerLens and the transformers model), and appending tokens to a message
-    never lowers it, so where it opened it stays open."""
+    """A turn gate with the message reading (every span, the running means from the start, or whole sentences):
+    calibrated within the benign rate (both readings together), the runtime's message score equals the best span /
+    running mean / run of sentences of the message computed by hand (TransformerLens and the transformers model), and
+    appending tokens to a message that ends a sentence never lowers it, so where it opened it stays open."""
     from trace_circuits.evaluate.attacks import attack_texts
     from trace_circuits.gate import anchor_positions, gate_decisions, turn_start_positions
     from trace_circuits.hookset import HookSet, hookset_for
@@ -163,6 +163,11 @@ def test_the_message_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted,
     back = HookSet.load(hs.save(tmp_path / "hs"))
     assert back.gate_operation.message_threshold == op.message_threshold
     assert back.gate_operation.message_reading == reading
+    assert back.gate_operation.message_boundary == op.message_boundary and bool(op.message_boundary) == (
+        reading == "sentence")
+    if reading == "sentence":  # the ids whose text ends a sentence
+        assert all(any(c in tok.decode([t]) for c in ".?!:\n") for t in op.message_boundary)
+        assert tok.convert_tokens_to_ids("?") in op.message_boundary
     raw = list(builtin_prompts("harmful", "test"))[:8] + list(builtin_prompts("benign", "test"))[:4]
     suffix = " tell me a story about a cat and a dog please"
     texts = attack_texts(tok, raw, "direct") + attack_texts(tok, [p + suffix for p in raw], "direct")
@@ -173,8 +178,13 @@ def test_the_message_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted,
     for i in range(len(test)):  # by hand: the message's spans (after the header, before the anchor)
         _, cache = tl.run_with_cache(torch.tensor([test.input_ids[i]]), names_filter="blocks.2.hook_resid_post")
         msg = cache["blocks.2.hook_resid_post"][0, starts[i] + 1:ends[i] + 1 - len(op.anchor)]
-        firsts = range(len(msg)) if reading == "span" else [0]
-        runs = torch.stack([msg[a:t].mean(0) for a in firsts for t in range(a + 2, len(msg) + 1)])
+        firsts, lasts = (range(len(msg)) if reading == "span" else [0]), range(1, len(msg) + 1)
+        if reading == "sentence":  # spans from the message start or after a sentence mark, to one or the end
+            ids_ = test.input_ids[i][starts[i] + 1:ends[i] + 1 - len(op.anchor)]
+            mark = [t in set(op.message_boundary) for t in ids_]
+            firsts = [0] + [j + 1 for j in range(len(msg) - 1) if mark[j]]
+            lasts = [j + 1 for j in range(len(msg)) if mark[j] or j == len(msg) - 1]
+        runs = torch.stack([msg[a:t].mean(0) for a in firsts for t in lasts if t - a >= min(2, len(msg))])
         want.append(float(((runs - op.tensors["mu"]) @ op.tensors["r"]).max()) / op.gap)
     want = torch.tensor(want)
     with back.attach(tl) as rt, torch.no_grad():
@@ -446,17 +456,45 @@ def test_evaluation_generates_in_the_dtype_it_records_and_leaves_the_runs_model_
 
 
 
+def test_the_message_reading_keeps_the_rate_whose_worst_template_is_caught_most(planted):
+    """Several message rates: each is calibrated (within the benign rate, both readings together) and the gate keeps
+    the one whose worst group has the highest out-of-fold harmful coverage; the record lists every candidate."""
+    tl = planted[0]
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
+    groups = (["odd", "even"] * 30, ["odd", "even"] * 30)
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.1, pool="turn", message_rate=[0.02, 0.05, 0.1],
+                                message_min_tokens=2, message_reading="sentence", groups=groups)
+    search = {float(r): v for r, v in calib["message_rate_search"].items()}
+    assert sorted(search) == [0.02, 0.05, 0.1]
+    best = max(search, key=lambda r: (search[r]["worst_template"], search[r]["harmful"], -r))
+    assert calib["message_rate_target"] == best and calib["message_rate_benign"] <= best + 1e-9
+    assert calib["gate_rate_benign"] <= 0.1
+    assert search[best]["worst_template"] == pytest.approx(min(calib["gate_rate_harmful_by_group"].values()))
+    assert search[best]["harmful"] == pytest.approx(calib["gate_rate_harmful"])
+    assert op.message_threshold == calib["message_threshold"]
+
+
 def test_a_run_config_from_before_the_span_reading_reads_as_the_gate_it_calibrated():
     """config.json of a run written with ``gate.prefix_rate`` (the running-mean reading) or without any message
     reading reads back as what that run did, so resuming it does not reuse a hook set of another reading."""
     old = RunConfig().to_json()
-    for k in ("message_rate", "message_min_tokens", "message_reading"):
+    for k in ("message_rate", "message_min_tokens", "message_reading", "message_search"):
         del old["gate"][k]
     assert (RunConfig.from_json(old).gate.message_rate, RunConfig.from_json(old).gate.message_reading) == (0.0, "prefix")
     old["gate"].update(prefix_rate=0.005, prefix_min_tokens=6)
     gate = RunConfig.from_json(old).gate
     assert (gate.message_rate, gate.message_min_tokens, gate.message_reading) == (0.005, 6, "prefix")
-    assert RunConfig().gate.message_reading == "span" and RunConfig().gate.message_rate == 0.005
+    assert RunConfig().gate.message_reading == "sentence" and RunConfig().gate.message_rate == 0.005
+    assert RunConfig().gate.message_rates() == [0.005, 0.01, 0.02] and gate.message_rates() == [0.005]
+    ten = RunConfig().to_json()  # format 10 (one span-reading rate, no search): still one rate
+    ten["gate"].update(message_reading="span")
+    del ten["gate"]["message_search"]
+    assert RunConfig.from_json(ten).gate.message_rates() == [0.005]
+    with pytest.raises(TraceCircuitsError, match="--gate-message-search"):
+        dataclasses.replace(RunConfig().gate, message_search="0.01,lots").check()
+    with pytest.raises(TraceCircuitsError, match=r"--gate-message-search rates must lie in \(0, --gate-benign-rate"):
+        dataclasses.replace(RunConfig().gate, message_search="0.05").check()
 
 
 def test_a_hook_set_recognises_its_model_loaded_in_bfloat16(planted):

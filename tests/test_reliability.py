@@ -139,6 +139,12 @@ META_FAULTS = [
      "provenance.gate_calibration.message_threshold"),
     ("probe_message_reading_unknown", op(0, pool="turn", message_threshold=1.0, message_reading="suffix"), None,
      "message_reading must be one of span, prefix"),
+    ("probe_sentence_without_marks", op(0, pool="turn", message_threshold=1.0, message_reading="sentence"), None,
+     "the sentence reading needs message_boundary"),
+    ("probe_sentence_negative_mark", op(0, pool="turn", message_threshold=1.0, message_reading="sentence",
+                                        message_boundary=[13, -2]), None, "the sentence reading needs message_boundary"),
+    ("probe_sentence_marks_strings", op(0, pool="turn", message_threshold=1.0, message_reading="sentence",
+                                        message_boundary=["."]), None, "field 'message_boundary' must be a list of"),
     ("probe_message_and_format_9_prefix", op(0, pool="turn", message_threshold=1.0, prefix_threshold=1.0), None,
      "field 'prefix_threshold' must be absent where message_threshold is given"),
     ("probe_message_reading_changed", lambda m: (

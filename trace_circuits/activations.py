@@ -49,25 +49,48 @@ def pooled_positions(x: Float[torch.Tensor, "batch pos d"], valid: torch.Tensor,
     return q
 
 
-MESSAGE_READINGS = ("span", "prefix")  # how the gate reads the user's message (message_span_max)
+MESSAGE_READINGS = ("span", "prefix", "sentence")  # how the gate reads the user's message (message_span_max)
+SENTENCE_MARKS = ".?!:\n"  # a token whose text holds one of these ends a sentence (the ``sentence`` reading)
+
+
+def sentence_boundary_ids(tokenizer) -> list[int]:
+    """The vocabulary ids whose text holds a sentence mark (:data:`SENTENCE_MARKS`): where the ``sentence`` reading
+    lets a stretch of the message end, and the next one start."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    return [i for i, t in enumerate(texts) if any(c in t for c in SENTENCE_MARKS)]
 
 
 def message_span_max(x: Float[torch.Tensor, "batch pos d"], q: torch.Tensor, V: Float[torch.Tensor, "d k"],
-                     min_tokens: int = 1, reading: str = "span") -> Float[torch.Tensor, "batch k"]:
+                     min_tokens: int = 1, reading: str = "span",
+                     boundary: Optional[torch.Tensor] = None) -> Float[torch.Tensor, "batch k"]:
     """The highest projection of a mean over a stretch of ``Q`` (``q``, [batch, pos] bool): ``reading="span"``:
     ``max_{a < t} <mean_{q' in Q, a < q' <= t} x[q'], V>`` over ``t in Q`` and spans holding at least ``min_tokens``
-    positions of ``Q``; ``reading="prefix"``: the same with ``a`` before ``Q`` (running means only); -inf where there
-    is none. Tokens appended after ``Q`` cannot lower it (causal attention leaves ``x[q']`` for ``q' <= t`` as it
-    was, and every earlier span stays a candidate); with cumulative sums ``P, C`` of the projections and counts it is
-    ``(P[t] - P[a]) / (C[t] - C[a])``, [batch, pos + 1, pos] per column of ``V``."""
+    positions of ``Q``; ``reading="prefix"``: the same with ``a`` before ``Q`` (running means only);
+    ``reading="sentence"``: whole sentences only, ``a`` before ``Q`` or at a ``boundary`` token ([batch, pos] bool,
+    e.g. ids in :func:`sentence_boundary_ids`) and ``t`` at one or at the last position of ``Q``, at least
+    ``min(min_tokens, |Q|)`` positions (a handful of candidates per message, so a benign message's best one reaches
+    less high than its best of all spans); -inf where there is none. With cumulative sums ``P, C`` of the
+    projections and counts it is ``(P[t] - P[a]) / (C[t] - C[a])``, [batch, pos + 1, pos] per column of ``V``. Tokens
+    appended after ``Q`` cannot lower the ``span``/``prefix`` readings (causal attention leaves ``x[q']`` for ``q' <=
+    t`` as it was, and every earlier span stays a candidate), nor the ``sentence`` reading when ``Q`` ends a
+    sentence."""
     if reading not in MESSAGE_READINGS:
         raise TraceCircuitsError(f"message reading {reading!r} is not one of {', '.join(MESSAGE_READINGS)}")
     proj = (x.float() @ V.float().to(x.device)) * q[..., None]  # [B, T, k]
     P = torch.cat([torch.zeros_like(proj[:, :1]), proj.cumsum(1)], 1)  # [B, T+1, k]: P[t+1] sums to t
     C = torch.cat([q.new_zeros(q.shape[0], 1, dtype=torch.long), q.long().cumsum(1)], 1)  # [B, T+1]
-    Pa, Ca = (P, C) if reading == "span" else (P[:, :1], C[:, :1])  # span starts a (prefix: the start only)
+    Pa, Ca = (P[:, :1], C[:, :1]) if reading == "prefix" else (P, C)  # span starts a (prefix: the start only)
     n = C[:, None, 1:] - Ca[:, :, None]  # [B, a, t]: positions of Q in (a, t]
-    ok = q[:, None, :] & (n >= max(1, int(min_tokens)))
+    if reading == "sentence":
+        b = torch.zeros_like(q) if boundary is None else boundary.to(q.device).bool()
+        total = C[:, -1:]
+        ends = q & (b | (C[:, 1:] == total))  # [B, t]: a sentence mark, or the last position of Q
+        starts = torch.cat([torch.ones_like(q[:, :1]), b], 1) | (C == 0)  # [B, a]: after a mark, or before Q
+        need = torch.clamp(total, max=max(1, int(min_tokens)))[:, :, None]  # short messages: whole
+        ok = ends[:, None, :] & starts[:, :, None] & (n >= need)
+    else:
+        ok = q[:, None, :] & (n >= max(1, int(min_tokens)))
     mean = (P[:, None, 1:] - Pa[:, :, None]) / n.clamp_min(1)[..., None]  # [B, a, t, k]
     return torch.where(ok[..., None], mean, torch.full_like(mean, -math.inf)).flatten(1, 2).max(1).values
 
@@ -144,8 +167,9 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
     d_model]}``; ``massive_norm_thresholds`` maps a layer to its limit (absent or None: no limit). The token prefix
     that the prompts of one ``prefix_labels`` label (default: all prompts) share is run once and its keys and values
     reused (:func:`shared_prefix_groups`; ``share_prefix=False``: every prompt whole): the same residuals as a forward
-    pass per prompt, up to float rounding. ``reader(x, valid, last, start, layer) -> [rows, k]`` replaces
-    :func:`read_at` (``last``/``start``: the read position and turn start per row, as columns of ``x``)."""
+    pass per prompt, up to float rounding. ``reader(x, valid, last, start, layer, ids) -> [rows, k]`` replaces
+    :func:`read_at` (``last``/``start``: the read position and turn start per row, as columns of ``x``; ``ids``: the
+    token ids at those columns)."""
     device = next(model.parameters()).device
     layers = sorted({int(l) for l in layers})
     limits = massive_norm_thresholds or {}
@@ -161,6 +185,8 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
         for b in iter_batches(tails, batch_size, device):
             rows = [idx[k] for k in b.indices]
             past = expand_cache(kv, len(rows)) if P else None
+            ids = b.tokens if not P else torch.cat([torch.as_tensor(encoded.input_ids[idx[0]][:P], device=device)
+                                                    .expand(len(rows), -1), b.tokens], 1)
             _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=list(names),
                                             stop_at_layer=stop, past_kv_cache=past)
             valid = torch.cat([torch.ones(len(rows), P, dtype=torch.bool, device=device), b.attention_mask.bool()], 1)
@@ -175,7 +201,7 @@ def residuals_at_layers(model, encoded: EncodedPrompts, layers: Sequence[int],
             for name, l in names.items():
                 x = cache[name] if not P else torch.cat([head[name].expand(len(rows), -1, -1), cache[name]], 1)
                 got = read_at(x, valid, cols, pool, limits.get(l), begin) if reader is None else reader(
-                    x, valid, cols, begin, l)
+                    x, valid, cols, begin, l, ids)
                 out.setdefault(l, torch.zeros(len(encoded), got.shape[1]))[rows] = got.float().cpu()
             bar.update()
     bar.close()

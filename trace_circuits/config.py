@@ -131,9 +131,27 @@ class GateConfig:
                                      "adversarial suffix cannot lower) and opens on it at this benign rate, within "
                                      "--gate-benign-rate (0: off; other pools: off)")
     message_min_tokens: int = opt(8, "that reading's stretches hold at least this many message tokens")
-    message_reading: str = opt("span", "'span': every stretch of the message (reaches a request behind a preamble); "
-                                       "'prefix': its running means from the start only (hook set format 9)",
-                               choices=("span", "prefix"))
+    message_reading: str = opt("sentence", "'sentence': every whole sentence of the message, and runs of them (a "
+                                           "request behind a preamble read on its own; hook set format 11); 'span': "
+                                           "every stretch; 'prefix': its running means from the start only",
+                               choices=("sentence", "span", "prefix"))
+    message_search: str = opt("0.01,0.02", "more rates the message reading may take (comma-separated, each at most "
+                                           "--gate-benign-rate; '' none): the calibration keeps the rate, this or "
+                                           "--gate-message-rate, whose worst attack template has the highest "
+                                           "out-of-fold harmful coverage")
+
+    def message_rates(self) -> list[float]:
+        """The message reading's candidate rates: ``message_rate`` then ``message_search``'s, each in (0, benign_rate]
+        (``message_rate`` 0: off, no search)."""
+        try:
+            more = [float(r) for r in self.message_search.split(",") if r.strip()]
+        except ValueError:
+            raise TraceCircuitsError(f"--gate-message-search takes rates separated by commas, e.g. 0.01,0.02, not "
+                                     f"{self.message_search!r}") from None
+        if not all(0 < r <= self.benign_rate for r in more):
+            raise TraceCircuitsError(f"--gate-message-search rates must lie in (0, --gate-benign-rate "
+                                     f"{self.benign_rate}], got {self.message_search!r}")
+        return [self.message_rate] + ([r for r in more if r != self.message_rate] if self.message_rate > 0 else [])
 
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
@@ -144,6 +162,7 @@ class GateConfig:
             raise TraceCircuitsError(f"--gate-message-rate must lie in [0, --gate-benign-rate {self.benign_rate}], got "
                                      f"{self.message_rate}")
         _at_least(self, 0, "text_docs", "passes", "search")
+        self.message_rates()
         if not self.l2 > 0:
             raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")
         bad = [t for t in self.templates.split(",") if t.strip() not in ATTACKS] \
@@ -263,8 +282,10 @@ class RunConfig:
         g = body.get("gate")
         if isinstance(g, dict) and "message_rate" not in g:  # written before the span reading: what those runs did
             rest = {k: v for k, v in g.items() if k not in ("prefix_rate", "prefix_min_tokens")}
-            body["gate"] = {**rest, "message_rate": g.get("prefix_rate", 0.0), "message_reading": "prefix",
-                            "message_min_tokens": g.get("prefix_min_tokens", 8)}
+            body["gate"] = g = {**rest, "message_rate": g.get("prefix_rate", 0.0), "message_reading": "prefix",
+                                "message_min_tokens": g.get("prefix_min_tokens", 8)}
+        if isinstance(g, dict) and "message_search" not in g:  # written before the rate search: one rate
+            body["gate"] = {**g, "message_search": ""}
         try:
             return _build(cls, body, where)
         except TypeError as err:

@@ -33,70 +33,15 @@ from trace_circuits.config import GateConfig
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.operations import Operation
 from trace_circuits.prompts import EncodedPrompts, iter_batches
-from trace_circuits.activations import MESSAGE_READINGS, message_span_max, pooled_positions
+from trace_circuits.activations import MESSAGE_READINGS, message_span_max, pooled_positions, sentence_boundary_ids
 from trace_circuits.stats import auroc
-
-
-def user_turn_end(model_or_tokenizer) -> list[int]:
-    """Token ids that close a user turn in the chat template (what the template puts after the user's message, up to
-    where the assistant's answer begins), or [] if the tokenizer has no chat template."""
-    from trace_circuits.prompts import format_prompts, uses_chat_template
-
-    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    if tokenizer is None or not uses_chat_template(model_or_tokenizer):
-        return []
-    marker = "\x00TRACE\x00"
-    text = format_prompts(tokenizer, [marker], chat=True)[0]
-    tail = text[text.index(marker) + len(marker):]
-    return list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
-
-
-def user_turn_start(model_or_tokenizer) -> list[int]:
-    """Token ids that open a user turn in the chat template (the header right before the user's message, as it
-    stands both at the first turn and after an assistant's answer), or [] if the tokenizer has no chat template."""
-    from trace_circuits.prompts import uses_chat_template
-
-    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    if tokenizer is None or not uses_chat_template(model_or_tokenizer):
-        return []
-    one, two, answer = "\x00ONE\x00", "\x00TWO\x00", "\x00ANS\x00"
-    turns = [{"role": "user", "content": one}, {"role": "assistant", "content": answer},
-             {"role": "user", "content": two}]
-    first = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
-    later = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    between = later[later.index(answer) + len(answer):later.index(two)]
-    a = list(tokenizer(first[:first.index(one)], add_special_tokens=False)["input_ids"])
-    b = list(tokenizer(between, add_special_tokens=False)["input_ids"])
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return a[len(a) - n:]
-
-
-def last_match_end(ids: Sequence[int], pattern: Sequence[int], before: int) -> int:
-    """The index of the last token of the last match of ``pattern`` in ``ids`` that ends before ``before``, else -1
-    (:func:`trace_circuits.hookset.runtime.last_match` on padded tensors)."""
-    n, pattern = len(pattern), list(pattern)
-    for i in range(min(len(ids), before) - n, -1, -1) if n else ():
-        if list(ids[i:i + n]) == pattern:
-            return i + n - 1
-    return -1
-
-
-def turn_start_positions(encoded: EncodedPrompts, opener: Sequence[int], ends: Sequence[int]) -> list[int]:
-    """Per prompt, the index of the last token of the last ``opener`` match that ends before ``ends[i]`` (the
-    header of the last user turn), else -1: where a ``turn`` prompt gate starts reading, as the runtime finds it."""
-    return [last_match_end(ids, opener, end) for ids, end in zip(encoded.input_ids, ends)]
-
-
-def anchor_positions(encoded: EncodedPrompts, anchor: Sequence[int]) -> list[int]:
-    """Per prompt, the index of the last token of the last ``anchor`` match (the end of the last user turn), else
-    its last token: where the prompt gate reads, exactly as the runtime finds it."""
-    out = []
-    for ids in encoded.input_ids:
-        end = last_match_end(ids, anchor, len(ids))
-        out.append(end if end >= 0 else len(ids) - 1)
-    return out
+from trace_circuits.turns import (  # noqa: F401  (user_turn_start, turn_start_positions: imported from here too)
+    anchor_positions,
+    last_match_end,
+    turn_start_positions,
+    user_turn_end,
+    user_turn_start,
+)
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float, torch.Tensor,
@@ -215,7 +160,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                     groups: Optional[tuple[Sequence[str], Sequence[str]]] = None, pool: str = GateConfig.pool,
                     massive_norm_threshold: Optional[float] | dict = None,
                     requests: Optional[tuple[Sequence[int], Sequence[int]]] = None,
-                    message_rate: Optional[float] = None,
+                    message_rate: Optional[float | Sequence[float]] = None,
                     message_min_tokens: int = GateConfig.message_min_tokens,
                     message_reading: str = GateConfig.message_reading) -> tuple[Operation, dict]:
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
@@ -236,7 +181,10 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     :mod:`trace_circuits.hookset.operations`), a reading a suffix cannot lower; its threshold lets it open on
     ``message_rate`` of benign sequences out of fold, and the end-of-turn threshold is then the lowest that keeps the
     two readings together at ``benign_gate_rate`` (None: the config's default for a ``turn`` gate, off for the
-    others)."""
+    others). Several rates: each is tried and the gate keeps the one whose worst ``groups`` label (attack template)
+    has the highest out-of-fold harmful coverage (ties: overall coverage, then the lower rate),
+    ``calib["message_rate_search"]``: a reading that catches a request under every framing beats one that catches
+    more of them directly and few behind a preamble."""
     from trace_circuits.activations import residuals_at_layers
     from trace_circuits.hookset.operations import PROBE_POOLS
 
@@ -251,9 +199,11 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
     if message_rate is None:  # the default: on for a turn gate
         message_rate = min(GateConfig.message_rate, benign_gate_rate) if pool == "turn" else 0.0
-    if not 0 <= message_rate <= benign_gate_rate or (message_rate > 0 and pool != "turn"):
+    rates = [float(r) for r in (message_rate if isinstance(message_rate, (list, tuple)) else [message_rate])]
+    message_rate = max(rates) if rates else 0.0
+    if not rates or not all(0 <= r <= benign_gate_rate for r in rates) or (message_rate > 0 and pool != "turn"):
         raise TraceCircuitsError(f"the message reading's rate must lie in [0, benign rate {benign_gate_rate}] and needs "
-                                 f"pool 'turn' (got {message_rate} with pool {pool!r}); set --gate-message-rate 0")
+                                 f"pool 'turn' (got {rates} with pool {pool!r}); set --gate-message-rate 0")
     if message_reading not in MESSAGE_READINGS:
         raise TraceCircuitsError(f"message reading {message_reading!r} is not one of {', '.join(MESSAGE_READINGS)}; "
                                  "set --gate-message-reading")
@@ -312,11 +262,15 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
             return [p - len(anchor) if last_match_end(ids, anchor, len(ids)) >= 0 else p
                     for ids, p in zip(enc.input_ids, pos)]
 
-        def reader(x, valid, last, start, l):
-            q_ = pooled_positions(x, valid, last, limits[l], start)
-            return message_span_max(x, q_, V.to(x.device), message_min_tokens, message_reading)
+        marks = torch.tensor(sentence_boundary_ids(model.tokenizer) if message_reading == "sentence" else [],
+                             dtype=torch.long)
 
-        what = {"span": "spans", "prefix": "prefixes"}[message_reading]
+        def reader(x, valid, last, start, l, ids):
+            q_ = pooled_positions(x, valid, last, limits[l], start)
+            bound = torch.isin(ids, marks.to(ids.device)) if message_reading == "sentence" else None
+            return message_span_max(x, q_, V.to(x.device), message_min_tokens, message_reading, bound)
+
+        what = {"span": "spans", "prefix": "prefixes", "sentence": "sentences"}[message_reading]
         M = [read(enc, f"prompt gate, message {what} ({desc})", enc is not benign_text, lab, message_last,
                   reader)[layer] for enc, desc, lab in ((harmful, "harmful", groups[0] if groups else None),
                                                           (benign, "benign", groups[1] if groups else None),
@@ -325,8 +279,15 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         msg = torch.full((len(X),), -math.inf)
         for k, (test, _) in enumerate(folds_fit):
             msg[test] = M[test, k] + c[k]
-        msg_threshold = benign_threshold(msg[n_h:], message_rate)
-        q = union_threshold(oof[n_h:], msg[n_h:] > msg_threshold, benign_gate_rate)
+        search = {}  # rate -> (worst template's coverage, coverage, message threshold, end-of-turn threshold)
+        for rate in [r for r in rates if r > 0]:
+            t_m = benign_threshold(msg[n_h:], rate)
+            t_s = union_threshold(oof[n_h:], msg[n_h:] > t_m, benign_gate_rate)
+            hit = ((oof[:n_h] > t_s) | (msg[:n_h] > t_m)).float()
+            per = rates_by_group(hit, groups[0], 0.5) if groups is not None else {"all": float(hit.mean())}
+            search[rate] = (min(per.values()), float(hit.mean()), t_m, t_s)
+        message_rate = max(search, key=lambda r: (search[r][0], search[r][1], -r))  # ties: the lower rate
+        _, _, msg_threshold, q = search[message_rate]
         opened = (oof > q) | (msg > msg_threshold)
     else:
         opened = oof > q
@@ -338,6 +299,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     r = v / v.norm()
     mu = m - b * r * gap
     op = Operation(kind="prompt_probe", layer=int(layer), gated=False, gate_source=True, gap=gap,
+                   message_boundary=marks.tolist() if msg_threshold is not None and message_reading == "sentence"
+                   else [],
                    gate_threshold=float(q), anchor=anchor, pool=pool, opener=opener,
                    massive_norm_threshold=massive_norm_threshold if pool != "last" else None,
                    message_threshold=None if msg_threshold is None else float(msg_threshold),
@@ -353,6 +316,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
              "gate_score_auroc": auroc(oof[:len(H)].numpy(), neg.numpy()), "n_harmful": len(H), "n_benign": len(B),
              **({"message_threshold": float(msg_threshold), "message_rate_target": message_rate,
                  "message_min_tokens": message_min_tokens, "message_reading": message_reading,
+                 **({"message_rate_search": {str(r): {"worst_template": v[0], "harmful": v[1]}
+                                             for r, v in search.items()}} if len(search) > 1 else {}),
                  "message_rate_harmful": float((msg[:n_h] > msg_threshold).float().mean()),
                  "message_rate_benign": float((msg[n_h:] > msg_threshold).float().mean())}
                 if msg_threshold is not None else {}),
@@ -365,8 +330,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                      + ": s = <(x - m)/sd, w> + b, a class-balanced L2 logistic "
                      "regression (harmful requests vs benign requests and texts); the gate opens for the rest of the "
                      "sequence if s > gate_threshold, the (1 - rate) quantile of the benign out-of-fold scores" + (
-                         "; or if the same score of the mean over " + ("any span" if message_reading == "span" else
-                                                                       "any running prefix")
+                         "; or if the same score of the mean over " + {
+                             "span": "any span", "prefix": "any running prefix",
+                             "sentence": "any whole sentence or run of sentences"}[message_reading]
                          + " of the user's message (at least message_min_tokens of its tokens; a suffix cannot lower "
                          "it) passes message_threshold, the (1 - message rate) quantile, gate_threshold then the "
                          "lowest keeping both readings together at the benign rate"

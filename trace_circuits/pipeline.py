@@ -235,7 +235,7 @@ class Run:
                                                   massive_norm_threshold={l: massive_limit(self.saes[l])
                                                                           for l in layers if l in self.saes},
                                                   requests=requests, message_min_tokens=gc.message_min_tokens,
-                                                  message_rate=gc.message_rate if gc.pool == "turn" else 0.0,
+                                                  message_rate=gc.message_rates() if gc.pool == "turn" else 0.0,
                                                   message_reading=gc.message_reading)
                 else:
                     from trace_circuits.feature_gate import calibrate_feature_gate

@@ -14,7 +14,8 @@ embedding rows rounded to bfloat16, so a float32 and a bfloat16 copy of the same
 files keep the float32 signature, which the float32 model still matches), 9 (+ the probe's ``prefix_threshold`` and
 ``prefix_min_tokens``: a second reading of the user's message, its running means, that a suffix cannot lower; older
 probes have none), 10 (the same as ``message_threshold``, ``message_min_tokens`` and ``message_reading``: ``span``
-reads every stretch of the message, ``prefix`` what format 9 read).
+reads every stretch of the message, ``prefix`` what format 9 read), 11 (+ ``message_reading="sentence"`` and its
+``message_boundary`` token ids: whole sentences of the message).
 Older files load unchanged, under the same checks.
 
 What loading refuses, each with one ``error:`` line naming the file and the field: a file that is not a JSON object,
@@ -55,7 +56,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 10
+FORMAT_VERSION = 11
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
 #: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
@@ -309,7 +310,8 @@ def message_coverage(calibration: Optional[dict]) -> str:
     rate = g.get("message_rate_harmful", g.get("prefix_rate_harmful"))  # format 9 wrote prefix_*
     reading = g.get("message_reading", "prefix")
     return "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
-                                    "appended suffix cannot lower")
+                                    "appended suffix cannot lower" + (" once the request ends a sentence"
+                                                                      if reading == "sentence" else ""))
 
 
 def load_hookset(path: str | Path) -> HookSet:

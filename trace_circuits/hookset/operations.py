@@ -31,6 +31,10 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     of format 9: running means from the message's start only), ``M`` the turn's positions before the ``anchor``
     match (:func:`~trace_circuits.activations.message_span_max`); tokens appended to a message cannot lower ``m``
     (causal attention), so an adversarial suffix cannot shut this reading, and a span can skip a preamble.
+    ``message_reading="sentence"`` (format 11): whole sentences only, spans that start at ``M``'s start or after a
+    token in ``message_boundary`` (ids whose text holds ``. ? ! :`` or a newline) and end at one or at ``M``'s last
+    position, at least ``min(message_min_tokens, |M|)`` long; a few candidates per message, so the benign threshold
+    sits lower and a request behind a preamble of rules or a role is read on its own.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ _FIELDS = {
     "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
     "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold",
                      "opener", "message_threshold", "message_min_tokens",
-                     "message_reading", "prefix_threshold", "prefix_min_tokens"},
+                     "message_reading", "message_boundary", "prefix_threshold", "prefix_min_tokens"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -92,7 +96,8 @@ class Operation:
     opener: list[int] = field(default_factory=list)  # prompt_probe "turn": token ids that open a user turn
     message_threshold: Optional[float] = None  # prompt_probe "turn": also open if a span of the message passes it
     message_min_tokens: int = 1  # prompt_probe: spans of at least this many message tokens
-    message_reading: str = "span"  # prompt_probe: "span" (any stretch of the message) or "prefix" (format 9)
+    message_reading: str = "span"  # prompt_probe: "span" (any stretch), "prefix" (format 9) or "sentence"
+    message_boundary: list[int] = field(default_factory=list)  # prompt_probe "sentence": ids that end a sentence
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -150,10 +155,15 @@ class Operation:
                      **({"opener": self.opener} if self.pool == "turn" else {}),
                      **({"message_threshold": self.message_threshold, "message_min_tokens": self.message_min_tokens,
                          "message_reading": self.message_reading} if self.message_threshold is not None else {}),
+                     **({"message_boundary": self.message_boundary} if self.message_threshold is not None
+                        and self.message_reading == "sentence" else {}),
                      score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
                            "real position); the gate opens if s > gate_threshold" + (
                                "; or if m > message_threshold, m = max of <mean of x[q] - mu, r> / gap over "
-                               + ("spans a < q <= t" if self.message_reading == "span" else "running means q <= t")
+                               + {"span": "spans a < q <= t", "prefix": "running means q <= t",
+                                  "sentence": "whole sentences a < q <= t (a the message's start or a "
+                                              "message_boundary token, t one or its last position)"}.get(
+                                   self.message_reading, self.message_reading)
                                + " of the last user turn's message positions (before the anchor) holding at least "
                                "message_min_tokens of them" if self.message_threshold is not None else ""))
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
@@ -265,6 +275,10 @@ class Operation:
                 if self.message_reading not in MESSAGE_READINGS:
                     raise TraceCircuitsError(f"{where}: message_reading must be one of {', '.join(MESSAGE_READINGS)}, "
                                              f"got {self.message_reading!r}")
+                if self.message_reading == "sentence" and (not self.message_boundary or any(
+                        t < 0 for t in self.message_boundary)):
+                    raise TraceCircuitsError(f"{where}: the sentence reading needs message_boundary, the token ids (>= "
+                                             "0) that end a sentence; re-export the hook set")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -369,7 +383,7 @@ _REQUIRED = object()
 
 
 def _message_reading(g: _Getter) -> dict:
-    """The probe's message reading: format 10 writes ``message_*``; format 9 wrote ``prefix_threshold`` and
+    """The probe's message reading: format 10 writes ``message_*`` (11: also ``message_boundary``); format 9 wrote ``prefix_threshold`` and
     ``prefix_min_tokens`` for running means from the message's start (read as ``message_reading="prefix"``);
     format <= 8: none."""
     if "prefix_threshold" in g.d:
@@ -379,7 +393,7 @@ def _message_reading(g: _Getter) -> dict:
                     message_min_tokens=g.int("prefix_min_tokens", 1), message_reading="prefix")
     return dict(message_threshold=g.num("message_threshold", None, optional=True),
                 message_min_tokens=g.int("message_min_tokens", 1),
-                message_reading=g.str("message_reading", "span"))
+                message_reading=g.str("message_reading", "span"), message_boundary=g.ints("message_boundary", []))
 
 
 def sae_operation(sae, features: Sequence[int], *, layer: Optional[int] = None, gated: bool = True,

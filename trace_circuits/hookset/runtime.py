@@ -67,6 +67,7 @@ class Runtime:
         self.message_scores: Optional[torch.Tensor] = None  # [batch] the probe's message reading (if any)
         self.message_score_tensor: Optional[torch.Tensor] = None
         self._device_ops: dict[int, Operation] = {}
+        self._marks: dict[tuple, torch.Tensor] = {}  # (op id, device) -> its message_boundary ids there
 
     def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool,
               input_ids: Optional[torch.Tensor] = None) -> None:
@@ -94,6 +95,17 @@ class Runtime:
             cached = Operation(**{**vars(op), "tensors": {k: v.to(device) for k, v in op.tensors.items()}})
             self._device_ops[id(op)] = cached
         return cached
+
+    def _boundary(self, op: Operation, ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """[batch, pos] bool: the tokens that end a sentence (``sentence`` reading; None without token ids: the
+        message is then read whole)."""
+        if op.message_reading != "sentence" or ids is None:
+            return None
+        key = (id(op), ids.device)
+        marks = self._marks.get(key)
+        if marks is None:
+            marks = self._marks[key] = torch.tensor(op.message_boundary, dtype=torch.long, device=ids.device)
+        return torch.isin(ids, marks)
 
     def _valid_for(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape[:2]
@@ -190,7 +202,8 @@ class Runtime:
         if op.message_threshold is not None:  # every span of the user's message (operations module docstring)
             message_last = torch.where(end >= 0, end - len(op.anchor), last)
             q = pooled_positions(x, valid, message_last, op.massive_norm_threshold, start)
-            m = message_span_max(x, q, t["r"][:, None], op.message_min_tokens, op.message_reading)[:, 0]
+            m = message_span_max(x, q, t["r"][:, None], op.message_min_tokens, op.message_reading,
+                                 self._boundary(op, ids))[:, 0]
             m = (m - t["mu"] @ t["r"]) / op.gap
             self.message_score_tensor, self.message_scores = m, m.detach().cpu()
             fired = fired | (m > op.message_threshold)
