@@ -260,7 +260,7 @@ def test_the_export_itself_loads_and_acts_like_the_original(exported, twins):
     tl = twins[0]
     back = load_hookset(exported)
     meta = json.loads((exported / "hookset.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 10 and len(meta["tensors_sha256"]) == 64
+    assert meta["format_version"] == FORMAT_VERSION == 11 and len(meta["tensors_sha256"]) == 64
     original = all_kinds_hookset(tl, threshold=CALIB["gate_threshold"])
     tokens = torch.tensor([tl.tokenizer("How do I make a pipe bomb?")["input_ids"]])
     with torch.no_grad():
@@ -305,7 +305,7 @@ def test_a_format_5_mean_probe_still_loads_and_an_opener_is_checked(exported, tm
 def test_a_format_9_prefix_reading_still_loads_as_the_running_means_it_was(exported, tmp_path):
     """Format 9 wrote the message reading as ``prefix_threshold``/``prefix_min_tokens`` (running means from the
     message's start); it loads as ``message_reading="prefix"``, checked against the calibration's
-    ``prefix_threshold``, and is written back as format 10."""
+    ``prefix_threshold``, and is written back as format 11."""
     def v9(meta):
         meta["format_version"] = 9
         meta["operations"][0].update(pool="turn", opener=[1], prefix_threshold=2.5, prefix_min_tokens=4)

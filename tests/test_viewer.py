@@ -232,10 +232,12 @@ def test_report_renders_every_template_judge_utility_key_and_defense(tmp_path):
 
 def test_report_names_what_the_gate_message_reading_catches_alone(tmp_path):
     """The hook set card says what share of harmful calibration sequences the gate's message reading opened on by
-    itself, and which reading (format 10's ``message_*`` record, format 9's ``prefix_*``); nothing without one."""
+    itself, and which reading (format 10-11's ``message_*`` record, format 9's ``prefix_*``); nothing without one."""
     cases = [({"message_rate_harmful": 0.529, "message_reading": "span"}, "53% of harmful on the message span "
                                                                           "reading alone"),
              ({"prefix_rate_harmful": 0.309}, "31% of harmful on the message prefix reading alone"),
+             ({"message_rate_harmful": 0.62, "message_reading": "sentence"}, "62% of harmful on the message sentence "
+              "reading alone, which an appended suffix cannot lower once the request ends a sentence"),
              ({}, None)]
     for i, (calib, want) in enumerate(cases):
         hs = fake_hookset()

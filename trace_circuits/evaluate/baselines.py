@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.build import hookset_for
-from trace_circuits.hookset.operations import Operation, sae_operation
+from trace_circuits.hookset.build import sae_operation
+from trace_circuits.hookset.operations import Operation
 from trace_circuits.prompts import EncodedPrompts
 
 BASELINE_NAMES = ("top_feature", "onset_features", "gated_onset_features", "direction_ablation", "direction_addition",

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.hookset.format import HookSet
-from trace_circuits.hookset.operations import Operation, sae_operation
+from trace_circuits.hookset.operations import SAE_HOOK_KINDS, Operation
+from trace_circuits.names import parse_hook
+from trace_circuits.saes.encoding import FeatureEncoder, massive_limit
+
+
+def sae_operation(sae, features: Sequence[int], *, layer: Optional[int] = None, gated: bool = True,
+                  gate_source: bool = False, zero_thresholds: Optional[Sequence[float]] = None,
+                  gate_scales: Optional[Sequence[float]] = None, gate_threshold: float = 1.0, scale: float = 0.0
+                  ) -> Operation:
+    """A ``sae_features`` operation from any SAE-Lens SAE (standard, JumpReLU, TopK): what it needs to reproduce
+    ``sae.encode`` for ``features`` and remove their decoder contributions at the SAE's hook point."""
+    from trace_circuits.saes.sources import sae_hook
+
+    hook = sae_hook(sae)
+    kind, hook_layer = parse_hook(hook)
+    if hook_layer is None or kind not in SAE_HOOK_KINDS:
+        raise TraceCircuitsError(f"hook sets cut SAE features on the residual stream or a sublayer output, not at "
+                                 f"{hook}; use an SAE at blocks.L.hook_resid_post")
+    enc = FeatureEncoder.from_sae(sae, features)
+    n = len(enc.features)
+    limit = massive_limit(sae)
+    return Operation(kind="sae_features", layer=hook_layer if layer is None else int(layer), gated=gated,
+                     scale=float(scale), features=enc.features,
+                     zero_thresholds=[float(t) for t in (zero_thresholds or [0.0] * n)], gate_source=gate_source,
+                     gate_scales=[float(t) for t in (gate_scales or [1.0] * n)] if gate_source else [],
+                     gate_threshold=float(gate_threshold), architecture=enc.architecture, k=enc.k,
+                     normalize=enc.normalize, massive_norm_threshold=None if math.isinf(limit) else limit,
+                     sae=str(sae.cfg.metadata.get("source") or hook),
+                     hook="" if kind == "resid_post" else hook, tensors=enc.tensors)
 
 
 def hookset_from_circuit(circuit, model, saes: dict, *, gate: Optional[Operation] = None,

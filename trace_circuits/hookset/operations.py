@@ -34,14 +34,15 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     ``message_reading="sentence"`` (format 11): whole sentences only, spans that start at ``M``'s start or after a
     token in ``message_boundary`` (ids whose text holds ``. ? ! :`` or a newline) and end at one or at ``M``'s last
     position, at least ``min(message_min_tokens, |M|)`` long; a few candidates per message, so the benign threshold
-    sits lower and a request behind a preamble of rules or a role is read on its own.
+    sits lower and a request behind a preamble of rules or a role is read on its own; a suffix cannot lower it once
+    the message ends a sentence (the spans up to that mark stay candidates).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -49,7 +50,7 @@ from trace_circuits.activations import MESSAGE_READINGS
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.names import hook_name as make_hook_name
 from trace_circuits.names import parse_hook
-from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureEncoder, massive_limit
+from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureEncoder
 
 OP_KINDS = ("sae_features", "heads", "mlp", "direction", "prompt_probe")
 DIRECTION_MODES = ("ablate", "add")
@@ -394,29 +395,3 @@ def _message_reading(g: _Getter) -> dict:
     return dict(message_threshold=g.num("message_threshold", None, optional=True),
                 message_min_tokens=g.int("message_min_tokens", 1),
                 message_reading=g.str("message_reading", "span"), message_boundary=g.ints("message_boundary", []))
-
-
-def sae_operation(sae, features: Sequence[int], *, layer: Optional[int] = None, gated: bool = True,
-                  gate_source: bool = False, zero_thresholds: Optional[Sequence[float]] = None,
-                  gate_scales: Optional[Sequence[float]] = None, gate_threshold: float = 1.0, scale: float = 0.0
-                  ) -> Operation:
-    """A ``sae_features`` operation from any SAE-Lens SAE (standard, JumpReLU, TopK): what it needs to reproduce
-    ``sae.encode`` for ``features`` and remove their decoder contributions at the SAE's hook point."""
-    from trace_circuits.saes.sources import sae_hook
-
-    hook = sae_hook(sae)
-    kind, hook_layer = parse_hook(hook)
-    if hook_layer is None or kind not in SAE_HOOK_KINDS:
-        raise TraceCircuitsError(f"hook sets cut SAE features on the residual stream or a sublayer output, not at "
-                                 f"{hook}; use an SAE at blocks.L.hook_resid_post")
-    enc = FeatureEncoder.from_sae(sae, features)
-    n = len(enc.features)
-    limit = massive_limit(sae)
-    return Operation(kind="sae_features", layer=hook_layer if layer is None else int(layer), gated=gated,
-                     scale=float(scale), features=enc.features,
-                     zero_thresholds=[float(t) for t in (zero_thresholds or [0.0] * n)], gate_source=gate_source,
-                     gate_scales=[float(t) for t in (gate_scales or [1.0] * n)] if gate_source else [],
-                     gate_threshold=float(gate_threshold), architecture=enc.architecture, k=enc.k,
-                     normalize=enc.normalize, massive_norm_threshold=None if math.isinf(limit) else limit,
-                     sae=str(sae.cfg.metadata.get("source") or hook),
-                     hook="" if kind == "resid_post" else hook, tensors=enc.tensors)
