@@ -157,7 +157,7 @@ def test_a_preamble_attack_writes_before_the_request_and_reaches_the_span_readin
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:80])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:80])
     probe, _ = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="turn", message_rate=0.02,
-                               message_min_tokens=2)
+                               message_min_tokens=2, message_reading="span")
     turn = hookset_for(tl, [probe] + hs.operations[1:])
     lay = layout(tok, PROMPT, "Sure, here is", "prefix")
     allowed = ordinary_tokens(tok, tl.cfg.d_vocab).nonzero().flatten()

@@ -138,6 +138,44 @@ def test_message_span_max_is_the_best_span_mean_and_a_suffix_cannot_lower_it():
         message_span_max(x, q, V, 2, "suffix")
 
 
+def test_the_sentence_reading_is_the_best_run_of_whole_sentences():
+    """The sentence reading against a brute force: spans from the message start or after a sentence mark to a mark or
+    the message's last kept position, at least min(L, |Q|) kept positions; a mark outside Q (the header) or a sink
+    changes nothing; a message shorter than L is read whole; no marks at all: the whole message; always at most the
+    span reading; appended tokens do not lower it when the message ends on a mark."""
+    from trace_circuits.activations import message_span_max
+
+    g = torch.Generator().manual_seed(1)
+    B, T = 4, 14
+    x, V = torch.randn(B, T, 5, generator=g), torch.randn(5, 2, generator=g)
+    q = torch.ones(B, T, dtype=torch.bool)
+    q[0, :3] = False  # padding and a header
+    q[1, 6] = False  # a sink
+    q[2, :11] = False  # a 3-token message
+    mark = torch.rand(B, T, generator=g) < 0.3
+    mark[0, 2] = True  # the header's last token is a mark
+    mark[3] = False  # no marks: the whole message
+    for L in (1, 4):
+        got = message_span_max(x, q, V, L, "sentence", mark)
+        for b in range(B):
+            Q = q[b].nonzero()[:, 0].tolist()
+            starts = [a for a in range(T) if a == 0 or mark[b, a - 1] or a <= Q[0]]
+            ends = [t for t in Q if mark[b, t] or t == Q[-1]]
+            best = [x[b, S].mean(0) @ V for a in starts for t in ends
+                    for S in [[i for i in Q if a <= i <= t]] if len(S) >= min(L, len(Q))]
+            assert torch.allclose(got[b], torch.stack(best).max(0).values, atol=1e-5)
+        assert (message_span_max(x, q, V, min(L, 3)) >= got - 1e-6).all()
+    whole = [x[3].mean(0) @ V]
+    assert torch.allclose(message_span_max(x, q, V, 4, "sentence", mark)[3], whole[0], atol=1e-5)
+    ends_on_mark = q.clone()
+    cut = 9
+    ends_on_mark[:, cut + 1:] = False
+    m2 = mark.clone()
+    m2[:, cut] = True  # the shorter message ends a sentence; the longer one carries on after it
+    assert (message_span_max(x, q, V, 2, "sentence", m2) >= message_span_max(x, ends_on_mark, V, 2, "sentence", m2)
+            - 1e-6).all()
+
+
 @pytest.mark.parametrize("reading", ["span", "prefix", "sentence"])
 def test_the_message_reading_opens_the_gate_and_a_suffix_cannot_shut_it(planted, tmp_path, reading):
     """A turn gate with the message reading (every span, the running means from the start, or whole sentences):
