@@ -36,15 +36,20 @@ def main() -> None:
     from trace_circuits.errors import TraceCircuitsError
     from trace_circuits.evaluate import attack_texts
     from trace_circuits.gate import (anchor_positions, benign_threshold, calibration_sets, fit_logistic,
-                                     out_of_fold_fits,
-                                     request_fold_groups, turn_start_positions, union_threshold)
+                                     message_thresholds, out_of_fold_fits, request_fold_groups, turn_start_positions)
 
     hs = load_hookset(args.hookset)
     g = hs.gate_operation
     if g is None or g.kind != "prompt_probe" or g.pool != "turn":
         raise TraceCircuitsError(f"{args.hookset} has no turn prompt gate; export one with `trace-circuits run`")
     gc = RunConfig.from_json(hs.provenance["config"]).gate
-    rates = [float(r) for r in args.rates.split(",")]
+    try:
+        rates = [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        raise TraceCircuitsError(f"--rates takes rates separated by commas, e.g. 0.005,0.01,0.02, not {args.rates!r}") \
+            from None
+    if not all(0 < r <= gc.benign_rate for r in rates):
+        raise TraceCircuitsError(f"--rates must lie in (0, the gate's benign rate {gc.benign_rate}], got {args.rates!r}")
     model = load_model(hs.model, device="cpu", progress=False)
     tok, L, anchor = model.tokenizer, g.layer, g.anchor
 
@@ -82,9 +87,8 @@ def main() -> None:
     marks = torch.tensor(sentence_boundary_ids(tok), dtype=torch.long)
 
     def reader(x, valid, last, start, l, ids):
-        q = pooled_positions(x, valid, last, g.massive_norm_threshold, start)
-        return torch.cat([message_span_max(x, q, V, gc.message_min_tokens, r, torch.isin(ids, marks))
-                          for r in ("span", "sentence")], 1)
+        q, bound = pooled_positions(x, valid, last, g.massive_norm_threshold, start), torch.isin(ids, marks)
+        return torch.cat([message_span_max(x, q, V, gc.message_min_tokens, r, bound) for r in ("span", "sentence")], 1)
 
     M = []  # pass 2: [rows, 2 readings x (5 folds + full)]
     for i, enc in enumerate(sets):
@@ -112,15 +116,15 @@ def main() -> None:
             else:
                 oof_m = (Mc[:, off:off + k - 1] + c[:k - 1]).gather(1, fold[:, None])[:, 0]
                 test_m = Mt[:, off + k - 1] + c[k - 1]
-                q_m = benign_threshold(oof_m[neg], rate)
-                q_s = union_threshold(oof_s[neg], oof_m[neg] > q_m, gc.benign_rate)
+                q_m, q_s = message_thresholds(oof_s[neg], oof_m[neg], rate, gc.benign_rate)
             open_oof = (oof_s > q_s) | (oof_m > q_m)
             open_test = (test_s > q_s) | (test_m > q_m)
             per = [float(open_oof[:n_h][[i for i, t in enumerate(hn) if t == f]].float().mean()) for f in frames]
             tst = {key: [] for key in set(test_rows)}
             for i, key in enumerate(test_rows):
                 tst[key].append(bool(open_test[i]))
-            rate_of = lambda kind: sum(sum(tst[(kind, f)]) for f in frames) / sum(len(tst[(kind, f)]) for f in frames)  # noqa: E731,E501
+            rate_of = lambda kind: (sum(sum(tst[(kind, f)]) for f in frames)  # noqa: E731
+                                    / sum(len(tst[(kind, f)]) for f in frames))
             print(f"| {reading} | {rate if off is not None else '-'} | " + ", ".join(f"{p:.2f}" for p in per)
                   + f" | {min(per):.2f} | " + ", ".join(f"{sum(tst[('harmful', f)]) / len(tst[('harmful', f)]):.2f}"
                                                        for f in frames)
@@ -128,4 +132,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from trace_circuits.errors import TraceCircuitsError
+
+    try:
+        main()
+    except TraceCircuitsError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}")

@@ -93,6 +93,15 @@ def union_threshold(scores: torch.Tensor, also_open: torch.Tensor, rate: float) 
     return best
 
 
+def message_thresholds(benign_scores: torch.Tensor, benign_message: torch.Tensor, message_rate: float,
+                       benign_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(message threshold, end-of-turn threshold)`` of a gate with both readings: the message reading opens on
+    ``message_rate`` of the benign sequences, the end-of-turn reading then at the lowest threshold keeping the two
+    together within ``benign_rate`` (:func:`benign_threshold`, :func:`union_threshold`)."""
+    t_m = benign_threshold(benign_message, message_rate)
+    return t_m, union_threshold(benign_scores, benign_message > t_m, benign_rate)
+
+
 def request_fold_groups(harmful_ids: Sequence[int], benign_ids: Sequence[int], n_documents: int) -> list[int]:
     """Fold groups for :func:`out_of_fold_scores` over ``[harmful | benign | documents]`` rows: the request ids as
     given (one id space, so a harmful request and a benign twin given its id share a fold), then each document its
@@ -200,8 +209,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     if message_rate is None:  # the default: on for a turn gate
         message_rate = min(GateConfig.message_rate, benign_gate_rate) if pool == "turn" else 0.0
     rates = [float(r) for r in (message_rate if isinstance(message_rate, (list, tuple)) else [message_rate])]
-    message_rate = max(rates) if rates else 0.0
-    if not rates or not all(0 <= r <= benign_gate_rate for r in rates) or (message_rate > 0 and pool != "turn"):
+    reads_message = bool(rates) and max(rates) > 0
+    if not rates or not all(0 <= r <= benign_gate_rate for r in rates) or (reads_message and pool != "turn"):
         raise TraceCircuitsError(f"the message reading's rate must lie in [0, benign rate {benign_gate_rate}] and needs "
                                  f"pool 'turn' (got {rates} with pool {pool!r}); set --gate-message-rate 0")
     if message_reading not in MESSAGE_READINGS:
@@ -251,7 +260,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     X, oof, q = fits[layer]
     H, B, T = Hs[layer], Bs[layer], Ts[layer]
     msg_threshold = None
-    if message_rate > 0:  # the message's spans, scored by each fold's probe (a second pass at that layer)
+    if reads_message:  # the message's spans, scored by each fold's probe (a second pass at that layer)
         folds_fit = out_of_fold_fits(X, y, l2, folds, fold_groups)
         V = torch.stack([w_ / sd_ for _, (w_, _, _, sd_) in folds_fit], 1)
         c = torch.tensor([b_ - float((m_ / sd_) @ w_) for _, (w_, b_, m_, sd_) in folds_fit])
@@ -281,8 +290,7 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
             msg[test] = M[test, k] + c[k]
         search = {}  # rate -> (worst template's coverage, coverage, message threshold, end-of-turn threshold)
         for rate in [r for r in rates if r > 0]:
-            t_m = benign_threshold(msg[n_h:], rate)
-            t_s = union_threshold(oof[n_h:], msg[n_h:] > t_m, benign_gate_rate)
+            t_m, t_s = message_thresholds(oof[n_h:], msg[n_h:], rate, benign_gate_rate)
             hit = ((oof[:n_h] > t_s) | (msg[:n_h] > t_m)).float()
             per = rates_by_group(hit, groups[0], 0.5) if groups is not None else {"all": float(hit.mean())}
             search[rate] = (min(per.values()), float(hit.mean()), t_m, t_s)

@@ -384,9 +384,9 @@ _REQUIRED = object()
 
 
 def _message_reading(g: _Getter) -> dict:
-    """The probe's message reading: format 10 writes ``message_*`` (11: also ``message_boundary``); format 9 wrote ``prefix_threshold`` and
-    ``prefix_min_tokens`` for running means from the message's start (read as ``message_reading="prefix"``);
-    format <= 8: none."""
+    """The probe's message reading: format 10 writes ``message_*`` (11: also ``message_boundary``); format 9 wrote
+    ``prefix_threshold`` and ``prefix_min_tokens`` for running means from the message's start (read as
+    ``message_reading="prefix"``); format <= 8: none."""
     if "prefix_threshold" in g.d:
         if "message_threshold" in g.d:
             raise g.bad("prefix_threshold", "absent where message_threshold is given (one reading per gate)")
