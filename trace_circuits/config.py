@@ -139,6 +139,11 @@ class GateConfig:
                                            "--gate-benign-rate; '' none): the calibration keeps the rate, this or "
                                            "--gate-message-rate, whose worst attack template has the highest "
                                            "out-of-fold harmful coverage")
+    perplexity_window: int = opt(8, "a 'prompt' gate also opens, from the answer's second token on, where some run of "
+                                    "this many message tokens is this surprising to the model (optimised attack "
+                                    "strings; 0: off)")
+    perplexity_rate: float = opt(0.0, "that reading's threshold: the highest surprisal of the benign calibration "
+                                      "requests (0), or their 1 - rate quantile")
 
     def message_rates(self) -> list[float]:
         """The message reading's candidate rates: ``message_rate`` then ``message_search``'s, each in (0, benign_rate]
@@ -161,7 +166,8 @@ class GateConfig:
         if not 0 <= self.message_rate <= self.benign_rate:
             raise TraceCircuitsError(f"--gate-message-rate must lie in [0, --gate-benign-rate {self.benign_rate}], got "
                                      f"{self.message_rate}")
-        _at_least(self, 0, "text_docs", "passes", "search")
+        _at_least(self, 0, "text_docs", "passes", "search", "perplexity_window")
+        _between(self, "perplexity_rate", 0, 1, hi_open=True)
         self.message_rates()
         if not self.l2 > 0:
             raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")
@@ -286,6 +292,8 @@ class RunConfig:
                                 "message_min_tokens": g.get("prefix_min_tokens", 8)}
         if isinstance(g, dict) and "message_search" not in g:  # written before the rate search: one rate
             body["gate"] = {**g, "message_search": ""}
+        if isinstance(g, dict) and "perplexity_window" not in g:  # written before the fluency reading
+            body["gate"] = {**body["gate"], "perplexity_window": 0}
         try:
             return _build(cls, body, where)
         except TypeError as err:

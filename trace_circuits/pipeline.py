@@ -237,6 +237,11 @@ class Run:
                                                   requests=requests, message_min_tokens=gc.message_min_tokens,
                                                   message_rate=gc.message_rates() if gc.pool == "turn" else 0.0,
                                                   message_reading=gc.message_reading)
+                    if gc.perplexity_window:
+                        from trace_circuits.perplexity import calibrate_surprisal
+
+                        calib["perplexity"] = calibrate_surprisal(self.model, gate, h, b, gc.perplexity_window,
+                                                                  gc.perplexity_rate, groups, progress=self.progress)
                 else:
                     from trace_circuits.feature_gate import calibrate_feature_gate
 

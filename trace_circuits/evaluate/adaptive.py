@@ -20,7 +20,9 @@ probe, its last user turn's for a ``turn`` probe), ``theta`` the gate threshold:
 ``tau`` below ``theta`` and ~``lambda (s - theta) / tau`` above it. A probe with a ``message_threshold`` adds the
 same term for its message reading ``m``, the best span of the message (``lambda softplus((m - theta_m) / tau)``),
 which a suffix can raise but not lower (a preamble can lower it). ``s`` is the runtime's own score of the pass
-(with autograd), so the attack optimises exactly what the deployed gate computes.
+(with autograd), so the attack optimises exactly what the deployed gate computes. A probe with a fluency reading
+(``perplexity_window``, :mod:`trace_circuits.perplexity`) adds ``lambda softplus((u - theta_u) / tau)`` for the
+message's surprisal ``u``: the attacker must also keep its tokens unsurprising to the model.
 
 Greedy coordinate gradient, per step: the gradient of L w.r.t. the one-hot suffix tokens (TransformerLens autograd,
 hook set attached); per position the ``top_k`` ordinary tokens with the most negative gradient; ``candidates`` copies
@@ -172,8 +174,8 @@ class Objective:
         dev = next(model.parameters()).device
         self.prefix, self.post, self.target = (torch.tensor(v, device=dev) for v in (lay.prefix, lay.post,
                                                                                       lay.target))
-        plain_prefix = hookset is None or (self.gate.pool == "last" and all(  # a mean probe reads the prefix too
-            op.gated for op in hookset.operations if op.kind != "prompt_probe"))
+        plain_prefix = hookset is None or (self.gate.pool == "last" and not self.gate.perplexity_window and all(
+            op.gated for op in hookset.operations if op.kind != "prompt_probe"))  # a mean probe reads the prefix too
         self.cache = frozen_prefix_cache(model, self.prefix, model.cfg.n_layers)[0] if use_cache and plain_prefix \
             else None
 
@@ -218,7 +220,18 @@ class Objective:
         m = rt.message_score_tensor
         if m is not None:  # the message reading (a suffix can only raise it)
             gate_term = gate_term + self.gate_weight * F.softplus((m - g.message_threshold) / self.tau)
-        out.update(score=s, gate_term=gate_term, open=rt.gate_open.cpu(), loss=ce + gate_term)  # the runtime's decision
+        opened = rt.gate_open.cpu()  # the runtime's decision
+        if g.perplexity_window:  # the fluency reading (decided at the final norm, which this pass stops before)
+            from trace_circuits.perplexity import message_bounds, unembedding, window_surprisal
+
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            start, last = message_bounds(ids, valid, g.anchor, g.opener)
+            u = window_surprisal(self.model.ln_final(resid), ids, start, last, unembedding(self.model),
+                                 g.perplexity_window)
+            gate_term = gate_term + self.gate_weight * F.softplus((u - g.perplexity_threshold) / self.tau)
+            opened = opened | (u > g.perplexity_threshold).cpu()
+            out["surprisal"] = u
+        out.update(score=s, gate_term=gate_term, open=opened, loss=ce + gate_term)
         return out
 
     @torch.no_grad()

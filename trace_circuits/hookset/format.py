@@ -56,7 +56,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 11
+FORMAT_VERSION = 12
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
 #: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
@@ -288,7 +288,8 @@ class HookSet:
             f", and every {g.message_reading} of its message)" if g.message_threshold is not None else ")")}.get(
             g.pool, "") \
             if g is not None else ""
-        parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}" if g.kind == "prompt_probe"
+        fluency = ", and the model's surprisal of the message" if g is not None and g.perplexity_window else ""
+        parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}{fluency}" if g.kind == "prompt_probe"
                                       else f"feature gate at layer {g.layer}"]
         cut = [f"{n} {what}" for n, what in ((n_feat, "SAE features"), (n_heads, "heads"), (n_mlp, "MLPs")) if n]
         parts.append("cuts " + ", ".join(cut) if cut else "cuts nothing")
@@ -304,14 +305,19 @@ class HookSet:
 
 
 def message_coverage(calibration: Optional[dict]) -> str:
-    """What a prompt gate's message reading alone caught at calibration (``provenance["gate_calibration"]``), one
-    phrase; "" where it has none."""
+    """What a prompt gate's message reading and its fluency reading each caught alone at calibration
+    (``provenance["gate_calibration"]``), one phrase; "" where it has neither."""
     g = calibration or {}
     rate = g.get("message_rate_harmful", g.get("prefix_rate_harmful"))  # format 9 wrote prefix_*
     reading = g.get("message_reading", "prefix")
-    return "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
-                                    "appended suffix cannot lower" + (" once the request ends a sentence"
-                                                                      if reading == "sentence" else ""))
+    u = g.get("perplexity") or {}
+    fluency = (f"the fluency reading opens past {u['threshold']:.2f} nats of surprisal over {u['window']} message "
+               f"tokens ({'the benign maximum' if not u.get('rate') else 'its benign rate'}), on "
+               f"{u['harmful_open_rate']:.0%} of harmful calibration sequences alone") if u else ""
+    message = "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
+                                       "appended suffix cannot lower" + (" once the request ends a sentence"
+                                                                         if reading == "sentence" else ""))
+    return "; ".join(p for p in (message, fluency) if p)
 
 
 def load_hookset(path: str | Path) -> HookSet:

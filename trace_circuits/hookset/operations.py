@@ -36,6 +36,8 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     position, at least ``min(message_min_tokens, |M|)`` long; a few candidates per message, so the benign threshold
     sits lower and a request behind a preamble of rules or a role is read on its own; a suffix cannot lower it once
     the message ends a sentence (the spans up to that mark stay candidates).
+    With ``perplexity_window`` (format 12) it also opens, from the sequence's next forward pass on, if the model's own
+    surprisal of the message passes ``perplexity_threshold`` (:mod:`trace_circuits.perplexity`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from trace_circuits.activations import MESSAGE_READINGS
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.names import hook_name as make_hook_name
 from trace_circuits.names import parse_hook
+from trace_circuits.hookset.fields import REQUIRED, FieldReader
 from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureEncoder
 
 OP_KINDS = ("sae_features", "heads", "mlp", "direction", "prompt_probe")
@@ -65,7 +68,8 @@ _FIELDS = {
     "heads": {"heads"}, "mlp": set(), "direction": {"mode", "alpha"},
     "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold",
                      "opener", "message_threshold", "message_min_tokens",
-                     "message_reading", "message_boundary", "prefix_threshold", "prefix_min_tokens"},
+                     "message_reading", "message_boundary", "prefix_threshold", "prefix_min_tokens",
+                     "perplexity_window", "perplexity_threshold"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -99,6 +103,8 @@ class Operation:
     message_min_tokens: int = 1  # prompt_probe: spans of at least this many message tokens
     message_reading: str = "span"  # prompt_probe: "span" (any stretch), "prefix" (format 9) or "sentence"
     message_boundary: list[int] = field(default_factory=list)  # prompt_probe "sentence": ids that end a sentence
+    perplexity_window: int = 0  # prompt_probe: the fluency reading's window (0: no fluency reading)
+    perplexity_threshold: Optional[float] = None  # prompt_probe: open if the message's surprisal passes it
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -158,6 +164,8 @@ class Operation:
                          "message_reading": self.message_reading} if self.message_threshold is not None else {}),
                      **({"message_boundary": self.message_boundary} if self.message_threshold is not None
                         and self.message_reading == "sentence" else {}),
+                     **({"perplexity_window": self.perplexity_window, "perplexity_threshold":
+                         self.perplexity_threshold} if self.perplexity_window else {}),
                      score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
                            "real position); the gate opens if s > gate_threshold" + (
                                "; or if m > message_threshold, m = max of <mean of x[q] - mu, r> / gap over "
@@ -166,7 +174,10 @@ class Operation:
                                               "message_boundary token, t one or its last position)"}.get(
                                    self.message_reading, self.message_reading)
                                + " of the last user turn's message positions (before the anchor) holding at least "
-                               "message_min_tokens of them" if self.message_threshold is not None else ""))
+                               "message_min_tokens of them" if self.message_threshold is not None else "") + (
+                               "; from the next forward pass on, also if u > perplexity_threshold, u = the highest "
+                               "mean of -log p(t_q | t_<q) over perplexity_window consecutive message tokens" if
+                               self.perplexity_window else ""))
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
                         for name, t in self.tensors.items()}
         return d
@@ -185,17 +196,17 @@ class Operation:
         if unknown:
             raise TraceCircuitsError(f"{where}: unknown field(s) {sorted(unknown)} for a {kind} operation (misspelt?); "
                                      "remove them or re-export the hook set")
-        g = _Getter(d, where)
+        g = FieldReader(d, where)
         for key in ("positions", "hf_module", "hf_hook", "score"):
             g.str(key, "")  # descriptive, but of the right type
-        kw = dict(kind=kind, layer=g.int("layer"), gated=g.bool("gated", _REQUIRED), scale=g.num("scale", _REQUIRED),
+        kw = dict(kind=kind, layer=g.int("layer"), gated=g.bool("gated", REQUIRED), scale=g.num("scale", REQUIRED),
                   tensors=tensors)
         hook = g.str("hook_name", "")
         if kind == "sae_features":
             gate_source = g.bool("gate_source", False)
-            kw.update(features=g.ints("features"), zero_thresholds=g.nums("zero_thresholds", _REQUIRED),
+            kw.update(features=g.ints("features"), zero_thresholds=g.nums("zero_thresholds", REQUIRED),
                       gate_source=gate_source, gate_scales=g.nums("gate_scales", []),
-                      gate_threshold=g.num("gate_threshold", _REQUIRED if gate_source else 0.0), k=g.int("k", 0),
+                      gate_threshold=g.num("gate_threshold", REQUIRED if gate_source else 0.0), k=g.int("k", 0),
                       architecture=g.str("architecture", "topk"),  # format versions 1-2 held TopK SAEs only
                       normalize=g.str("normalize", "none"), sae=g.str("sae", ""),
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True),
@@ -203,15 +214,16 @@ class Operation:
         elif kind == "heads":
             kw["heads"] = g.ints("heads")
         elif kind == "direction":
-            mode = g.str("mode", _REQUIRED)
-            kw.update(mode=mode, alpha=g.num("alpha", _REQUIRED if mode == "add" else 0.0))
+            mode = g.str("mode", REQUIRED)
+            kw.update(mode=mode, alpha=g.num("alpha", REQUIRED if mode == "add" else 0.0))
         elif kind == "prompt_probe":
             if not g.bool("gate_source", True):
                 raise g.bad("gate_source", "true (a prompt_probe is the gate)")
-            kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", _REQUIRED), gap=g.num("gap", _REQUIRED),
+            kw.update(gate_source=True, gate_threshold=g.num("gate_threshold", REQUIRED), gap=g.num("gap", REQUIRED),
                       anchor=g.ints("anchor", []), gated=False, pool=g.str("pool", "last"),  # format <= 4: last
                       opener=g.ints("opener", []),
-                      **_message_reading(g),
+                      **_message_reading(g), perplexity_window=g.int("perplexity_window", 0),
+                      perplexity_threshold=g.num("perplexity_threshold", None, optional=True),
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True))
         op = cls(**kw)
         if hook and hook != op.hook_name:
@@ -280,6 +292,10 @@ class Operation:
                         t < 0 for t in self.message_boundary)):
                     raise TraceCircuitsError(f"{where}: the sentence reading needs message_boundary, the token ids (>= "
                                              "0) that end a sentence; re-export the hook set")
+            u = self.perplexity_threshold
+            if self.perplexity_window < 0 or (self.perplexity_window and (u is None or not math.isfinite(u))):
+                raise TraceCircuitsError(f"{where}: perplexity_window must be >= 0 and, when > 0, perplexity_threshold "
+                                         f"a finite number (got {self.perplexity_window}, {u}); re-export the hook set")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -324,66 +340,9 @@ def _vector(op: Operation, name: str, d_model: int, where: str, unit: bool = Fal
                                  "the file is damaged, re-export the hook set")
 
 
-class _Getter:
-    """Typed reads of an operation's JSON fields, each failure one line naming the field."""
-
-    def __init__(self, d: dict, where: str):
-        self.d, self.where = d, where
-
-    def bad(self, key: str, want: str):
-        return TraceCircuitsError(f"{self.where}: field '{key}' must be {want}, got {self.d.get(key)!r}; fix or "
-                                  "re-export the hook set")
-
-    def _get(self, key, default):
-        if key not in self.d:
-            if default is _REQUIRED:
-                raise TraceCircuitsError(f"{self.where}: field '{key}' is missing; re-export the hook set")
-            return default
-        return self.d[key]
-
-    def int(self, key, default=None):
-        v = self._get(key, _REQUIRED if default is None else default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.bad(key, "an integer")
-        return v
-
-    def num(self, key, default, optional: bool = False):
-        v = self._get(key, default)
-        if v is None and optional:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (math.isnan(v)):
-            raise self.bad(key, "a number")
-        return float(v)
-
-    def bool(self, key, default):
-        v = self._get(key, default)
-        if not isinstance(v, bool):
-            raise self.bad(key, "true or false")
-        return v
-
-    def str(self, key, default):
-        v = self._get(key, default)
-        if not isinstance(v, str):
-            raise self.bad(key, "a string")
-        return v
-
-    def ints(self, key, default=None):
-        v = self._get(key, _REQUIRED if default is None else default)
-        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-            raise self.bad(key, "a list of integers")
-        return list(v)
-
-    def nums(self, key, default):
-        v = self._get(key, default)
-        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
-            raise self.bad(key, "a list of numbers")
-        return [float(x) for x in v]
 
 
-_REQUIRED = object()
-
-
-def _message_reading(g: _Getter) -> dict:
+def _message_reading(g: FieldReader) -> dict:
     """The probe's message reading: format 10 writes ``message_*`` (11: also ``message_boundary``); format 9 wrote
     ``prefix_threshold`` and ``prefix_min_tokens`` for running means from the message's start (read as
     ``message_reading="prefix"``); format <= 8: none."""

@@ -68,6 +68,10 @@ class Runtime:
         self.message_score_tensor: Optional[torch.Tensor] = None
         self._device_ops: dict[int, Operation] = {}
         self._marks: dict[tuple, torch.Tensor] = {}  # (op id, device) -> its message_boundary ids there
+        self.unembed: Optional[tuple] = None  # the model's (W_U, b_U, soft cap), for the fluency reading
+        self.fluency_pending = True  # the fluency reading has not read this sequence's prompt yet
+        self.perplexity_scores: Optional[torch.Tensor] = None  # [batch] u of the fluency reading (if any)
+        self.embed_ids: Optional[torch.Tensor] = None  # token ids seen by the embedding (TransformerLens generate)
 
     def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool,
               input_ids: Optional[torch.Tensor] = None) -> None:
@@ -78,6 +82,8 @@ class Runtime:
         self.new_sequence = new_sequence
         if new_sequence:
             self.fired_before = None
+            self.fluency_pending = True
+            self.perplexity_scores = None
             self.prompt_scores = None
             self.prompt_score_tensor = None
             self.message_scores = None
@@ -216,6 +222,28 @@ class Runtime:
         self.stats["positions"] += B * T
         return x
 
+    def fluency(self, op: Operation, normed: torch.Tensor) -> None:
+        """The probe's fluency reading (:mod:`trace_circuits.perplexity`), at the final norm of the prompt's pass:
+        opens the gate for the sequence's later passes where ``u > perplexity_threshold``."""
+        from trace_circuits.perplexity import message_bounds, window_surprisal
+
+        if not self.fluency_pending or self.unembed is None:
+            return
+        self.fluency_pending = False
+        B, T = normed.shape[:2]
+        ids = next((i for i in (self.input_ids, self.embed_ids) if i is not None and tuple(i.shape) == (B, T)), None)
+        if ids is None:
+            return  # no token ids seen: nothing to read (a forward from embeddings)
+        ids = ids.to(normed.device)
+        start, last = message_bounds(ids, self._valid_for(normed), op.anchor, op.opener)
+        with torch.no_grad():
+            u = window_surprisal(normed.detach(), ids, start, last, self.unembed, op.perplexity_window)
+        fired = (u > op.perplexity_threshold).to(normed.device)
+        self.perplexity_scores = u.float().cpu()
+        before = self.fired_before if self.fired_before is not None and self.fired_before.shape == fired.shape \
+            else torch.zeros_like(fired)
+        self.fired_before = before.to(fired.device) | fired
+
     def apply(self, op: Operation, act: torch.Tensor) -> torch.Tensor:
         return getattr(self, op.kind)(op, act)
 
@@ -305,6 +333,8 @@ def attached(hookset, model) -> Iterator[Runtime]:
             fwd: list[tuple[str, Callable]] = [("hook_embed", _tl_embed_start(rt))]
             fwd += [(op.hook_name, lambda act, hook, op=op: rt.apply(op, act)) for op in hookset.operations]
             stack.enter_context(model.hooks(fwd_hooks=fwd))
+            handles.append(model.embed.register_forward_pre_hook(
+                lambda mod, args: setattr(rt, "embed_ids", args[0] if args and torch.is_tensor(args[0]) else None)))
         else:
             arch = architecture_of(model)
             handles.append(model.register_forward_pre_hook(_hf_start(rt), with_kwargs=True))
@@ -314,6 +344,13 @@ def attached(hookset, model) -> Iterator[Runtime]:
                 fn = _hf_hook(rt, op, how, hookset.n_heads, hookset.d_head)
                 handles.append(module.register_forward_hook(fn) if how == "forward"
                                else module.register_forward_pre_hook(fn))
+        gate = hookset.gate_operation
+        if gate is not None and gate.kind == "prompt_probe" and gate.perplexity_window:
+            from trace_circuits.perplexity import final_norm, unembedding
+
+            rt.unembed = unembedding(model)
+            handles.append(final_norm(model).register_forward_hook(
+                lambda mod, args, out: rt.fluency(gate, out[0] if isinstance(out, tuple) else out)))
         yield rt
 
 

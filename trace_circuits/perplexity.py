@@ -1,0 +1,139 @@
+"""The prompt gate's fluency reading: optimised attack strings read as gibberish to the model itself.
+
+A GCG-style suffix or preamble (Zou et al. 2023) is a run of tokens the model finds very unlikely; natural requests,
+jailbreak framings included, are not (perplexity filters, Jain et al. 2023, Alon & Kamfonas 2023). The reading is the
+model's own surprisal of its user's message, at its worst stretch of ``w`` tokens::
+
+    u = max_{a} 1/w sum_{q = a+1}^{a+w} -log p(t_q | t_<q)      over windows of the message M (all of M if |M| < w)
+
+with ``p`` the model's next-token distribution (its final norm, then the unembedding, at ``q - 1``) and ``M`` the
+user turn's message tokens (after the turn's ``opener``, before the ``anchor`` that ends it: the positions the
+probe's message reading uses). The gate also opens if ``u > perplexity_threshold``, the highest ``u`` of the benign
+calibration requests (every framing, hard negatives included; ``GateConfig.perplexity_rate`` 0) or their
+``1 - rate`` quantile.
+
+It needs the model's last layer, so it is decided at the end of the prompt's forward pass: the gated operations act
+from the next pass on (the second answer token of a generation), where the probe's readings act from the end of the
+user's turn. A deployer sees a refusal that starts after one token ("Sure I'm sorry, ...").
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from trace_circuits.errors import TraceCircuitsError
+
+
+def unembedding(model) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """``(W [d_model, vocab], b [vocab] or None, logit soft cap or 0)`` of a HookedTransformer or transformers model."""
+    if hasattr(model, "W_U") and hasattr(model, "cfg"):
+        cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+        return model.W_U, getattr(model, "b_U", None), cap
+    head = model.get_output_embeddings()
+    cap = float(getattr(model.config, "final_logit_softcapping", 0.0) or 0.0)
+    return head.weight.T, head.bias, cap
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The module whose output the unembedding reads: ``ln_final`` (TransformerLens) or the decoder's ``norm``."""
+    module = getattr(model, "ln_final", None) if hasattr(model, "cfg") and hasattr(model, "blocks") else None
+    if module is None and hasattr(model, "get_decoder"):
+        module = getattr(model.get_decoder(), "norm", None)
+    if module is None:
+        raise TraceCircuitsError("the fluency reading needs the model's final norm (ln_final / model.norm); set "
+                                 "--gate-perplexity-window 0 for this model")
+    return module
+
+
+def message_bounds(ids: torch.Tensor, valid: torch.Tensor, anchor: Sequence[int], opener: Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, last)`` [batch]: the message is ``start < q <= last``: after the last ``opener`` match before the
+    last ``anchor`` match (else from the first real position), up to the token before that anchor match (else the
+    last real position)."""
+    from trace_circuits.hookset.runtime import last_match
+
+    B, T = valid.shape
+    pos = torch.arange(T, device=valid.device)
+    real_last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
+    first = torch.where(valid, pos, torch.full_like(pos, T)).min(1).values
+    end = last_match(ids, valid, list(anchor), torch.full_like(real_last, T))
+    last = torch.where(end >= 0, end - len(anchor), real_last)
+    start = last_match(ids, valid, list(opener), last + 1)
+    return torch.where(start >= 0, start, first), last
+
+
+def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[torch.Tensor, "batch pos"],
+                     start: torch.Tensor, last: torch.Tensor, unembed: tuple, window: int
+                     ) -> Float[torch.Tensor, "batch"]:
+    """``u`` per row (module docstring) from the final norm's output; differentiable in ``normed``. A row whose
+    message is empty scores 0."""
+    W, b, cap = unembed
+    out = []
+    for row in range(normed.shape[0]):
+        a, z = int(start[row]), int(last[row])
+        if z <= a:
+            out.append(normed.new_zeros(()))
+            continue
+        logits = normed[row, a:z].to(W.dtype) @ W
+        if b is not None:
+            logits = logits + b
+        logits = logits.float()
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        nll = -logits.log_softmax(-1).gather(1, ids[row, a + 1:z + 1, None].to(logits.device))[:, 0]
+        w = min(window, len(nll))
+        c = torch.cat([nll.new_zeros(1), nll.cumsum(0)])
+        out.append(((c[w:] - c[:-w]) / w).max())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener: Sequence[int],
+                     batch_size: int = 16, progress: bool = False, desc: str = "fluency reading") -> torch.Tensor:
+    """``u`` of each encoded prompt, exactly as the runtime computes it (a HookedTransformer forward, the final
+    norm's output hooked). [n]"""
+    from trace_circuits.prompts import iter_batches
+
+    if window < 1:
+        raise TraceCircuitsError(f"the fluency reading's window must be >= 1 token, got {window}")
+    dev = next(model.parameters()).device
+    unembed, seen = unembedding(model), {}
+    handle = final_norm(model).register_forward_hook(lambda mod, args, out: seen.__setitem__("x", out))
+    scores = torch.zeros(len(encoded))
+    try:
+        for batch in tqdm(list(iter_batches(encoded, batch_size, dev)), desc=desc, disable=not progress):
+            model(batch.tokens, attention_mask=batch.attention_mask, return_type=None)  # no full logits
+            valid = batch.attention_mask.bool()
+            start, last = message_bounds(batch.tokens, valid, anchor, opener)
+            u = window_surprisal(seen["x"], batch.tokens, start, last, unembed, window)
+            scores[torch.as_tensor(batch.indices)] = u.float().cpu()
+    finally:
+        handle.remove()
+    return scores
+
+
+def calibrate_surprisal(model, gate, harmful, benign, window: int, rate: float, groups=None, batch_size: int = 16,
+                        progress: bool = False) -> dict:
+    """Set ``gate.perplexity_window`` / ``perplexity_threshold`` (the ``1 - rate`` quantile of the benign requests'
+    ``u``; rate 0: their maximum) and return the calibration record: the threshold, the benign maximum, the
+    share of harmful requests it alone opens on, per template when ``groups`` labels them."""
+    from trace_circuits.gate import benign_threshold, rates_by_group
+
+    if not 0 <= rate < 1:
+        raise TraceCircuitsError(f"the fluency reading's benign rate must be in [0, 1), got {rate}; set "
+                                 "--gate-perplexity-rate")
+    h = surprisal_scores(model, harmful, window, gate.anchor, gate.opener, batch_size, progress, "fluency: harmful")
+    b = surprisal_scores(model, benign, window, gate.anchor, gate.opener, batch_size, progress, "fluency: benign")
+    threshold = float(benign_threshold(b, rate))
+    gate.perplexity_window, gate.perplexity_threshold = int(window), threshold
+    record = {"window": int(window), "rate": rate, "threshold": threshold, "benign_max": float(b.max()),
+              "benign_median": float(b.median()), "harmful_median": float(h.median()),
+              "harmful_open_rate": float((h > threshold).float().mean()),
+              "benign_open_rate": float((b > threshold).float().mean())}
+    if groups is not None:
+        record["harmful_open_by_template"] = rates_by_group(h, list(groups[0]), threshold)
+    return record
