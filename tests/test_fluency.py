@@ -212,3 +212,16 @@ def test_on_smollm2_attack_strings_are_far_more_surprising_than_any_framing(real
     u_nat = surprisal_scores(real_model, encode_prompts(real_model, natural, chat=False), 8, anchor, opener)
     u_att = surprisal_scores(real_model, encode_prompts(real_model, attacked, chat=False), 8, anchor, opener)
     assert float(u_att.min()) > float(u_nat.max()) + 1.0, (u_att, u_nat.max())
+
+
+def test_a_qwen2_twin_with_its_own_unembedding_reads_the_same_surprisal(gated):
+    """Qwen2 (untied unembedding, biased attention): calibration and the runtime on both twins agree."""
+    _, _, tok, op, _, _ = gated
+    tl, hf, _ = tiny.pair("qwen2", n_layers=4)
+    texts = texts_of(tok)
+    want = by_hand(tl, op, texts)
+    got = surprisal_scores(tl, encode_prompts(tl, texts, chat=False), WINDOW, op.anchor, op.opener, batch_size=4)
+    assert torch.allclose(got, want, atol=1e-4)
+    with torch.no_grad(), hookset_for(tl, [copy.deepcopy(op)]).attach(hf) as rt:
+        hf(**padded(tok, texts))
+    assert torch.allclose(rt.perplexity_scores, want, atol=1e-3), (rt.perplexity_scores, want)

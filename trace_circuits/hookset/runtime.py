@@ -11,6 +11,10 @@ that sequence (the generated tokens, or a continuation fed with the KV cache)::
 
     gate[b, p] = s_b > gate_threshold   for p >= p_b (layers after the probe) and every later position
 
+A probe with a *fluency reading* (``perplexity_window``, :mod:`trace_circuits.perplexity`) also reads the model's
+surprisal of the user's message at the final norm of that first pass; where it passes ``perplexity_threshold`` the
+gate is open for every later pass (``gate[b, p]`` for the generated tokens), not for the prompt's own positions.
+
 The *feature gate* (a ``gate_source`` SAE operation) opens at the first position where the source features' score
 passes its threshold, counting earlier decoding steps::
 
@@ -58,7 +62,7 @@ class Runtime:
         self.fired_before: Optional[torch.Tensor] = None  # [batch] bool
         self.valid: Optional[torch.Tensor] = None  # [batch, pos] bool or None (all valid)
         self.gate: Optional[torch.Tensor] = None  # [batch, pos] bool
-        self.stats = {"forwards": 0, "gate_open_positions": 0, "positions": 0, "gate_decisions": 0}
+        self.stats = {"forwards": 0, "gate_open_positions": 0, "positions": 0, "gate_decisions": 0, "fluency_unread": 0}
         self.started_by_call = False
         self.new_sequence = True  # the current forward pass starts a sequence (the prompt gate decides in it)
         self.input_ids: Optional[torch.Tensor] = None  # [batch, pos] token ids of this forward, when seen
@@ -233,7 +237,8 @@ class Runtime:
         B, T = normed.shape[:2]
         ids = next((i for i in (self.input_ids, self.embed_ids) if i is not None and tuple(i.shape) == (B, T)), None)
         if ids is None:
-            return  # no token ids seen: nothing to read (a forward from embeddings)
+            self.stats["fluency_unread"] += 1  # no token ids seen (a forward from embeddings): nothing to read
+            return
         ids = ids.to(normed.device)
         start, last = message_bounds(ids, self._valid_for(normed), op.anchor, op.opener)
         with torch.no_grad():
@@ -348,7 +353,8 @@ def attached(hookset, model) -> Iterator[Runtime]:
         if gate is not None and gate.kind == "prompt_probe" and gate.perplexity_window:
             from trace_circuits.perplexity import final_norm, unembedding
 
-            rt.unembed = unembedding(model)
+            w_u, b_u, cap = unembedding(model)  # read in float32 whatever the model runs in (as calibrated)
+            rt.unembed = (w_u.detach().float(), None if b_u is None else b_u.detach().float(), cap)
             handles.append(final_norm(model).register_forward_hook(
                 lambda mod, args, out: rt.fluency(gate, out[0] if isinstance(out, tuple) else out)))
         yield rt
