@@ -25,7 +25,7 @@ def gated():
     h = encode_prompts(tl, builtin_prompts("harmful", "train")[:40])
     b = encode_prompts(tl, builtin_prompts("benign", "train")[:40])
     op, _ = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, pool="turn", message_rate=0.0)
-    calib = calibrate_surprisal(tl, op, h, b, WINDOW, 0.0)
+    calib = calibrate_surprisal(tl, op, b, WINDOW, 0.0, harmful=h)
     return tl, hf, tok, op, calib, b
 
 
@@ -84,11 +84,12 @@ def test_the_threshold_is_the_benign_maximum_or_quantile_and_the_record_says_so(
     assert calib["threshold"] == op.perplexity_threshold and calib["benign_open_rate"] == 0.0
     assert calib["benign_max"] == pytest.approx(float(u.max())) and 0 <= calib["harmful_open_rate"] <= 1
     other = copy.deepcopy(op)
-    rec = calibrate_surprisal(tl, other, b, b, WINDOW, 0.25)
+    rec = calibrate_surprisal(tl, other, b, WINDOW, 0.25)
+    assert "harmful_open_rate" not in rec  # no harmful set given: no harmful pass
     assert rec["threshold"] == pytest.approx(float(torch.quantile(u, 0.75, interpolation="higher")))
     assert 0.15 <= rec["benign_open_rate"] <= 0.25
     with pytest.raises(TraceCircuitsError, match="--gate-perplexity-rate"):
-        calibrate_surprisal(tl, other, b, b, WINDOW, 1.0)
+        calibrate_surprisal(tl, other, b, WINDOW, 1.0)
     with pytest.raises(TraceCircuitsError, match="window must be >= 1"):
         surprisal_scores(tl, b, 0, op.anchor, op.opener)
 

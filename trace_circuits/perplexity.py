@@ -116,24 +116,26 @@ def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener:
     return scores
 
 
-def calibrate_surprisal(model, gate, harmful, benign, window: int, rate: float, groups=None, batch_size: int = 16,
-                        progress: bool = False) -> dict:
+def calibrate_surprisal(model, gate, benign, window: int, rate: float, harmful=None, groups=None,
+                        batch_size: int = 16, progress: bool = False) -> dict:
     """Set ``gate.perplexity_window`` / ``perplexity_threshold`` (the ``1 - rate`` quantile of the benign requests'
-    ``u``; rate 0: their maximum) and return the calibration record: the threshold, the benign maximum, the
-    share of harmful requests it alone opens on, per template when ``groups`` labels them."""
+    ``u``; rate 0: their maximum) and return the calibration record: the threshold, the benign maximum and median, and
+    with ``harmful`` (a full forward pass more; the run leaves it out, ``benchmarks/fluency_reading.py`` measures the
+    test split) the share of harmful requests it alone opens on, per template where ``groups`` labels them."""
     from trace_circuits.gate import benign_threshold, rates_by_group
 
     if not 0 <= rate < 1:
         raise TraceCircuitsError(f"the fluency reading's benign rate must be in [0, 1), got {rate}; set "
                                  "--gate-perplexity-rate")
-    h = surprisal_scores(model, harmful, window, gate.anchor, gate.opener, batch_size, progress, "fluency: harmful")
     b = surprisal_scores(model, benign, window, gate.anchor, gate.opener, batch_size, progress, "fluency: benign")
     threshold = float(benign_threshold(b, rate))
     gate.perplexity_window, gate.perplexity_threshold = int(window), threshold
     record = {"window": int(window), "rate": rate, "threshold": threshold, "benign_max": float(b.max()),
-              "benign_median": float(b.median()), "harmful_median": float(h.median()),
-              "harmful_open_rate": float((h > threshold).float().mean()),
-              "benign_open_rate": float((b > threshold).float().mean())}
-    if groups is not None:
-        record["harmful_open_by_template"] = rates_by_group(h, list(groups[0]), threshold)
+              "benign_median": float(b.median()), "benign_open_rate": float((b > threshold).float().mean())}
+    if harmful is not None:
+        h = surprisal_scores(model, harmful, window, gate.anchor, gate.opener, batch_size, progress,
+                             "fluency: harmful")
+        record.update(harmful_median=float(h.median()), harmful_open_rate=float((h > threshold).float().mean()))
+        if groups is not None:
+            record["harmful_open_by_template"] = rates_by_group(h, list(groups[0]), threshold)
     return record

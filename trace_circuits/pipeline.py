@@ -240,8 +240,8 @@ class Run:
                     if gc.perplexity_window:
                         from trace_circuits.perplexity import calibrate_surprisal
 
-                        calib["perplexity"] = calibrate_surprisal(self.model, gate, h, b, gc.perplexity_window,
-                                                                  gc.perplexity_rate, groups, progress=self.progress)
+                        calib["perplexity"] = calibrate_surprisal(self.model, gate, b, gc.perplexity_window,
+                                                                  gc.perplexity_rate, progress=self.progress)
                 else:
                     from trace_circuits.feature_gate import calibrate_feature_gate
 

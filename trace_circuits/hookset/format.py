@@ -312,8 +312,8 @@ def message_coverage(calibration: Optional[dict]) -> str:
     reading = g.get("message_reading", "prefix")
     u = g.get("perplexity") or {}
     fluency = (f"the fluency reading opens past {u['threshold']:.2f} nats of surprisal over {u['window']} message "
-               f"tokens ({'the benign maximum' if not u.get('rate') else 'its benign rate'}), on "
-               f"{u['harmful_open_rate']:.0%} of harmful calibration sequences alone") if u else ""
+               f"tokens ({'the benign maximum' if not u.get('rate') else 'its benign rate'}; benign median "
+               f"{u['benign_median']:.2f})") if u else ""
     message = "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
                                        "appended suffix cannot lower" + (" once the request ends a sentence"
                                                                          if reading == "sentence" else ""))
