@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from trace_circuits.errors import TraceCircuitsError
 
@@ -93,27 +92,34 @@ def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[
 
 @torch.no_grad()
 def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener: Sequence[int],
-                     batch_size: int = 16, progress: bool = False, desc: str = "fluency reading") -> torch.Tensor:
-    """``u`` of each encoded prompt, exactly as the runtime computes it (a HookedTransformer forward, the final
-    norm's output hooked). [n]"""
-    from trace_circuits.prompts import iter_batches
+                     batch_size: int = 16, progress: bool = False, desc: str = "fluency reading",
+                     prefix_labels: Optional[Sequence] = None) -> torch.Tensor:
+    """``u`` of each encoded prompt, as the runtime computes it: the last block's residual through the model's own
+    final norm (a HookedTransformer), read over the whole sequence. The token prefix the prompts of one
+    ``prefix_labels`` label share (default: all prompts; e.g. one label per attack template) runs once
+    (:func:`~trace_circuits.activations.residuals_at_layers`). [n]"""
+    from trace_circuits.activations import residuals_at_layers
 
     if window < 1:
         raise TraceCircuitsError(f"the fluency reading's window must be >= 1 token, got {window}")
-    dev = next(model.parameters()).device
-    unembed, seen = unembedding(model), {}
-    handle = final_norm(model).register_forward_hook(lambda mod, args, out: seen.__setitem__("x", out))
-    scores = torch.zeros(len(encoded))
-    try:
-        for batch in tqdm(list(iter_batches(encoded, batch_size, dev)), desc=desc, disable=not progress):
-            model(batch.tokens, attention_mask=batch.attention_mask, return_type=None)  # no full logits
-            valid = batch.attention_mask.bool()
-            start, last = message_bounds(batch.tokens, valid, anchor, opener)
-            u = window_surprisal(seen["x"], batch.tokens, start, last, unembed, window)
-            scores[torch.as_tensor(batch.indices)] = u.float().cpu()
-    finally:
-        handle.remove()
-    return scores
+    unembed, norm = unembedding(model), final_norm(model)
+
+    def reader(x, valid, last, start, layer, ids):  # padding may sit between a shared prefix and the tails
+        n = valid.sum(1)
+        width = int(n.max())
+        cols = torch.arange(width, device=x.device)
+        order = torch.sort((~valid).long(), dim=1, stable=True).indices[:, :width]  # each row's real columns first
+        shift = (cols[None, :] - (width - n)[:, None]).clamp(min=0)  # left-pad the real columns
+        take = order.gather(1, shift)
+        real = cols[None, :] >= (width - n)[:, None]
+        xs = x.gather(1, take[..., None].expand(-1, -1, x.shape[-1]))
+        ids_ = torch.where(real, ids.to(x.device).gather(1, take), torch.zeros_like(take))
+        begin, end = message_bounds(ids_, real, anchor, opener)
+        return window_surprisal(norm(xs), ids_, begin, end, unembed, window)[:, None]
+
+    top = model.cfg.n_layers - 1
+    return residuals_at_layers(model, encoded, [top], batch_size=batch_size, progress=progress, desc=desc,
+                               prefix_labels=prefix_labels, reader=reader)[top][:, 0]
 
 
 def calibrate_surprisal(model, gate, benign, window: int, rate: float, harmful=None, groups=None,
@@ -127,14 +133,15 @@ def calibrate_surprisal(model, gate, benign, window: int, rate: float, harmful=N
     if not 0 <= rate < 1:
         raise TraceCircuitsError(f"the fluency reading's benign rate must be in [0, 1), got {rate}; set "
                                  "--gate-perplexity-rate")
-    b = surprisal_scores(model, benign, window, gate.anchor, gate.opener, batch_size, progress, "fluency: benign")
+    b = surprisal_scores(model, benign, window, gate.anchor, gate.opener, batch_size, progress, "fluency: benign",
+                         None if groups is None else groups[1])
     threshold = float(benign_threshold(b, rate))
     gate.perplexity_window, gate.perplexity_threshold = int(window), threshold
     record = {"window": int(window), "rate": rate, "threshold": threshold, "benign_max": float(b.max()),
               "benign_median": float(b.median()), "benign_open_rate": float((b > threshold).float().mean())}
     if harmful is not None:
         h = surprisal_scores(model, harmful, window, gate.anchor, gate.opener, batch_size, progress,
-                             "fluency: harmful")
+                             "fluency: harmful", None if groups is None else groups[0])
         record.update(harmful_median=float(h.median()), harmful_open_rate=float((h > threshold).float().mean()))
         if groups is not None:
             record["harmful_open_by_template"] = rates_by_group(h, list(groups[0]), threshold)

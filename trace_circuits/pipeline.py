@@ -241,7 +241,8 @@ class Run:
                         from trace_circuits.perplexity import calibrate_surprisal
 
                         calib["perplexity"] = calibrate_surprisal(self.model, gate, b, gc.perplexity_window,
-                                                                  gc.perplexity_rate, progress=self.progress)
+                                                                  gc.perplexity_rate, groups=groups,
+                                                                  progress=self.progress)
                 else:
                     from trace_circuits.feature_gate import calibrate_feature_gate
 
