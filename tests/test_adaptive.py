@@ -351,3 +351,26 @@ def test_generation_keeps_the_prompt_gate_decision_across_decoding_steps(setup):
             hf.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.allclose(rt.prompt_scores, prefill, atol=1e-4)
     assert torch.equal(rt.gate_open.cpu(), prefill > hs.gate_operation.gate_threshold)
+
+
+def test_transformerlens_generate_decides_the_gate_per_prompt_as_transformers_does(setup):
+    """TransformerLens's ``generate`` embeds the prompt itself and calls ``forward`` with embeddings (no model
+    pre-hook, no ``hook_embed``): the runtime still sees each prompt's token ids and starts a new sequence per
+    ``generate`` call, so the gate reads the prompt as on the transformers twin, once per prompt."""
+    tl, hf, tok, hs = setup
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in list(builtin_prompts("harmful", "test"))[:2] + list(builtin_prompts("benign", "test"))[:2]]
+    ids = [tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
+    want = []
+    with torch.no_grad():
+        for i in ids:
+            with hs.attach(hf) as rt:
+                hf(input_ids=i)
+            want.append(float(rt.prompt_scores[0]))
+        with hs.attach(tl) as rt:
+            for i, w in zip(ids, want):
+                tl.generate(i, max_new_tokens=3, verbose=False)
+                assert float(rt.prompt_scores[0]) == pytest.approx(w, abs=1e-3)
+                assert bool(rt.gate_open[0]) == (w > hs.gate_operation.gate_threshold)
+    assert rt.stats["gate_decisions"] == len(ids)
+    assert len({w > hs.gate_operation.gate_threshold for w in want}) == 2  # one prompt opens it, one does not

@@ -75,7 +75,6 @@ class Runtime:
         self.unembed: Optional[tuple] = None  # the model's (W_U, b_U, soft cap), for the fluency reading
         self.fluency_pending = True  # the fluency reading has not read this sequence's prompt yet
         self.perplexity_scores: Optional[torch.Tensor] = None  # [batch] u of the fluency reading (if any)
-        self.embed_ids: Optional[torch.Tensor] = None  # token ids seen by the embedding (TransformerLens generate)
 
     def start(self, attention_mask: Optional[torch.Tensor], new_sequence: bool,
               input_ids: Optional[torch.Tensor] = None) -> None:
@@ -235,7 +234,7 @@ class Runtime:
             return
         self.fluency_pending = False
         B, T = normed.shape[:2]
-        ids = next((i for i in (self.input_ids, self.embed_ids) if i is not None and tuple(i.shape) == (B, T)), None)
+        ids = self.input_ids if self.input_ids is not None and tuple(self.input_ids.shape) == (B, T) else None
         if ids is None:
             self.stats["fluency_unread"] += 1  # no token ids seen (a forward from embeddings): nothing to read
             return
@@ -268,26 +267,32 @@ def _tl_start(rt: Runtime):
         cache = kwargs.get("past_kv_cache")
         new = cache is None or cache.entries[0].past_keys.shape[1] == 0
         rt.start(kwargs.get("attention_mask"), new_sequence=new, input_ids=args[0] if args else kwargs.get("input"))
-        rt.started_by_call = kwargs.get("start_at_layer") is None  # hook_embed runs only from the embedding
+        rt.started_by_call = kwargs.get("start_at_layer") is None  # then the embedding runs (from token ids)
         return None
 
     return pre
 
 
 def _tl_embed_start(rt: Runtime):
-    """``hook_embed``: TransformerLens's ``generate`` calls ``forward`` directly (no module pre-hook); then a forward
-    over more than one position (or a new batch size) starts a new sequence and a single position continues the
-    previous one (a KV-cache decoding step)."""
+    """Pre-hook of the ``embed`` module, which sees the token ids in every TransformerLens path. ``generate`` (3.x)
+    embeds the prompt itself and calls ``forward`` with the embeddings (no module pre-hook, no ``hook_embed``); then
+    an embedding of more than one position (or of a new batch size) starts a new sequence and a single position
+    continues the previous one (a KV-cache decoding step). After a call of the model itself (its pre-hook ran) only
+    the token ids are kept."""
 
-    def hook(act, hook):
+    def pre(module, args):
+        tokens = args[0] if args and torch.is_tensor(args[0]) and args[0].dim() == 2 else None
         if rt.started_by_call:
             rt.started_by_call = False
+            if rt.input_ids is None:
+                rt.input_ids = tokens
             return None
         before = rt.fired_before
-        rt.start(None, new_sequence=act.shape[1] > 1 or before is None or before.shape[0] != act.shape[0])
+        rt.start(None, new_sequence=tokens is None or tokens.shape[1] > 1 or before is None
+                 or before.shape[0] != tokens.shape[0], input_ids=tokens)
         return None
 
-    return hook
+    return pre
 
 
 def _hf_start(rt: Runtime):
@@ -335,11 +340,10 @@ def attached(hookset, model) -> Iterator[Runtime]:
         if is_hooked_transformer(model):
             # TransformerLens's own context manager adds the hooks and removes exactly these on exit.
             handles.append(model.register_forward_pre_hook(_tl_start(rt), with_kwargs=True))
-            fwd: list[tuple[str, Callable]] = [("hook_embed", _tl_embed_start(rt))]
-            fwd += [(op.hook_name, lambda act, hook, op=op: rt.apply(op, act)) for op in hookset.operations]
+            handles.append(model.embed.register_forward_pre_hook(_tl_embed_start(rt)))
+            fwd: list[tuple[str, Callable]] = [(op.hook_name, lambda act, hook, op=op: rt.apply(op, act))
+                                               for op in hookset.operations]
             stack.enter_context(model.hooks(fwd_hooks=fwd))
-            handles.append(model.embed.register_forward_pre_hook(
-                lambda mod, args: setattr(rt, "embed_ids", args[0] if args and torch.is_tensor(args[0]) else None)))
         else:
             arch = architecture_of(model)
             handles.append(model.register_forward_pre_hook(_hf_start(rt), with_kwargs=True))
