@@ -155,8 +155,10 @@ def test_continuation_kl_is_measured_as_generation_sees_it(traced, hf):
             one = hf_model(torch.tensor([a + n])).logits[0].float().log_softmax(-1)
             assert (two_step[r, :len(n)] - one[len(a) - 1:len(a) + len(n) - 1]).abs().max() < 1e-3
     g = hs.gate_operation
-    g.gate_threshold = 1e9
+    g.gate_threshold, window = 1e9, g.perplexity_window
+    g.perplexity_window = 0  # shut means every reading shut: 5 plain tokens without a chat template pass the fluency one
     shut = next_token_kl(hf_model, tok, ctx, cont, hs)
+    g.perplexity_window = window
     g.gate_threshold = -1e9
     opened = next_token_kl(hf_model, tok, ctx, cont, hs)
     skipped = next_token_kl(hf_model, tok, ctx, cont, hs, only=[False, False])  # a shut gate need not be run
