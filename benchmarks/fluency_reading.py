@@ -43,16 +43,16 @@ def main() -> None:
     model = load_model(hs.model, device="cpu", progress=False)
     tok, theta = model.tokenizer, g.perplexity_threshold
 
-    def u_of(texts):
+    def u_of(texts, desc):
         return surprisal_scores(model, encode_prompts(model, texts, chat=False), g.perplexity_window, g.anchor,
-                                g.opener)
+                                g.opener, progress=True, desc=desc)
 
     print(f"{hs.model}: window {g.perplexity_window} tokens, threshold {theta:.2f} nats")
     print("| text | n | median u | max u | above the threshold |\n|---|---|---|---|---|")
     for kind in ("harmful", "benign", "hard_negative"):
         raw = list(builtin_prompts(kind, "test"))
         for t in (a for a in ATTACKS if a != "prefill"):
-            u = u_of(attack_texts(tok, raw, t))
+            u = u_of(attack_texts(tok, raw, t), f"{kind}, {t}")
             print(f"| {kind} test, {t} | {len(u)} | {float(u.median()):.2f} | {float(u.max()):.2f} | "
                   f"{int((u > theta).sum())} |")
     for folder in args.attacks:
@@ -60,7 +60,7 @@ def main() -> None:
             path = Path(folder) / f"{name}.jsonl"
             if not path.is_file():
                 continue
-            u = u_of([json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()])
+            u = u_of([json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()], name)
             print(f"| {folder}: {name} | {len(u)} | {float(u.median()):.2f} | {float(u.max()):.2f} | "
                   f"{int((u > theta).sum())} (min {float(u.min()):.2f}) |")
 
