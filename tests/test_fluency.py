@@ -47,8 +47,8 @@ def by_hand(tl, op, texts, window=WINDOW):
             lp = tl(torch.tensor([ids]))[0].log_softmax(-1)
         last = ends[i] - len(op.anchor)  # the message: starts[i] < q <= last
         nll = torch.tensor([-float(lp[q - 1, ids[q]]) for q in range(starts[i] + 1, last + 1)])
-        w = min(window, len(nll))
-        out.append(max(float(nll[a:a + w].mean()) for a in range(len(nll) - w + 1)))
+        w = min(window, len(nll))  # shorter than the window: its sum over the window's length
+        out.append(max(float(nll[a:a + w].sum()) / window for a in range(len(nll) - w + 1)))
     return torch.tensor(out)
 
 
@@ -78,6 +78,25 @@ def test_surprisal_is_the_worst_window_of_the_models_own_loss_everywhere(gated):
         with hs.attach(tl) as rt:
             tl(enc["input_ids"], attention_mask=enc["attention_mask"])
         assert torch.allclose(rt.perplexity_scores, want, atol=1e-4)
+
+
+def test_a_message_shorter_than_the_window_is_its_sum_over_the_window_so_u_never_falls_as_it_grows(gated):
+    """u of a message's first k tokens is nondecreasing in k (a window of w tokens scores its sum / w, a shorter
+    message the same sum / w): a few plain first words cannot read as more surprising than the whole request, and the
+    runtime agrees with the calibration on them."""
+    tl, hf, tok, op, _, _ = gated
+    request = list(builtin_prompts("benign", "test"))[0]
+    words = tok(request, add_special_tokens=False)["input_ids"]
+    assert len(words) > WINDOW + 2
+    prefixes = [tok.decode(words[:k]) for k in range(1, len(words) + 1)]
+    texts = attack_texts(tok, prefixes, "direct")
+    u = surprisal_scores(tl, encode_prompts(tl, texts, chat=False), WINDOW, op.anchor, op.opener)
+    want = by_hand(tl, op, texts)
+    assert torch.allclose(u, want, atol=1e-4), (u, want)
+    assert bool((u[1:] >= u[:-1] - 1e-5).all()), u
+    with torch.no_grad(), hookset_for(tl, [op]).attach(hf) as rt:
+        hf(**padded(tok, texts[:4] + texts[-2:]))
+    assert torch.allclose(rt.perplexity_scores, torch.cat([want[:4], want[-2:]]), atol=1e-3)
 
 
 def test_the_threshold_is_the_benign_maximum_or_quantile_and_the_record_says_so(gated):

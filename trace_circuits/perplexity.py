@@ -4,7 +4,8 @@ A GCG-style suffix or preamble (Zou et al. 2023) is a run of tokens the model fi
 jailbreak framings included, are not (perplexity filters, Jain et al. 2023, Alon & Kamfonas 2023). The reading is the
 model's own surprisal of its user's message, at its worst stretch of ``w`` tokens::
 
-    u = max_{a} 1/w sum_{q = a+1}^{a+w} -log p(t_q | t_<q)      over windows of the message M (all of M if |M| < w)
+    u = max_{a} 1/w sum_{q = a+1}^{a+w} -log p(t_q | t_<q)      over windows of w tokens of the message M
+    u = 1/w sum_{q in M} -log p(t_q | t_<q)                       if |M| < w (the missing tokens count 0)
 
 with ``p`` the model's next-token distribution (its final norm, then the unembedding, at ``q - 1``) and ``M`` the
 user turn's message tokens (after the turn's ``opener``, before the ``anchor`` that ends it: the positions the
@@ -68,8 +69,9 @@ def message_bounds(ids: torch.Tensor, valid: torch.Tensor, anchor: Sequence[int]
 def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[torch.Tensor, "batch pos"],
                      start: torch.Tensor, last: torch.Tensor, unembed: tuple, window: int
                      ) -> Float[torch.Tensor, "batch"]:
-    """``u`` per row (module docstring) from the final norm's output; differentiable in ``normed``. A row whose
-    message is empty scores 0."""
+    """``u`` per row (module docstring) from the final norm's output; differentiable in ``normed``. A message shorter
+    than the window is divided by the window all the same, so ``u`` never falls as a message grows and a few plain
+    first words ("The capital of France is") do not read as an attack string; an empty message scores 0."""
     W, b, cap = unembed
     out = []
     for row in range(normed.shape[0]):
@@ -86,7 +88,7 @@ def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[
         nll = -logits.log_softmax(-1).gather(1, ids[row, a + 1:z + 1, None].to(logits.device))[:, 0]
         w = min(window, len(nll))
         c = torch.cat([nll.new_zeros(1), nll.cumsum(0)])
-        out.append(((c[w:] - c[:-w]) / w).max())
+        out.append((c[w:] - c[:-w]).max() / window)
     return torch.stack(out)
 
 
