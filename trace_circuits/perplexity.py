@@ -51,18 +51,14 @@ def final_norm(model) -> torch.nn.Module:
 
 def message_bounds(ids: torch.Tensor, valid: torch.Tensor, anchor: Sequence[int], opener: Sequence[int]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(start, last)`` [batch]: the message is ``start < q <= last``: after the last ``opener`` match before the
-    last ``anchor`` match (else from the first real position), up to the token before that anchor match (else the
-    last real position)."""
-    from trace_circuits.hookset.runtime import last_match
+    """``(start, last)`` [batch]: the user's message ``start < q <= last`` by the runtime's rule
+    (:func:`~trace_circuits.hookset.runtime.user_turn`), from the first valid position where no opener matches."""
+    from trace_circuits.hookset.runtime import user_turn
 
-    B, T = valid.shape
+    T = valid.shape[1]
     pos = torch.arange(T, device=valid.device)
-    real_last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
     first = torch.where(valid, pos, torch.full_like(pos, T)).min(1).values
-    end = last_match(ids, valid, list(anchor), torch.full_like(real_last, T))
-    last = torch.where(end >= 0, end - len(anchor), real_last)
-    start = last_match(ids, valid, list(opener), last + 1)
+    _, start, last = user_turn(ids, valid, anchor, opener)
     return torch.where(start >= 0, start, first), last
 
 

@@ -215,41 +215,13 @@ class Run:
         """The hook set that severs the circuit, with its gate calibrated (and, for ``reroute`` and ``steer``, the
         steering)."""
         if "hookset" not in self.results:
-            from trace_circuits.hookset import hookset_from_circuit, sae_operation
+            from trace_circuits.hookset import hookset_from_circuit
+            from trace_circuits.run_gate import fit_run_gate
 
             circuit = self.trace()
-            gc, hc = self.config.gate, self.config.hookset
-            onset = circuit.meta["onset_layer"]
+            hc = self.config.hookset
             with self._timed("hook set and gate"):
-                text = self.encoded("gate_text") if gc.text_docs else None
-                if gc.kind == "prompt":
-                    from trace_circuits.gate import fit_prompt_gate
-
-                    from trace_circuits.saes.encoding import massive_limit
-
-                    h, b, groups, requests = self.gate_calibration_sets()
-                    layers = [gc.layer] if gc.layer is not None else list(range(max(0, onset - gc.search),
-                                                                                 onset + 1))
-                    gate, calib = fit_prompt_gate(self.model, h, b, layers, gc.benign_rate, benign_text=text,
-                                                  progress=self.progress, groups=groups, l2=gc.l2, pool=gc.pool,
-                                                  massive_norm_threshold={l: massive_limit(self.saes[l])
-                                                                          for l in layers if l in self.saes},
-                                                  requests=requests, message_min_tokens=gc.message_min_tokens,
-                                                  message_rate=gc.message_rates() if gc.pool == "turn" else 0.0,
-                                                  message_reading=gc.message_reading)
-                    if gc.perplexity_window:
-                        from trace_circuits.perplexity import calibrate_surprisal
-
-                        calib["perplexity"] = calibrate_surprisal(self.model, gate, b, gc.perplexity_window,
-                                                                  gc.perplexity_rate, groups=groups,
-                                                                  progress=self.progress)
-                else:
-                    from trace_circuits.feature_gate import calibrate_feature_gate
-
-                    srcs = [n.index for n in circuit.sources]
-                    gate, calib = calibrate_feature_gate(self.model, sae_operation(self.saes[onset], srcs),
-                                                         self.encoded("harmful"), self.encoded("benign"),
-                                                         gc.benign_rate, text, progress=self.progress)
+                gate, calib = fit_run_gate(self, circuit)
                 steering, steer = [], None
                 if hc.action in ("reroute", "steer"):
                     from trace_circuits.refusal import steering_operations
@@ -263,18 +235,10 @@ class Run:
         return self.results["hookset"]
 
     def gate_calibration_sets(self):
-        """The prompt gate's calibration requests, encoded: the harmful and benign training requests (and the hard
-        negatives' training split) asked directly and under the attack templates (:func:`gate.calibration_texts`);
-        returns ``(harmful, benign, (harmful templates, benign templates), (harmful request ids, benign request
-        ids))``: each sequence's template and the index of the request it asks (harmful request i and benign request
-        i share an id: the built-in sets are form-matched twins, held out together)."""
-        from trace_circuits.gate import calibration_sets
+        """The prompt gate's calibration requests, encoded (:func:`trace_circuits.run_gate.calibration_sets`)."""
+        from trace_circuits.run_gate import calibration_sets
 
-        gc = self.config.gate
-        benign = list(self.prompts("benign")) + (list(self.prompts("hard_negative_train")) if gc.hard_negatives
-                                                 else [])
-        return calibration_sets(self.model, list(self.prompts("harmful")), benign, gc.templates, gc.passes,
-                                self.config.chat)
+        return calibration_sets(self)
 
     def evaluate(self):
         """Stage 4: the hook set and the baselines on held-out prompts, judged the same way."""

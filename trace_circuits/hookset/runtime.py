@@ -28,7 +28,7 @@ one generation (KV cache) and reset on each new prompt (a forward pass with an e
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from jaxtyping import Bool
@@ -51,6 +51,22 @@ def last_match(ids: Optional[torch.Tensor], valid: torch.Tensor, pattern: list[i
     hit = (windows == torch.tensor(pattern, device=valid.device)).all(-1) & valid[:, n - 1:]
     hit &= pos[None, :] < before.to(valid.device)[:, None]
     return torch.where(hit, pos, torch.full_like(pos, -1)).max(1).values
+
+
+def user_turn(ids: Optional[torch.Tensor], valid: torch.Tensor, anchor: Sequence[int], opener: Sequence[int]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(end, start, message_last)`` [batch], the one rule for where the last user turn lies: ``end`` the last token
+    of the last ``anchor`` match (else the last valid position: where the probe reads), ``message_last`` the token
+    before that match (else the last valid position), ``start`` the last token of the last ``opener`` match ending
+    before ``end`` (-1: none; :func:`~trace_circuits.turns.turn_start_positions` on a fit's prompts). The user's
+    message is ``start < q <= message_last``."""
+    T = valid.shape[1]
+    pos = torch.arange(T, device=valid.device)
+    real_last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
+    match = last_match(ids, valid, list(anchor), torch.full_like(real_last, T))
+    end = torch.where(match >= 0, match, real_last)
+    message_last = torch.where(match >= 0, match - len(anchor), real_last)
+    return end, last_match(ids, valid, list(opener), end), message_last
 
 
 class Runtime:
@@ -198,18 +214,15 @@ class Runtime:
         B, T = x.shape[:2]
         valid = self._valid_for(x)
         pos = torch.arange(T, device=x.device)
-        last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)  # [B]
         ids = self.input_ids if self.input_ids is not None and tuple(self.input_ids.shape) == (B, T) else None
-        end = last_match(ids, valid, op.anchor, torch.full_like(last, T))
-        last = torch.where(end >= 0, end, last)
-        start = last_match(ids, valid, op.opener, last) if op.pool == "turn" else None
+        last, start, message_last = user_turn(ids, valid, op.anchor, op.opener)
+        start = start if op.pool == "turn" else None
         t = self._on(op, x.device).tensors
         h = read_at(x, valid, last, op.pool, op.massive_norm_threshold, start)
         score = ((h - t["mu"]) @ t["r"]) / op.gap
         self.prompt_score_tensor = score  # differentiable (the adaptive attack's gate term)
         fired = score > op.gate_threshold
         if op.message_threshold is not None:  # every span of the user's message (operations module docstring)
-            message_last = torch.where(end >= 0, end - len(op.anchor), last)
             q = pooled_positions(x, valid, message_last, op.massive_norm_threshold, start)
             m = message_span_max(x, q, t["r"][:, None], op.message_min_tokens, op.message_reading,
                                  self._boundary(op, ids))[:, 0]
