@@ -1,0 +1,98 @@
+"""Would the fluency reading hold if repeated tokens could not buy surprisal down? An exploratory measurement, not
+a gate: the adaptive attacks against the fluency reading (README, "An attacker who knows the defense") keep most of
+GCG's initial " !" tokens, which the model predicts easily after the first few. This prints, on the built-in test
+split under every attack template and on the attack strings of ``trace-circuits attack`` folders, the hook set's
+own reading ``u`` (:func:`trace_circuits.perplexity.window_surprisal`) beside a variant ``u_novel``: the same worst
+window of ``w`` tokens, over the message positions whose token did not occur earlier in the message only::
+
+    u_novel = max_a 1/w sum_{i = a+1}^{a+w} -log p(t_{q_i} | t_<q_i)     q_1 < q_2 < ... the novel positions of M
+
+(the model still reads the whole message; only the scoring skips repeats). One unpadded forward per text.
+
+    python benchmarks/fluency_repeats.py --hookset runs/ppl/hookset runs/attack_ppl_pre
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def worst_window(nll: torch.Tensor, window: int) -> float:
+    if len(nll) == 0:
+        return 0.0
+    w = min(window, len(nll))
+    c = torch.cat([nll.new_zeros(1), nll.cumsum(0)])
+    return float((c[w:] - c[:-w]).max()) / window
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hookset", required=True, help="a hook set folder whose gate has a fluency reading")
+    ap.add_argument("attacks", nargs="*", help="`trace-circuits attack` output folders")
+    args = ap.parse_args()
+
+    from trace_circuits import TraceCircuitsError, builtin_prompts, load_hookset, load_model
+    from trace_circuits.evaluate.attacks import ATTACKS, attack_texts
+    from trace_circuits.perplexity import message_bounds
+
+    try:
+        hs = load_hookset(args.hookset)
+        g = hs.gate_operation
+        if g is None or g.kind != "prompt_probe" or not g.perplexity_window:
+            raise TraceCircuitsError(f"{args.hookset}: its gate has no fluency reading; export one with "
+                                     "--gate-perplexity-window 8")
+    except TraceCircuitsError as err:
+        sys.exit(f"error: {err}")
+    torch.set_grad_enabled(False)
+    model = load_model(hs.model, device="cpu", progress=False)
+    tok, w = model.tokenizer, g.perplexity_window
+
+    def scores(texts, desc):
+        plain, novel = [], []
+        for text in tqdm(texts, desc=desc, leave=False):
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            start, last = message_bounds(ids, torch.ones_like(ids, dtype=torch.bool), g.anchor, g.opener)
+            a, z = int(start[0]), int(last[0])
+            lp = model(ids)[0].float().log_softmax(-1)
+            toks = ids[0, a + 1:z + 1].tolist()
+            nll = -lp[torch.arange(a, z), ids[0, a + 1:z + 1]]
+            first = torch.tensor([t not in toks[:i] for i, t in enumerate(toks)], dtype=torch.bool)
+            plain.append(worst_window(nll, w))
+            novel.append(worst_window(nll[first], w))
+        return torch.tensor(plain), torch.tensor(novel)
+
+    rows, natural = [], {"u": [], "u_novel": []}
+    for kind in ("harmful", "benign", "hard_negative"):
+        raw = list(builtin_prompts(kind, "test"))
+        for t in (a for a in ATTACKS if a != "prefill"):
+            u, v = scores(attack_texts(tok, raw, t), f"{kind}, {t}")
+            rows.append((f"{kind} test, {t}", u, v))
+            if kind != "harmful":
+                natural["u"].append(u)
+                natural["u_novel"].append(v)
+    top_u, top_v = float(torch.cat(natural["u"]).max()), float(torch.cat(natural["u_novel"]).max())
+    for folder in args.attacks:
+        for name in ("gcg_undefended", "gcg_adaptive"):
+            path = Path(folder) / f"{name}.jsonl"
+            if path.is_file():
+                texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+                u, v = scores(texts, name)
+                rows.append((f"{folder}: {name}", u, v))
+    print(f"{hs.model}: window {w}; the hook set's threshold {g.perplexity_threshold:.2f}; the highest of the benign "
+          f"and hard-negative test sequences: u {top_u:.2f}, u_novel {top_v:.2f}")
+    print("| text | n | u median / min / max | above the threshold | u_novel median / min / max | above the natural "
+          "u_novel max |\n|---|---|---|---|---|---|")
+    for label, u, v in rows:
+        print(f"| {label} | {len(u)} | {float(u.median()):.2f} / {float(u.min()):.2f} / {float(u.max()):.2f} | "
+              f"{int((u > g.perplexity_threshold).sum())} | {float(v.median()):.2f} / {float(v.min()):.2f} / "
+              f"{float(v.max()):.2f} | {int((v > top_v).sum())} |")
+
+
+if __name__ == "__main__":
+    main()
