@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup(doc: str):
+    """``(args, hook set, its gate, model)`` from ``--hookset`` and the attack folders on the command line; bad input
+    is one line."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hookset", required=True, help="a hook set folder whose gate has a fluency reading")
     ap.add_argument("attacks", nargs="*", help="`trace-circuits attack` output folders")
     args = ap.parse_args()
 
-    from trace_circuits import TraceCircuitsError, builtin_prompts, encode_prompts, load_hookset, load_model
-    from trace_circuits.evaluate.attacks import ATTACKS, attack_texts
-    from trace_circuits.perplexity import surprisal_scores
+    from trace_circuits import TraceCircuitsError, load_hookset, load_model
 
     try:
         hs = load_hookset(args.hookset)
@@ -40,7 +40,15 @@ def main() -> None:
     except TraceCircuitsError as err:
         sys.exit(f"error: {err}")
     torch.set_grad_enabled(False)
-    model = load_model(hs.model, device="cpu", progress=False)
+    return args, hs, g, load_model(hs.model, device="cpu", progress=False)
+
+
+def main() -> None:
+    from trace_circuits import builtin_prompts, encode_prompts
+    from trace_circuits.evaluate.attacks import ATTACKS, attack_texts
+    from trace_circuits.perplexity import surprisal_scores
+
+    args, hs, g, model = setup(__doc__)
     tok, theta = model.tokenizer, g.perplexity_threshold
 
     def u_of(texts, desc):

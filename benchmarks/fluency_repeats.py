@@ -7,16 +7,15 @@ window of ``w`` tokens, over the message positions whose token did not occur ear
 
     u_novel = max_a 1/w sum_{i = a+1}^{a+w} -log p(t_{q_i} | t_<q_i)     q_1 < q_2 < ... the novel positions of M
 
-(the model still reads the whole message; only the scoring skips repeats). One unpadded forward per text.
+(the model still reads the whole message; only the scoring skips repeats). One unpadded forward per text (7 min on
+2 cores for the command below).
 
     python benchmarks/fluency_repeats.py --hookset runs/ppl/hookset runs/attack_ppl_pre
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -32,25 +31,13 @@ def worst_window(nll: torch.Tensor, window: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hookset", required=True, help="a hook set folder whose gate has a fluency reading")
-    ap.add_argument("attacks", nargs="*", help="`trace-circuits attack` output folders")
-    args = ap.parse_args()
+    from fluency_reading import setup
 
-    from trace_circuits import TraceCircuitsError, builtin_prompts, load_hookset, load_model
+    from trace_circuits import builtin_prompts
     from trace_circuits.evaluate.attacks import ATTACKS, attack_texts
     from trace_circuits.perplexity import message_bounds
 
-    try:
-        hs = load_hookset(args.hookset)
-        g = hs.gate_operation
-        if g is None or g.kind != "prompt_probe" or not g.perplexity_window:
-            raise TraceCircuitsError(f"{args.hookset}: its gate has no fluency reading; export one with "
-                                     "--gate-perplexity-window 8")
-    except TraceCircuitsError as err:
-        sys.exit(f"error: {err}")
-    torch.set_grad_enabled(False)
-    model = load_model(hs.model, device="cpu", progress=False)
+    args, hs, g, model = setup(__doc__)
     tok, w = model.tokenizer, g.perplexity_window
 
     def scores(texts, desc):
