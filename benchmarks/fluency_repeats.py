@@ -2,7 +2,7 @@
 a gate: the adaptive attacks against the fluency reading (README, "An attacker who knows the defense") keep most of
 GCG's initial " !" tokens, which the model predicts easily after the first few. This prints, on the built-in test
 split under every attack template and on the attack strings of ``trace-circuits attack`` folders, the hook set's
-own reading ``u`` (:func:`trace_circuits.perplexity.window_surprisal`) beside a variant ``u_novel``: the same worst
+own reading ``u`` (:func:`trace_circuits.perplexity.worst_window`, as the runtime computes it) beside a variant ``u_novel``: the same worst
 window of ``w`` tokens, over the message positions whose token did not occur earlier in the message only::
 
     u_novel = max_a 1/w sum_{i = a+1}^{a+w} -log p(t_{q_i} | t_<q_i)     q_1 < q_2 < ... the novel positions of M
@@ -22,20 +22,12 @@ import torch
 from tqdm import tqdm
 
 
-def worst_window(nll: torch.Tensor, window: int) -> float:
-    if len(nll) == 0:
-        return 0.0
-    w = min(window, len(nll))
-    c = torch.cat([nll.new_zeros(1), nll.cumsum(0)])
-    return float((c[w:] - c[:-w]).max()) / window
-
-
 def main() -> None:
     from fluency_reading import setup
 
     from trace_circuits import builtin_prompts
     from trace_circuits.evaluate.attacks import ATTACKS, attack_texts
-    from trace_circuits.perplexity import message_bounds
+    from trace_circuits.perplexity import message_bounds, worst_window
 
     args, hs, g, model = setup(__doc__)
     tok, w = model.tokenizer, g.perplexity_window
@@ -50,8 +42,8 @@ def main() -> None:
             toks = ids[0, a + 1:z + 1].tolist()
             nll = -lp[torch.arange(a, z), ids[0, a + 1:z + 1]]
             first = torch.tensor([t not in toks[:i] for i, t in enumerate(toks)], dtype=torch.bool)
-            plain.append(worst_window(nll, w))
-            novel.append(worst_window(nll[first], w))
+            plain.append(float(worst_window(nll, w)))
+            novel.append(float(worst_window(nll[first], w)))
         return torch.tensor(plain), torch.tensor(novel)
 
     rows, natural = [], {"u": [], "u_novel": []}

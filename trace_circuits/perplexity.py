@@ -82,10 +82,18 @@ def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
         nll = -logits.log_softmax(-1).gather(1, ids[row, a + 1:z + 1, None].to(logits.device))[:, 0]
-        w = min(window, len(nll))
-        c = torch.cat([nll.new_zeros(1), nll.cumsum(0)])
-        out.append((c[w:] - c[:-w]).max() / window)
+        out.append(worst_window(nll, window))
     return torch.stack(out)
+
+
+def worst_window(nll: Float[torch.Tensor, "n"], window: int) -> Float[torch.Tensor, ""]:
+    """``max_a 1/w sum_{i = a+1}^{a+w} nll_i``, over all of ``nll`` (still divided by ``w``) if it is shorter; 0 if
+    empty."""
+    if len(nll) == 0:
+        return nll.new_zeros(())
+    w = min(window, len(nll))
+    c = torch.cat([nll.new_zeros(1), nll.cumsum(0)])
+    return (c[w:] - c[:-w]).max() / window
 
 
 @torch.no_grad()

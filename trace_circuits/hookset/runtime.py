@@ -132,6 +132,11 @@ class Runtime:
             marks = self._marks[key] = torch.tensor(op.message_boundary, dtype=torch.long, device=ids.device)
         return torch.isin(ids, marks)
 
+    def _ids_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The token ids of this forward pass where they were seen and match ``x``'s [batch, pos], else None."""
+        ids = self.input_ids
+        return ids if ids is not None and tuple(ids.shape) == tuple(x.shape[:2]) else None
+
     def _valid_for(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape[:2]
         if self.valid is not None and self.valid.shape[0] == B and self.valid.shape[1] >= T:
@@ -214,7 +219,7 @@ class Runtime:
         B, T = x.shape[:2]
         valid = self._valid_for(x)
         pos = torch.arange(T, device=x.device)
-        ids = self.input_ids if self.input_ids is not None and tuple(self.input_ids.shape) == (B, T) else None
+        ids = self._ids_for(x)
         last, start, message_last = user_turn(ids, valid, op.anchor, op.opener)
         start = start if op.pool == "turn" else None
         t = self._on(op, x.device).tensors
@@ -246,8 +251,7 @@ class Runtime:
         if not self.fluency_pending or self.unembed is None:
             return
         self.fluency_pending = False
-        B, T = normed.shape[:2]
-        ids = self.input_ids if self.input_ids is not None and tuple(self.input_ids.shape) == (B, T) else None
+        ids = self._ids_for(normed)
         if ids is None:
             self.stats["fluency_unread"] += 1  # no token ids seen (a forward from embeddings): nothing to read
             return
