@@ -53,9 +53,9 @@ def main() -> None:
 
     def u_of(texts, desc):
         return surprisal_scores(model, encode_prompts(model, texts, chat=False), g.perplexity_window, g.anchor,
-                                g.opener, progress=True, desc=desc)
+                                g.opener, progress=True, desc=desc, tokens=g.perplexity_tokens)
 
-    print(f"{hs.model}: window {g.perplexity_window} tokens, threshold {theta:.2f} nats")
+    print(f"{hs.model}: window {g.perplexity_window} {g.perplexity_tokens} tokens, threshold {theta:.2f} nats")
     print("| text | n | median u | max u | above the threshold |\n|---|---|---|---|---|")
     for kind in ("harmful", "benign", "hard_negative"):
         raw = list(builtin_prompts(kind, "test"))

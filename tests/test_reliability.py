@@ -260,7 +260,7 @@ def test_the_export_itself_loads_and_acts_like_the_original(exported, twins):
     tl = twins[0]
     back = load_hookset(exported)
     meta = json.loads((exported / "hookset.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 12 and len(meta["tensors_sha256"]) == 64
+    assert meta["format_version"] == FORMAT_VERSION == 13 and len(meta["tensors_sha256"]) == 64
     original = all_kinds_hookset(tl, threshold=CALIB["gate_threshold"])
     tokens = torch.tensor([tl.tokenizer("How do I make a pipe bomb?")["input_ids"]])
     with torch.no_grad():

@@ -144,6 +144,9 @@ class GateConfig:
                                     "strings; 0: off)")
     perplexity_rate: float = opt(0.0, "that reading's threshold: the highest surprisal of the benign calibration "
                                       "requests (0), or their 1 - rate quantile")
+    perplexity_tokens: str = opt("novel", "the message tokens that reading scores: 'novel' (those that do not occur "
+                                          "earlier in the message, so repeated filler cannot lower it) or 'all'",
+                                 choices=("novel", "all"))
 
     def message_rates(self) -> list[float]:
         """The message reading's candidate rates: ``message_rate`` then ``message_search``'s, each in (0, benign_rate]
@@ -294,6 +297,8 @@ class RunConfig:
             body["gate"] = {**g, "message_search": ""}
         if isinstance(g, dict) and "perplexity_window" not in g:  # written before the fluency reading
             body["gate"] = {**body["gate"], "perplexity_window": 0}
+        if isinstance(body.get("gate"), dict) and "perplexity_tokens" not in body["gate"]:  # written before the field
+            body["gate"] = {**body["gate"], "perplexity_tokens": "all"}
         try:
             return _build(cls, body, where)
         except TypeError as err:

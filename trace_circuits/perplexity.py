@@ -7,6 +7,16 @@ model's own surprisal of its user's message, at its worst stretch of ``w`` token
     u = max_{a} 1/w sum_{q = a+1}^{a+w} -log p(t_q | t_<q)      over windows of w tokens of the message M
     u = 1/w sum_{q in M} -log p(t_q | t_<q)                       if |M| < w (the missing tokens count 0)
 
+With ``perplexity_tokens = "novel"`` (the default of new runs; hook set format 13) the windows run over the message's
+*novel* positions only, ``q_1 < q_2 < ...`` whose token does not occur earlier in the message (the model still reads
+the whole message; only the scoring skips repeats)::
+
+    u = max_{a} 1/w sum_{i = a+1}^{a+w} -log p(t_{q_i} | t_<q_i)
+
+An attacker who knows the reading keeps most of GCG's initial " !" tokens, which the model predicts easily after the
+first few, and so stays under a threshold on every token (``"all"``); repeats buy nothing under ``"novel"``
+(``benchmarks/fluency_repeats.py``).
+
 with ``p`` the model's next-token distribution (its final norm, then the unembedding, at ``q - 1``) and ``M`` the
 user turn's message tokens (after the turn's ``opener``, before the ``anchor`` that ends it: the positions the
 probe's message reading uses). The gate also opens if ``u > perplexity_threshold``, the highest ``u`` of the benign
@@ -62,12 +72,25 @@ def message_bounds(ids: torch.Tensor, valid: torch.Tensor, anchor: Sequence[int]
     return torch.where(start >= 0, start, first), last
 
 
+TOKENS = ("all", "novel")  # the positions the fluency reading scores: every message token, or first occurrences
+
+
+def novel_positions(toks: Int[torch.Tensor, "n"]) -> torch.Tensor:
+    """``[n]`` bool: ``toks[i]`` does not occur in ``toks[:i]``."""
+    i = torch.arange(len(toks), device=toks.device)
+    return ~((toks[:, None] == toks[None, :]) & (i[None, :] < i[:, None])).any(1)
+
+
 def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[torch.Tensor, "batch pos"],
-                     start: torch.Tensor, last: torch.Tensor, unembed: tuple, window: int
+                     start: torch.Tensor, last: torch.Tensor, unembed: tuple, window: int, tokens: str = "novel"
                      ) -> Float[torch.Tensor, "batch"]:
-    """``u`` per row (module docstring) from the final norm's output; differentiable in ``normed``. A message shorter
-    than the window is divided by the window all the same, so ``u`` never falls as a message grows and a few plain
-    first words ("The capital of France is") do not read as an attack string; an empty message scores 0."""
+    """``u`` per row (module docstring) from the final norm's output; differentiable in ``normed``; ``tokens``
+    ``"novel"`` scores first occurrences only. A message shorter than the window is divided by the window all the
+    same, so ``u`` never falls as a message grows and a few plain first words ("The capital of France is") do not read
+    as an attack string; an empty message scores 0."""
+    if tokens not in TOKENS:
+        raise TraceCircuitsError(f"the fluency reading scores {' or '.join(TOKENS)} message tokens, not {tokens!r}; "
+                                 "re-export the hook set")
     W, b, cap = unembed
     out = []
     for row in range(normed.shape[0]):
@@ -81,8 +104,9 @@ def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[
         logits = logits.float()
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
-        nll = -logits.log_softmax(-1).gather(1, ids[row, a + 1:z + 1, None].to(logits.device))[:, 0]
-        out.append(worst_window(nll, window))
+        target = ids[row, a + 1:z + 1].to(logits.device)
+        nll = -logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+        out.append(worst_window(nll[novel_positions(target)] if tokens == "novel" else nll, window))
     return torch.stack(out)
 
 
@@ -99,7 +123,7 @@ def worst_window(nll: Float[torch.Tensor, "n"], window: int) -> Float[torch.Tens
 @torch.no_grad()
 def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener: Sequence[int],
                      batch_size: int = 16, progress: bool = False, desc: str = "fluency reading",
-                     prefix_labels: Optional[Sequence] = None) -> torch.Tensor:
+                     prefix_labels: Optional[Sequence] = None, tokens: str = "novel") -> torch.Tensor:
     """``u`` of each encoded prompt, as the runtime computes it: the last block's residual through the model's own
     final norm (a HookedTransformer), read over the whole sequence. The token prefix the prompts of one
     ``prefix_labels`` label share (default: all prompts; e.g. one label per attack template) runs once
@@ -121,7 +145,7 @@ def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener:
         xs = x.gather(1, take[..., None].expand(-1, -1, x.shape[-1]))
         ids_ = torch.where(real, ids.to(x.device).gather(1, take), torch.zeros_like(take))
         begin, end = message_bounds(ids_, real, anchor, opener)
-        return window_surprisal(norm(xs), ids_, begin, end, unembed, window)[:, None]
+        return window_surprisal(norm(xs), ids_, begin, end, unembed, window, tokens)[:, None]
 
     top = model.cfg.n_layers - 1
     return residuals_at_layers(model, encoded, [top], batch_size=batch_size, progress=progress, desc=desc,
@@ -129,8 +153,8 @@ def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener:
 
 
 def calibrate_surprisal(model, gate, benign, window: int, rate: float, harmful=None, groups=None,
-                        batch_size: int = 16, progress: bool = False) -> dict:
-    """Set ``gate.perplexity_window`` / ``perplexity_threshold`` (the ``1 - rate`` quantile of the benign requests'
+                        batch_size: int = 16, progress: bool = False, tokens: str = "novel") -> dict:
+    """Set ``gate.perplexity_window`` / ``perplexity_tokens`` / ``perplexity_threshold`` (the ``1 - rate`` quantile of the benign requests'
     ``u``; rate 0: their maximum) and return the calibration record: the threshold, the benign maximum and median, and
     with ``harmful`` (a full forward pass more; the run leaves it out, ``benchmarks/fluency_reading.py`` measures the
     test split) the share of harmful requests it alone opens on, per template where ``groups`` labels them."""
@@ -139,15 +163,18 @@ def calibrate_surprisal(model, gate, benign, window: int, rate: float, harmful=N
     if not 0 <= rate < 1:
         raise TraceCircuitsError(f"the fluency reading's benign rate must be in [0, 1), got {rate}; set "
                                  "--gate-perplexity-rate")
+    if tokens not in TOKENS:
+        raise TraceCircuitsError(f"the fluency reading scores {' or '.join(TOKENS)} message tokens, not {tokens!r}; "
+                                 "set --gate-perplexity-tokens")
     b = surprisal_scores(model, benign, window, gate.anchor, gate.opener, batch_size, progress, "fluency: benign",
-                         None if groups is None else groups[1])
+                         None if groups is None else groups[1], tokens)
     threshold = float(benign_threshold(b, rate))
-    gate.perplexity_window, gate.perplexity_threshold = int(window), threshold
-    record = {"window": int(window), "rate": rate, "threshold": threshold, "benign_max": float(b.max()),
+    gate.perplexity_window, gate.perplexity_tokens, gate.perplexity_threshold = int(window), tokens, threshold
+    record = {"window": int(window), "tokens": tokens, "rate": rate, "threshold": threshold, "benign_max": float(b.max()),
               "benign_median": float(b.median()), "benign_open_rate": float((b > threshold).float().mean())}
     if harmful is not None:
         h = surprisal_scores(model, harmful, window, gate.anchor, gate.opener, batch_size, progress,
-                             "fluency: harmful", None if groups is None else groups[0])
+                             "fluency: harmful", None if groups is None else groups[0], tokens)
         record.update(harmful_median=float(h.median()), harmful_open_rate=float((h > threshold).float().mean()))
         if groups is not None:
             record["harmful_open_by_template"] = rates_by_group(h, list(groups[0]), threshold)

@@ -34,7 +34,7 @@ def fit_run_gate(run, circuit) -> tuple:
         from trace_circuits.perplexity import calibrate_surprisal
 
         calib["perplexity"] = calibrate_surprisal(run.model, gate, b, gc.perplexity_window, gc.perplexity_rate,
-                                                  groups=groups, progress=run.progress)
+                                                  groups=groups, progress=run.progress, tokens=gc.perplexity_tokens)
     return gate, calib
 
 

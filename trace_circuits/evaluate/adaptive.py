@@ -22,7 +22,8 @@ same term for its message reading ``m``, the best span of the message (``lambda 
 which a suffix can raise but not lower (a preamble can lower it). ``s`` is the runtime's own score of the pass
 (with autograd), so the attack optimises exactly what the deployed gate computes. A probe with a fluency reading
 (``perplexity_window``, :mod:`trace_circuits.perplexity`) adds ``lambda softplus((u - theta_u) / tau)`` for the
-message's surprisal ``u``: the attacker must also keep its tokens unsurprising to the model.
+message's surprisal ``u`` (over its novel tokens where the hook set says so): the attacker must also keep its tokens
+unsurprising to the model.
 
 Greedy coordinate gradient, per step: the gradient of L w.r.t. the one-hot suffix tokens (TransformerLens autograd,
 hook set attached); per position the ``top_k`` ordinary tokens with the most negative gradient; ``candidates`` copies
@@ -227,7 +228,7 @@ class Objective:
             valid = torch.ones_like(ids, dtype=torch.bool)
             start, last = message_bounds(ids, valid, g.anchor, g.opener)
             u = window_surprisal(self.model.ln_final(resid), ids, start, last, unembedding(self.model),
-                                 g.perplexity_window)
+                                 g.perplexity_window, g.perplexity_tokens)
             gate_term = gate_term + self.gate_weight * F.softplus((u - g.perplexity_threshold) / self.tau)
             opened = opened | (u > g.perplexity_threshold).cpu()
             out["surprisal"] = u

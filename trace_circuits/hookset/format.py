@@ -56,7 +56,7 @@ from trace_circuits.hookset.operations import Operation
 from trace_circuits.model_files import file_sha256
 from trace_circuits.results import check_format, read_json
 
-FORMAT_VERSION = 12
+FORMAT_VERSION = 13
 KIND = "trace-circuits hook set"
 #: What a hook set does once its gate opens (recorded as ``action``): ``zero`` severs the traced chains (the
 #: paper's operation); ``reroute`` also steers the residual stream toward the model's own refusal; ``steer`` only
@@ -288,7 +288,8 @@ class HookSet:
             f", and every {g.message_reading} of its message)" if g.message_threshold is not None else ")")}.get(
             g.pool, "") \
             if g is not None else ""
-        fluency = ", and the model's surprisal of the message" if g is not None and g.perplexity_window else ""
+        fluency = (", and the model's surprisal of the message" + (" (novel tokens)" if g.perplexity_tokens == "novel"
+                                                                     else "")) if g is not None and g.perplexity_window else ""
         parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}{fluency}" if g.kind == "prompt_probe"
                                       else f"feature gate at layer {g.layer}"]
         cut = [f"{n} {what}" for n, what in ((n_feat, "SAE features"), (n_heads, "heads"), (n_mlp, "MLPs")) if n]
@@ -311,8 +312,8 @@ def message_coverage(calibration: Optional[dict]) -> str:
     rate = g.get("message_rate_harmful", g.get("prefix_rate_harmful"))  # format 9 wrote prefix_*
     reading = g.get("message_reading", "prefix")
     u = g.get("perplexity") or {}
-    fluency = (f"the fluency reading opens past {u['threshold']:.2f} nats of surprisal over {u['window']} message "
-               f"tokens ({'the benign maximum' if not u.get('rate') else 'its benign rate'}; benign median "
+    fluency = (f"the fluency reading opens past {u['threshold']:.2f} nats of surprisal over {u['window']} "
+               f"{'novel ' if u.get('tokens') == 'novel' else ''}message tokens ({'the benign maximum' if not u.get('rate') else 'its benign rate'}; benign median "
                f"{u['benign_median']:.2f})") if u else ""
     message = "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
                                        "appended suffix cannot lower" + (" once the request ends a sentence"

@@ -37,7 +37,8 @@ Kinds (TransformerLens hook points; the transformers twin of each comes from :mo
     sits lower and a request behind a preamble of rules or a role is read on its own; a suffix cannot lower it once
     the message ends a sentence (the spans up to that mark stay candidates).
     With ``perplexity_window`` (format 12) it also opens, from the sequence's next forward pass on, if the model's own
-    surprisal of the message passes ``perplexity_threshold`` (:mod:`trace_circuits.perplexity`).
+    surprisal of the message passes ``perplexity_threshold`` (:mod:`trace_circuits.perplexity`); format 13 records
+    ``perplexity_tokens``, ``"novel"`` to score the message's first occurrences only (older files: ``"all"``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ _FIELDS = {
     "prompt_probe": {"gate_source", "gate_threshold", "gap", "anchor", "score", "pool", "massive_norm_threshold",
                      "opener", "message_threshold", "message_min_tokens",
                      "message_reading", "message_boundary", "prefix_threshold", "prefix_min_tokens",
-                     "perplexity_window", "perplexity_threshold"},
+                     "perplexity_window", "perplexity_threshold", "perplexity_tokens"},
 }
 _COMMON = {"kind", "layer", "hook_name", "gated", "scale", "positions", "hf_module", "hf_hook", "tensors"}
 #: Tensors each kind carries (``sae_features``: per architecture, :data:`_SAE_TENSORS`).
@@ -105,6 +106,7 @@ class Operation:
     message_boundary: list[int] = field(default_factory=list)  # prompt_probe "sentence": ids that end a sentence
     perplexity_window: int = 0  # prompt_probe: the fluency reading's window (0: no fluency reading)
     perplexity_threshold: Optional[float] = None  # prompt_probe: open if the message's surprisal passes it
+    perplexity_tokens: str = "novel"  # prompt_probe: the message positions it scores, "all" or "novel" (format 13)
     heads: list[int] = field(default_factory=list)  # heads: head indices
     mode: str = "ablate"  # direction: "ablate" or "add"
     alpha: float = 0.0  # direction "add": how far along r
@@ -165,7 +167,8 @@ class Operation:
                      **({"message_boundary": self.message_boundary} if self.message_threshold is not None
                         and self.message_reading == "sentence" else {}),
                      **({"perplexity_window": self.perplexity_window, "perplexity_threshold":
-                         self.perplexity_threshold} if self.perplexity_window else {}),
+                         self.perplexity_threshold, "perplexity_tokens": self.perplexity_tokens}
+                        if self.perplexity_window else {}),
                      score=f"s = <h - mu, r> / gap, h = {h}, p = the end of the last anchor match (else the last "
                            "real position); the gate opens if s > gate_threshold" + (
                                "; or if m > message_threshold, m = max of <mean of x[q] - mu, r> / gap over "
@@ -176,7 +179,9 @@ class Operation:
                                + " of the last user turn's message positions (before the anchor) holding at least "
                                "message_min_tokens of them" if self.message_threshold is not None else "") + (
                                "; from the next forward pass on, also if u > perplexity_threshold, u = the highest "
-                               "mean of -log p(t_q | t_<q) over perplexity_window consecutive message tokens" if
+                               "mean of -log p(t_q | t_<q) over perplexity_window consecutive message tokens" + (
+                                   " (the tokens that do not occur earlier in the message only)"
+                                   if self.perplexity_tokens == "novel" else "") if
                                self.perplexity_window else ""))
         d["tensors"] = {name: {"key": f"ops.{index}.{name}", "shape": list(t.shape), "dtype": "float32"}
                         for name, t in self.tensors.items()}
@@ -224,6 +229,7 @@ class Operation:
                       opener=g.ints("opener", []),
                       **_message_reading(g), perplexity_window=g.int("perplexity_window", 0),
                       perplexity_threshold=g.num("perplexity_threshold", None, optional=True),
+                      perplexity_tokens=g.str("perplexity_tokens", "all"),  # format <= 12: every message token
                       massive_norm_threshold=g.num("massive_norm_threshold", None, optional=True))
         op = cls(**kw)
         if hook and hook != op.hook_name:
@@ -296,6 +302,9 @@ class Operation:
             if self.perplexity_window < 0 or (self.perplexity_window and (u is None or not math.isfinite(u))):
                 raise TraceCircuitsError(f"{where}: perplexity_window must be >= 0 and, when > 0, perplexity_threshold "
                                          f"a finite number (got {self.perplexity_window}, {u}); re-export the hook set")
+            if self.perplexity_tokens not in ("all", "novel"):
+                raise TraceCircuitsError(f"{where}: perplexity_tokens must be 'all' or 'novel', got "
+                                         f"{self.perplexity_tokens!r}; re-export the hook set")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:

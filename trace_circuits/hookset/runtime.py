@@ -258,7 +258,8 @@ class Runtime:
         ids = ids.to(normed.device)
         start, last = message_bounds(ids, self._valid_for(normed), op.anchor, op.opener)
         with torch.no_grad():
-            u = window_surprisal(normed.detach(), ids, start, last, self.unembed, op.perplexity_window)
+            u = window_surprisal(normed.detach(), ids, start, last, self.unembed, op.perplexity_window,
+                                 op.perplexity_tokens)
         fired = (u > op.perplexity_threshold).to(normed.device)
         self.perplexity_scores = u.float().cpu()
         before = self.fired_before if self.fired_before is not None and self.fired_before.shape == fired.shape \
