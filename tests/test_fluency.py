@@ -73,6 +73,9 @@ def test_surprisal_is_the_worst_window_of_the_models_own_loss_everywhere(gated):
     shared = surprisal_scores(tl, encode_prompts(tl, texts, chat=False), WINDOW, op.anchor, op.opener,
                               prefix_labels=["direct"] * 4 + ["role_play"] * 3)  # each template's preamble run once
     assert torch.allclose(shared, want, atol=1e-4), (shared, want)
+    with pytest.raises(TraceCircuitsError, match="one label per prompt"):
+        surprisal_scores(tl, encode_prompts(tl, texts, chat=False), WINDOW, op.anchor, op.opener,
+                         prefix_labels=["direct"] * 3)
     hs = hookset_for(tl, [op])
     enc = padded(tok, texts)
     with torch.no_grad():

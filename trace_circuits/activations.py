@@ -115,6 +115,8 @@ MIN_SHARED_PREFIX = 8  # tokens: shorter common prefixes are recomputed per prom
 def shared_prefix_groups(encoded: EncodedPrompts, labels: Optional[Sequence] = None) -> list[tuple[int, list[int]]]:
     """``[(P, indices)]``: the prompts of one label (default: all one label) and the length ``P`` of the token prefix
     they all share, kept below each one's length (0 when under :data:`MIN_SHARED_PREFIX` tokens or a lone prompt)."""
+    if labels is not None and len(labels) != len(encoded):
+        raise TraceCircuitsError(f"{len(labels)} prefix labels for {len(encoded)} prompts; give one label per prompt")
     groups: dict = {}
     for i in range(len(encoded)):
         groups.setdefault(None if labels is None else labels[i], []).append(i)
