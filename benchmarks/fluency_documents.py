@@ -32,7 +32,8 @@ def main() -> None:
     asks = ("Summarise the following text:", "Explain this to me in plain words:", "Proofread this:")
     print(f"{hs.model}: window {g.perplexity_window}, threshold {theta:.2f} on the reading over {own} tokens; "
           f"{len(docs)} documents")
-    print(f"| tokens | n | u median / max | u_novel median / max | above the threshold ({own}) |\n|---|---|---|---|---|")
+    print(f"| tokens | n | u median / max | u_novel median / max | above the threshold ({own}) |\n"
+          "|---|---|---|---|---|")
     opened: set[str] = set()
     for length in (64, 256, 1024):
         cut = [tok.decode(tok(d["text"], add_special_tokens=False)["input_ids"][:length]) for d in docs]

@@ -72,7 +72,14 @@ def message_bounds(ids: torch.Tensor, valid: torch.Tensor, anchor: Sequence[int]
     return torch.where(start >= 0, start, first), last
 
 
-TOKENS = ("all", "novel")  # the positions the fluency reading scores: every message token, or first occurrences
+SCORED_TOKENS = ("all", "novel")  # the positions the fluency reading scores: every message token, or first occurrences
+
+
+def check_scored_tokens(tokens: str, fix: str) -> None:
+    """One line naming ``fix`` unless ``tokens`` is one of :data:`SCORED_TOKENS`."""
+    if tokens not in SCORED_TOKENS:
+        raise TraceCircuitsError(f"the fluency reading scores {' or '.join(map(repr, SCORED_TOKENS))} message tokens, "
+                                 f"not {tokens!r}; {fix}")
 
 
 def novel_positions(toks: Int[torch.Tensor, "n"]) -> torch.Tensor:
@@ -88,9 +95,7 @@ def window_surprisal(normed: Float[torch.Tensor, "batch pos d_model"], ids: Int[
     ``"novel"`` scores first occurrences only. A message shorter than the window is divided by the window all the
     same, so ``u`` never falls as a message grows and a few plain first words ("The capital of France is") do not read
     as an attack string; an empty message scores 0."""
-    if tokens not in TOKENS:
-        raise TraceCircuitsError(f"the fluency reading scores {' or '.join(TOKENS)} message tokens, not {tokens!r}; "
-                                 "re-export the hook set")
+    check_scored_tokens(tokens, "re-export the hook set")
     W, b, cap = unembed
     out = []
     for row in range(normed.shape[0]):
@@ -154,24 +159,24 @@ def surprisal_scores(model, encoded, window: int, anchor: Sequence[int], opener:
 
 def calibrate_surprisal(model, gate, benign, window: int, rate: float, harmful=None, groups=None,
                         batch_size: int = 16, progress: bool = False, tokens: str = "novel") -> dict:
-    """Set ``gate.perplexity_window`` / ``perplexity_tokens`` / ``perplexity_threshold`` (the ``1 - rate`` quantile of the benign requests'
-    ``u``; rate 0: their maximum) and return the calibration record: the threshold, the benign maximum and median, and
-    with ``harmful`` (a full forward pass more; the run leaves it out, ``benchmarks/fluency_reading.py`` measures the
-    test split) the share of harmful requests it alone opens on, per template where ``groups`` labels them."""
+    """Set ``gate.perplexity_window`` / ``perplexity_tokens`` / ``perplexity_threshold`` (the ``1 - rate`` quantile of
+    the benign requests' ``u``; rate 0: their maximum) and return the calibration record: the threshold, the benign
+    maximum and median, and with ``harmful`` (a full forward pass more; the run leaves it out,
+    ``benchmarks/fluency_reading.py`` measures the test split) the share of harmful requests it alone opens on, per
+    template where ``groups`` labels them."""
     from trace_circuits.gate import benign_threshold, rates_by_group
 
     if not 0 <= rate < 1:
         raise TraceCircuitsError(f"the fluency reading's benign rate must be in [0, 1), got {rate}; set "
                                  "--gate-perplexity-rate")
-    if tokens not in TOKENS:
-        raise TraceCircuitsError(f"the fluency reading scores {' or '.join(TOKENS)} message tokens, not {tokens!r}; "
-                                 "set --gate-perplexity-tokens")
+    check_scored_tokens(tokens, "set --gate-perplexity-tokens")
     b = surprisal_scores(model, benign, window, gate.anchor, gate.opener, batch_size, progress, "fluency: benign",
                          None if groups is None else groups[1], tokens)
     threshold = float(benign_threshold(b, rate))
     gate.perplexity_window, gate.perplexity_tokens, gate.perplexity_threshold = int(window), tokens, threshold
-    record = {"window": int(window), "tokens": tokens, "rate": rate, "threshold": threshold, "benign_max": float(b.max()),
-              "benign_median": float(b.median()), "benign_open_rate": float((b > threshold).float().mean())}
+    record = {"window": int(window), "tokens": tokens, "rate": rate, "threshold": threshold,
+              "benign_max": float(b.max()), "benign_median": float(b.median()),
+              "benign_open_rate": float((b > threshold).float().mean())}
     if harmful is not None:
         h = surprisal_scores(model, harmful, window, gate.anchor, gate.opener, batch_size, progress,
                              "fluency: harmful", None if groups is None else groups[0], tokens)

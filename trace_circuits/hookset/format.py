@@ -288,8 +288,8 @@ class HookSet:
             f", and every {g.message_reading} of its message)" if g.message_threshold is not None else ")")}.get(
             g.pool, "") \
             if g is not None else ""
-        fluency = (", and the model's surprisal of the message" + (" (novel tokens)" if g.perplexity_tokens == "novel"
-                                                                     else "")) if g is not None and g.perplexity_window else ""
+        novel = " (novel tokens)" if g is not None and g.perplexity_tokens == "novel" else ""
+        fluency = f", and the model's surprisal of the message{novel}" if g is not None and g.perplexity_window else ""
         parts = [] if g is None else [f"prompt gate at layer {g.layer}{mean}{fluency}" if g.kind == "prompt_probe"
                                       else f"feature gate at layer {g.layer}"]
         cut = [f"{n} {what}" for n, what in ((n_feat, "SAE features"), (n_heads, "heads"), (n_mlp, "MLPs")) if n]
@@ -313,7 +313,8 @@ def message_coverage(calibration: Optional[dict]) -> str:
     reading = g.get("message_reading", "prefix")
     u = g.get("perplexity") or {}
     fluency = (f"the fluency reading opens past {u['threshold']:.2f} nats of surprisal over {u['window']} "
-               f"{'novel ' if u.get('tokens') == 'novel' else ''}message tokens ({'the benign maximum' if not u.get('rate') else 'its benign rate'}; benign median "
+               f"{'novel ' if u.get('tokens') == 'novel' else ''}message tokens "
+               f"({'the benign maximum' if not u.get('rate') else 'its benign rate'}; benign median "
                f"{u['benign_median']:.2f})") if u else ""
     message = "" if rate is None else (f"{rate:.0%} of harmful on the message {reading} reading alone, which an "
                                        "appended suffix cannot lower" + (" once the request ends a sentence"

@@ -52,6 +52,7 @@ import torch
 from trace_circuits.activations import MESSAGE_READINGS
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.names import hook_name as make_hook_name
+from trace_circuits.perplexity import SCORED_TOKENS
 from trace_circuits.names import parse_hook
 from trace_circuits.hookset.fields import REQUIRED, FieldReader
 from trace_circuits.saes.encoding import ARCHITECTURES, NORMALIZATIONS, FeatureEncoder
@@ -302,9 +303,10 @@ class Operation:
             if self.perplexity_window < 0 or (self.perplexity_window and (u is None or not math.isfinite(u))):
                 raise TraceCircuitsError(f"{where}: perplexity_window must be >= 0 and, when > 0, perplexity_threshold "
                                          f"a finite number (got {self.perplexity_window}, {u}); re-export the hook set")
-            if self.perplexity_tokens not in ("all", "novel"):
-                raise TraceCircuitsError(f"{where}: perplexity_tokens must be 'all' or 'novel', got "
-                                         f"{self.perplexity_tokens!r}; re-export the hook set")
+            if self.perplexity_tokens not in SCORED_TOKENS:
+                raise TraceCircuitsError(f"{where}: perplexity_tokens must be "
+                                         f"{' or '.join(map(repr, SCORED_TOKENS))}, got {self.perplexity_tokens!r}; "
+                                         "re-export the hook set")
 
     def _check_sae(self, d_model: int, where: str) -> None:
         if self.architecture not in ARCHITECTURES:
