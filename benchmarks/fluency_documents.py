@@ -4,8 +4,8 @@ This scores CPython's own documentation chunks (``corpus.prose_documents``: the 
 library's docstrings, code examples, signatures and identifiers included), each cut to ``L`` tokens and sent as
 "<instruction>\\n\\n<document>" under the chat template, with both readings side by side (every message token,
 ``u``, and first occurrences only, ``u_novel``; README, "A third reading") and the share above the hook set's
-threshold on the reading it records, and the documents it opens on. One batched pass per length and reading (30
-min on 2 cores beside an attack run, most of it the 1024-token pass).
+threshold on the reading it records, and the documents it opens on. One batched pass per length and reading (about
+28 min on 2 cores beside an attack run, most of it the 1024-token pass).
 
     python benchmarks/fluency_documents.py --hookset runs/novel/hookset
 """
