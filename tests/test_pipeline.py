@@ -332,6 +332,8 @@ def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
     assert set(ev.defenses) == {"none", "tracerouter", "top_feature", "direction_ablation", "layer_ablation"}
     assert set(ev.defenses["tracerouter"]["dsr"]) == {"direct", "prefill", "multi_turn"}
     assert ev.defenses["layer_ablation"]["utility"]["kl_benign_prompts"] > 0
+    assert ev.params["sources"] == {k: run.prompts(f"{k}_test").source for k in ("harmful", "benign", "hard_negative")}
+    assert ev.params["sources"]["hard_negative"] == "builtin:hard_negative:test"
     run.save(run.out)
     for name in ("config.json", "run.json", "report.html", "divergence.json", "features.json", "circuit.json",
                  "circuit_full.json", "hookset/hookset.json", "evaluation.json", "responses.jsonl"):
@@ -345,6 +347,7 @@ def test_run_every_stage_on_a_tiny_model(planted, tmp_path):
     assert set(run.plot()) == {"scan", "features", "circuit", "hookset", "evaluation"}
     report = (run.out / "report.html").read_text()
     assert "tracerouter" in report and "direction_ablation" in report
+    assert "hard negatives (builtin:hard_negative:test)" in (run.out / "evaluation.html").read_text()
 
 
 def test_an_interrupted_run_resumes_and_other_settings_start_over(planted, tmp_path):

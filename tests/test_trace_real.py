@@ -189,8 +189,11 @@ def test_evaluate_command_on_a_few_prompts(traced, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", "--hookset", str(traced / "hookset"), "--limit", "4", "--templates", "direct,prefill",
                  "--baselines", "top_feature,layer_ablation", "--max-new-tokens", "8", "--text-docs", "6",
-                 "--out", str(out)]) == 0
+                 "--harmful", "builtin:harmbench:test", "--out", str(out)]) == 0
     data = json.loads((out / "evaluation.json").read_text())
+    assert data["params"]["sources"] == {"harmful": "builtin:harmbench:test", "benign": "builtin:benign:test",
+                                         "hard_negative": "builtin:hard_negative:test"}
+    assert "(prompts: harmful builtin:harmbench:test, benign builtin:benign:test" in capsys.readouterr().out
     assert set(data["defenses"]) == {"none", "tracerouter", "top_feature", "layer_ablation"}
     for m in data["defenses"].values():
         assert set(m["dsr"]) == set(m["dsr_strict"]) == {"direct", "prefill"}

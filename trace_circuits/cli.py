@@ -367,6 +367,8 @@ def _print_evaluation(result) -> None:
     if result.params.get("dtype"):
         print(f"(answers generated and log-probs measured in {result.params['dtype']}; "
               "--eval-generation-dtype to change)")
+    if result.params.get("sources"):
+        print("(prompts: " + ", ".join(f"{k} {v}" for k, v in result.params["sources"].items()) + ")")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -210,7 +210,8 @@ class EvaluationConfig:
     batch_size: int = opt(50, "prompts per generate call")
     text_docs: int = opt(48, "held-out benign corpus documents for the KL on text")
     limit: Optional[int] = opt(None, "use at most this many test prompts of each set")
-    harmful: Optional[str] = opt(None, "held-out harmful prompts file; default: the built-in harmful test split")
+    harmful: Optional[str] = opt(None, "held-out harmful prompts file, or a built-in set such as "
+                                       "builtin:harmbench:test; default: the built-in harmful test split")
     benign: Optional[str] = opt(None, "held-out benign prompts file; default: the built-in benign test split")
     hard_negatives: bool = opt(True, "also measure over-refusal on the built-in hard negatives (test split)")
     generation_dtype: str = opt("auto", "the transformers model's dtype while the evaluation generates and measures: "

@@ -273,7 +273,10 @@ class Run:
                     templates=templates, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
                     judge=RelevanceJudge(), chat=self.config.chat, progress=self.progress,
                     text=benign_documents(tok, model_info(self.model).name, max_docs=ec.text_docs) if ec.text_docs
-                    else [])
+                    else [],
+                    sources={k.removesuffix("_test"): self.prompts(k).source for k in
+                             ("harmful_test", "benign_test", "hard_negative_test")
+                             if k != "hard_negative_test" or ec.hard_negatives})
             self._save("evaluation")
         return self.results["evaluation"]
 

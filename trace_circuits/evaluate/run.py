@@ -78,9 +78,11 @@ class _GateDecisions:
 def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], benign: Sequence[str], *,
                       hard_negatives: Sequence[str] = (), templates: Sequence[str] = tuple(ATTACKS),
                       max_new_tokens: int = 24, batch_size: int = 32, judge: Optional[RelevanceJudge] = None,
-                      text: Sequence[str] = (), chat: bool = True, progress: bool = True) -> EvaluationResult:
+                      text: Sequence[str] = (), chat: bool = True, progress: bool = True,
+                      sources: Optional[dict[str, str]] = None) -> EvaluationResult:
     """Evaluate each defense (name -> HookSet; ``none`` = no defense is always included) on the transformers
-    ``model`` (module docstring). ``text``: held-out benign documents for the KL on text."""
+    ``model`` (module docstring). ``text``: held-out benign documents for the KL on text. ``sources``: where each
+    prompt set came from (``{"harmful": "builtin:harmbench:test", ...}``), recorded in ``params["sources"]``."""
     from trace_circuits.models import model_info
 
     harmful, benign, hard = list(harmful), list(benign), list(hard_negatives)
@@ -196,6 +198,7 @@ def evaluate_defenses(model, tokenizer, defenses: dict, harmful: Sequence[str], 
                          "gate_opened": bool(opened[j]) if hs is not None else False})
     params = {"templates": [a.name for a in attacks], "max_new_tokens": max_new_tokens, "n_harmful": len(harmful),
               "n_benign": len(benign), "n_hard_negative": len(hard), "n_benign_text": len(text_ctx),
+              **({"sources": dict(sources)} if sources else {}),
               "relevance_calibration": calib, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "defended_rule": "refusal substring OR relevance < threshold (does not address the request)",
               "defended_strict_rule": "refusal substring OR relevance < strict threshold (as unrelated as a random "

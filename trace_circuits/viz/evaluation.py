@@ -151,10 +151,17 @@ def headline_table(result) -> str:
 def params_line(result) -> str:
     p = result.params
     bits = []
+    src = p.get("sources") or {}
+
+    def of(kind):
+        return f" ({html.escape(str(src[kind]))})" if src.get(kind) else ""
+
     if "n_harmful" in p:
-        bits.append(f"{p['n_harmful']} harmful prompts x {len(templates_of(result))} templates")
+        bits.append(f"{p['n_harmful']} harmful prompts{of('harmful')} x {len(templates_of(result))} templates")
     if "n_benign" in p:
-        bits.append(f"{p['n_benign']} benign prompts")
+        bits.append(f"{p['n_benign']} benign prompts{of('benign')}")
+    if p.get("n_hard_negative"):
+        bits.append(f"{p['n_hard_negative']} hard negatives{of('hard_negative')}")
     if "n_benign_text" in p:
         bits.append(f"{p['n_benign_text']} benign documents")
     if "max_new_tokens" in p:
