@@ -1,7 +1,7 @@
 """Does more calibration data make the prompt gate read intent better? (one run folder, the gate refitted)
 
 The gate of a ``make run`` folder is refitted at its own layer with the run's settings (``fit_prompt_gate``, as
-``trace_circuits.run_gate`` calls it) on the run's calibration requests plus one of:
+``trace_circuits.run_gate`` calls it, ``prompt_gate_options``) on the run's calibration requests plus one of:
 
 * ``none``: nothing more (reproduces the run's gate);
 * ``donotanswer``: Do-Not-Answer's training questions as harmful, with no benign twins;
@@ -68,7 +68,7 @@ def main() -> None:
     from trace_circuits.evaluate import ATTACKS, attack_texts
     from trace_circuits.gate import fit_prompt_gate, gate_decisions
     from trace_circuits.prompts import encode_prompts
-    from trace_circuits.saes.encoding import massive_limit
+    from trace_circuits.run_gate import prompt_gate_options
 
     run = tc.Run.load(args.run, progress=False)
     model, gc = run.model, run.config.gate
@@ -83,19 +83,14 @@ def main() -> None:
     for k in ("harmbench", "donotanswer"):
         sets[f"{k} direct"] = encode_prompts(model, attack_texts(tok, list(tc.builtin_prompts(k, "test")), "direct"),
                                              chat=False)
-    text = run.encoded("gate_text") if gc.text_docs else None
     print(f"# gate of {args.run} refitted at layer {layer} (threshold {g0.gate_threshold:.3f} in the run)")
     print("| variant | calibration harmful / benign | out-of-fold harmful | " + " | ".join(sets) + " | seconds |")
     print("|---" * (len(sets) + 4) + "|")
     for v in variants:
         t0 = time.perf_counter()
         h, b, groups, requests = calibration(run, v)
-        op, calib = fit_prompt_gate(model, h, b, [layer], gc.benign_rate, benign_text=text, groups=groups, l2=gc.l2,
-                                    pool=gc.pool, requests=requests, message_min_tokens=gc.message_min_tokens,
-                                    massive_norm_threshold={layer: massive_limit(run.saes[layer])}
-                                    if layer in run.saes else None,
-                                    message_rate=gc.message_rates() if gc.pool == "turn" else 0.0,
-                                    message_reading=gc.message_reading)
+        op, calib = fit_prompt_gate(model, h, b, [layer], gc.benign_rate, groups=groups, requests=requests,
+                                    **prompt_gate_options(run, [layer]))
         hs = copy.deepcopy(hs0)
         i = next(i for i, o in enumerate(hs.operations) if o.gate_source)
         for f in ("perplexity_window", "perplexity_threshold", "perplexity_tokens"):

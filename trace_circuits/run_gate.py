@@ -19,23 +19,29 @@ def fit_run_gate(run, circuit) -> tuple:
         return calibrate_feature_gate(run.model, sae_operation(run.saes[onset], srcs), run.encoded("harmful"),
                                       run.encoded("benign"), gc.benign_rate, text, progress=run.progress)
     from trace_circuits.gate import fit_prompt_gate
-    from trace_circuits.saes.encoding import massive_limit
 
     h, b, groups, requests = calibration_sets(run)
     layers = [gc.layer] if gc.layer is not None else list(range(max(0, onset - gc.search), onset + 1))
-    gate, calib = fit_prompt_gate(run.model, h, b, layers, gc.benign_rate, benign_text=text, progress=run.progress,
-                                  groups=groups, l2=gc.l2, pool=gc.pool,
-                                  massive_norm_threshold={l: massive_limit(run.saes[l]) for l in layers
-                                                          if l in run.saes},
-                                  requests=requests, message_min_tokens=gc.message_min_tokens,
-                                  message_rate=gc.message_rates() if gc.pool == "turn" else 0.0,
-                                  message_reading=gc.message_reading)
+    gate, calib = fit_prompt_gate(run.model, h, b, layers, gc.benign_rate, groups=groups, requests=requests,
+                                  **prompt_gate_options(run, layers))
     if gc.perplexity_window:
         from trace_circuits.perplexity import calibrate_surprisal
 
         calib["perplexity"] = calibrate_surprisal(run.model, gate, b, gc.perplexity_window, gc.perplexity_rate,
                                                   groups=groups, progress=run.progress, tokens=gc.perplexity_tokens)
     return gate, calib
+
+
+def prompt_gate_options(run, layers) -> dict:
+    """The keyword arguments of :func:`~trace_circuits.gate.fit_prompt_gate` that the run's gate config and SAEs fix
+    (everything but the calibration sequences, their groups and request ids)."""
+    from trace_circuits.saes.encoding import massive_limit
+
+    gc = run.config.gate
+    return dict(benign_text=run.encoded("gate_text") if gc.text_docs else None, progress=run.progress, l2=gc.l2,
+                pool=gc.pool, massive_norm_threshold={l: massive_limit(run.saes[l]) for l in layers if l in run.saes},
+                message_min_tokens=gc.message_min_tokens,
+                message_rate=gc.message_rates() if gc.pool == "turn" else 0.0, message_reading=gc.message_reading)
 
 
 def calibration_sets(run):
