@@ -12,7 +12,10 @@ all framings of one request, and its benign twin, share a fold, so every rate is
 the ``1 - rate`` quantile of the benign scores): printed are the harmful coverage overall and per template, and the
 benign prompts' opening rate.
 
-    python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.002] [--first 13] [--last 21]
+With several ``--l2`` values (comma-separated) each row is printed per L2 strength (the probe's regularisation,
+``--gate-l2``).
+
+    python benchmarks/gate_layers.py runs/latest [--rate 0.02] [--l2 0.02,0.1] [--first 13] [--last 21] [--pools turn]
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a run folder (`make run` writes runs/latest)")
     ap.add_argument("--rate", type=float, default=0.02, help="benign target rate")
-    ap.add_argument("--l2", type=float, default=0.002, help="the probe's L2 strength")
+    ap.add_argument("--l2", default=None, help="the probe's L2 strength, or several separated by commas (default: "
+                                               "the gate's, GateConfig.l2)")
+    ap.add_argument("--pools", default="last,mean,turn", help="the readings compared, of last, mean, turn")
     ap.add_argument("--first", type=int, default=None, help="the first layer read (default: the onset layer)")
     ap.add_argument("--last", type=int, default=None, help="the last layer read (default: the model's last)")
     args = ap.parse_args()
@@ -37,6 +42,18 @@ def main() -> None:
         raise TraceCircuitsError(f"{args.run} is not a run folder (no config.json); run `make run` first")
     if not 0 < args.rate < 1:
         raise TraceCircuitsError("--rate must lie between 0 and 1, e.g. 0.02")
+    from trace_circuits.config import GateConfig
+
+    args.l2 = str(GateConfig.l2) if args.l2 is None else args.l2
+    try:
+        l2s = [float(x) for x in args.l2.split(",") if x.strip()]
+    except ValueError:
+        l2s = []
+    if not l2s or min(l2s) <= 0:
+        raise TraceCircuitsError(f"--l2 must be positive numbers separated by commas, e.g. 0.02,0.1; got {args.l2!r}")
+    pools = tuple(p.strip() for p in args.pools.split(",") if p.strip())
+    if not pools or set(pools) - {"last", "mean", "turn"}:
+        raise TraceCircuitsError(f"--pools must name readings of last, mean, turn, e.g. turn; got {args.pools!r}")
 
     from tqdm.auto import tqdm
 
@@ -62,7 +79,6 @@ def main() -> None:
     h, b, (h_groups, _), (h_req, b_req) = run.gate_calibration_sets()
     text = run.encoded("gate_text")
     anchor, opener = user_turn_end(model), user_turn_start(model)
-    pools = ("last", "mean", "turn")
     limits = [massive_limit(run.saes[l]) if l in run.saes else None for l in layers]  # as the export does
 
     def read(enc, pos, desc):  # [n, layers, pools, d]
@@ -87,26 +103,27 @@ def main() -> None:
     T = read(text, None, "benign documents") if len(text) else B[:0]
     groups = request_fold_groups(h_req, b_req, len(T))  # as fit_prompt_gate's: a request's framings and its twin
 
-    def oof(cols, k):  # the gate's own rule, as fit_prompt_gate fits it
+    def oof(cols, k, l2):  # the gate's own rule, as fit_prompt_gate fits it
         X = torch.cat([H[:, cols, k].flatten(1), B[:, cols, k].flatten(1), T[:, cols, k].flatten(1)])
         y = torch.cat([torch.ones(len(H)), torch.zeros(len(B) + len(T))])
-        score = out_of_fold_scores(X, y, args.l2, groups=groups)
+        score = out_of_fold_scores(X, y, l2, groups=groups)
         q = benign_threshold(score[len(H):], args.rate)
         return (float((score[:len(H)] > q).float().mean()), float((score[len(H):len(H) + len(B)] > q).float().mean()),
                 rates_by_group(score[:len(H)], h_groups, q))
 
     print(f"# {args.run}: onset {onset}; {len(H)} harmful, {len(B)} benign requests, {len(T)} documents; "
-          f"benign target {args.rate}, L2 {args.l2}")
-    print("| reads | layers | harmful opened | benign prompts opened | per template |\n|---|---|---|---|---|")
+          f"benign target {args.rate}")
+    print("| reads | layers | L2 | harmful opened | benign prompts opened | per template |\n|---|---|---|---|---|---|")
     last = len(layers) - 1
     combos = [[j] for j in range(len(layers))] + [[0, last], [0, last // 2, last], [last // 2, last]]
     for k, pool in enumerate(pools):
         for cols in combos:
             cols = sorted(set(cols))
-            harm, ben, by = oof(cols, k)
-            per = ", ".join(f"{g} {v:.2f}" for g, v in by.items())
-            print(f"| {pool} | {'+'.join(str(layers[c]) for c in cols)} | {harm:.3f} | {ben:.3f} | {per} |",
-                  flush=True)
+            for l2 in l2s:
+                harm, ben, by = oof(cols, k, l2)
+                per = ", ".join(f"{g} {v:.2f}" for g, v in by.items())
+                print(f"| {pool} | {'+'.join(str(layers[c]) for c in cols)} | {l2:g} | {harm:.3f} | {ben:.3f} | {per} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

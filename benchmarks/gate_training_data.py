@@ -48,10 +48,8 @@ def calibration(run, variant: str):
         everyday = list(tc.builtin_prompts("everyday", "train"))
         extra_b += everyday
         ids_b += [2 * first + i for i in range(len(everyday))]
-    h, b, groups, _ = calibration_sets(run.model, harmful + extra_h, benign + extra_b, gc.templates, gc.passes,
-                                       run.config.chat)
-    n_h, n_b = len(ids_h), len(ids_b)  # calibration_sets orders each request's framings round-robin
-    return h, b, groups, ([ids_h[j % n_h] for j in range(len(h))], [ids_b[j % n_b] for j in range(len(b))])
+    return calibration_sets(run.model, harmful + extra_h, benign + extra_b, gc.templates, gc.passes, run.config.chat,
+                            request_ids=(ids_h, ids_b))
 
 
 def main() -> None:

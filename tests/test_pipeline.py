@@ -270,6 +270,25 @@ def test_user_turn_start_is_the_header_before_every_user_message(planted):
     assert starts[1] - starts[0] > 10  # the second turn's header, after the first exchange
 
 
+def test_calibration_sets_number_each_framing_by_the_request_it_asks(planted):
+    """Every framing of a prompt carries that prompt's id: by default its index (harmful i and benign i, the built-in
+    twins, share one); given ids, unpaired prompts keep ids of their own, so they never share a twin's fold."""
+    from trace_circuits.gate import calibration_sets
+
+    tl = planted[0]
+    harmful, benign = builtin_prompts("harmful", "train")[:4], builtin_prompts("benign", "train")[:3]
+    h, b, (hn, bn), (hr, br) = calibration_sets(tl, harmful, benign, "all", passes=2)
+    assert len(h) == len(hn) == len(hr) == 12 and len(b) == len(br) == 9
+    assert hr == [0, 1, 2, 3] * 3 and br == [0, 1, 2] * 3  # directly, then one pass after the other
+    assert hn[:4] == ["direct"] * 4 and "direct" not in hn[4:]
+    for j in range(4, 12):  # a framed copy still asks the request it is numbered with
+        assert harmful[j % 4] in tl.tokenizer.decode(h.input_ids[j])
+    _, _, _, (hr, br) = calibration_sets(tl, harmful, benign, "all", passes=1, request_ids=([0, 1, 2, 3], [0, 7, 8]))
+    assert hr == [0, 1, 2, 3] * 2 and br == [0, 7, 8] * 2
+    with pytest.raises(TraceCircuitsError, match="one id per prompt"):
+        calibration_sets(tl, harmful, benign, "all", request_ids=([0, 1], [0, 1, 2]))
+
+
 @pytest.mark.parametrize("pool", ["mean", "turn"])
 def test_a_pooled_prompt_gate_scores_as_fitted_at_inference_on_both_models(planted, tmp_path, pool):
     """The mean- and turn-pooled probes: fitted with request-grouped folds, saved and reloaded, the runtime's score on

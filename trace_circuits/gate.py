@@ -148,17 +148,26 @@ def calibration_texts(tokenizer, harmful: Sequence[str], benign: Sequence[str], 
 
 
 def calibration_sets(model, harmful: Sequence[str], benign: Sequence[str], templates: str = GateConfig.templates,
-                     passes: int = GateConfig.passes, chat: bool = True):
+                     passes: int = GateConfig.passes, chat: bool = True,
+                     request_ids: Optional[tuple[Sequence[int], Sequence[int]]] = None):
     """:func:`calibration_texts` encoded, for ``templates`` as the config gives them (``all``, ``none`` or names
     separated by commas); returns ``(harmful, benign, (harmful templates, benign templates), (harmful request ids,
-    benign request ids))``: each sequence's template and the index of the request it asks."""
+    benign request ids))``: each sequence's template and the id of the request it asks. ``request_ids`` gives each
+    harmful and each benign prompt its id (one id space: a harmful request and its benign twin share one, so they share
+    a fold); by default the prompt's index in its list, which pairs harmful i with benign i (the built-in twins)."""
     from trace_circuits.evaluate.attacks import ATTACKS
     from trace_circuits.prompts import encode_prompts
 
     names = [] if templates == "none" else list(ATTACKS) if templates == "all" else [
         t.strip() for t in templates.split(",")]
     h, hn, b, bn = calibration_texts(model.tokenizer, harmful, benign, names, passes, chat=chat)
-    requests = ([i % len(harmful) for i in range(len(h))], [i % len(benign) for i in range(len(b))])
+    ids_h, ids_b = request_ids if request_ids is not None else (range(len(harmful)), range(len(benign)))
+    ids_h, ids_b = list(ids_h), list(ids_b)
+    if (len(ids_h), len(ids_b)) != (len(harmful), len(benign)):
+        raise TraceCircuitsError(f"request_ids holds {len(ids_h)} harmful and {len(ids_b)} benign ids for "
+                                 f"{len(harmful)} harmful and {len(benign)} benign prompts; give one id per prompt")
+    # calibration_texts lists each prompt directly, then pass by pass in the same order: sequence j asks prompt j % n
+    requests = ([ids_h[i % len(ids_h)] for i in range(len(h))], [ids_b[i % len(ids_b)] for i in range(len(b))])
     return encode_prompts(model, h, chat=False), encode_prompts(model, b, chat=False), (hn, bn), requests
 
 
