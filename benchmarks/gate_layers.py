@@ -122,8 +122,8 @@ def main() -> None:
             for l2 in l2s:
                 harm, ben, by = oof(cols, k, l2)
                 per = ", ".join(f"{g} {v:.2f}" for g, v in by.items())
-                print(f"| {pool} | {'+'.join(str(layers[c]) for c in cols)} | {l2:g} | {harm:.3f} | {ben:.3f} | {per} |",
-                      flush=True)
+                layer_names = "+".join(str(layers[c]) for c in cols)
+                print(f"| {pool} | {layer_names} | {l2:g} | {harm:.3f} | {ben:.3f} | {per} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,12 +160,12 @@ def calibration_sets(model, harmful: Sequence[str], benign: Sequence[str], templ
 
     names = [] if templates == "none" else list(ATTACKS) if templates == "all" else [
         t.strip() for t in templates.split(",")]
-    h, hn, b, bn = calibration_texts(model.tokenizer, harmful, benign, names, passes, chat=chat)
     ids_h, ids_b = request_ids if request_ids is not None else (range(len(harmful)), range(len(benign)))
     ids_h, ids_b = list(ids_h), list(ids_b)
     if (len(ids_h), len(ids_b)) != (len(harmful), len(benign)):
         raise TraceCircuitsError(f"request_ids holds {len(ids_h)} harmful and {len(ids_b)} benign ids for "
                                  f"{len(harmful)} harmful and {len(benign)} benign prompts; give one id per prompt")
+    h, hn, b, bn = calibration_texts(model.tokenizer, harmful, benign, names, passes, chat=chat)
     # calibration_texts lists each prompt directly, then pass by pass in the same order: sequence j asks prompt j % n
     requests = ([ids_h[i % len(ids_h)] for i in range(len(h))], [ids_b[i % len(ids_b)] for i in range(len(b))])
     return encode_prompts(model, h, chat=False), encode_prompts(model, b, chat=False), (hn, bn), requests
