@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("run", help="a run folder (`make run` writes runs/latest)")
     ap.add_argument("--rate", type=float, default=0.02, help="benign target rate")
     ap.add_argument("--l2", default=None, help="the probe's L2 strength, or several separated by commas (default: "
-                                               "the gate's, GateConfig.l2)")
+                                               "the strengths a gate searches, --gate-l2 and --gate-l2-search)")
     ap.add_argument("--pools", default="last,mean,turn", help="the readings compared, of last, mean, turn")
     ap.add_argument("--first", type=int, default=None, help="the first layer read (default: the onset layer)")
     ap.add_argument("--last", type=int, default=None, help="the last layer read (default: the model's last)")
@@ -44,7 +44,7 @@ def main() -> None:
         raise TraceCircuitsError("--rate must lie between 0 and 1, e.g. 0.02")
     from trace_circuits.config import GateConfig
 
-    args.l2 = str(GateConfig.l2) if args.l2 is None else args.l2
+    args.l2 = ",".join(map(str, GateConfig().l2_values())) if args.l2 is None else args.l2
     try:
         l2s = [float(x) for x in args.l2.split(",") if x.strip()]
     except ValueError:
@@ -116,9 +116,9 @@ def main() -> None:
     print("| reads | layers | L2 | harmful opened | benign prompts opened | per template |\n|---|---|---|---|---|---|")
     last = len(layers) - 1
     combos = [[j] for j in range(len(layers))] + [[0, last], [0, last // 2, last], [last // 2, last]]
+    combos = list(dict.fromkeys(tuple(sorted(set(c))) for c in combos))  # one row each (one layer: no pairs)
     for k, pool in enumerate(pools):
-        for cols in combos:
-            cols = sorted(set(cols))
+        for cols in map(list, combos):
             for l2 in l2s:
                 harm, ben, by = oof(cols, k, l2)
                 per = ", ".join(f"{g} {v:.2f}" for g, v in by.items())

@@ -80,8 +80,9 @@ def main() -> None:
         X.append(residuals_at_layers(model, enc, [L], pos, 16, True, "turn means", "turn",
                                      {L: g.massive_norm_threshold}, starts)[L])
     Xc, y = torch.cat(X[:3]), torch.cat([torch.ones(n_h), torch.zeros(n_b + n_t)])
-    fits = out_of_fold_fits(Xc, y, gc.l2, 5, request_fold_groups(hr, br, n_t))
-    probes = [f for _, f in fits] + [fit_logistic(Xc, y, gc.l2)]
+    l2 = hs.provenance.get("gate_calibration", {}).get("l2", gc.l2)  # the strength the gate kept
+    fits = out_of_fold_fits(Xc, y, l2, 5, request_fold_groups(hr, br, n_t))
+    probes = [f for _, f in fits] + [fit_logistic(Xc, y, l2)]
     V = torch.stack([w / sd for w, _, _, sd in probes], 1)
     c = torch.tensor([bb - float((m / sd) @ w) for w, bb, m, sd in probes])
     marks = torch.tensor(sentence_boundary_ids(tok), dtype=torch.long)

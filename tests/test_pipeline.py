@@ -491,6 +491,36 @@ def test_the_prompt_gate_reads_the_candidate_layer_with_the_best_out_of_fold_cov
         fit_prompt_gate(tl, h, b, layer=[2, 9])
 
 
+def test_the_prompt_gate_keeps_the_l2_strength_with_the_best_out_of_fold_coverage(planted):
+    """Several L2 strengths: each one's coverage at the kept layer is what a fit at that strength alone reports, the
+    gate keeps the best (ties: the one listed first) and is that fit; the config lists --gate-l2 first, then the
+    search's; a config from before the search holds one strength; a bad strength is one line."""
+    tl = planted[0]
+    h = encode_prompts(tl, builtin_prompts("harmful", "train")[:60])
+    b = encode_prompts(tl, builtin_prompts("benign", "train")[:60])
+    strengths = [0.002, 1.0, 30.0]
+    op, calib = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, l2=strengths, message_rate=0.0)
+    cov = {float(a): c for a, c in calib["l2_search"].items()}
+    assert sorted(cov) == strengths and len(set(cov.values())) > 1, cov
+    assert calib["l2"] == max(strengths, key=lambda a: (cov[a], -strengths.index(a)))
+    for a in strengths:
+        alone, c1 = fit_prompt_gate(tl, h, b, layer=2, benign_gate_rate=0.05, l2=a, message_rate=0.0)
+        assert c1["gate_rate_harmful"] == cov[a] and "l2_search" not in c1 and c1["l2"] == a
+        if a == calib["l2"]:
+            assert torch.equal(alone.tensors["r"], op.tensors["r"]) and alone.gate_threshold == op.gate_threshold
+    assert RunConfig().gate.l2_values() == [0.02, 0.1]
+    assert dataclasses.replace(RunConfig().gate, l2=0.1, l2_search="0.1,0.5,0.5").l2_values() == [0.1, 0.5]
+    old = RunConfig().to_json()
+    del old["gate"]["l2_search"]
+    assert RunConfig.from_json(old).gate.l2_values() == [0.02]
+    with pytest.raises(TraceCircuitsError, match="--gate-l2-search takes strengths separated by commas"):
+        dataclasses.replace(RunConfig().gate, l2_search="0.1,strong").check()
+    with pytest.raises(TraceCircuitsError, match="--gate-l2-search strengths must be > 0"):
+        dataclasses.replace(RunConfig().gate, l2_search="0.1,-1").check()
+    with pytest.raises(TraceCircuitsError, match="L2 strength"):
+        fit_prompt_gate(tl, h, b, layer=2, l2=[0.1, 0.0])
+
+
 def test_evaluation_generates_in_the_dtype_it_records_and_leaves_the_runs_model_alone(planted):
     """``evaluation.generation_dtype``: the answers come from a copy of the transformers model in that dtype (the run's
     own model stays float32 for the other stages), the result records it; a config written before the field existed

@@ -8,6 +8,7 @@ Every default is written once, here: the CLI's options are generated from these 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -127,6 +128,9 @@ class GateConfig:
                     choices=("last", "mean", "turn"))
     l2: float = opt(0.02, "L2 strength of the prompt gate's logistic probe (the dial between harmful coverage and "
                           "benign rate; see the README)")
+    l2_search: str = opt("0.1", "more L2 strengths the probe may take (comma-separated, each > 0; '' none): the "
+                                "calibration keeps the layer and strength, this or --gate-l2, with the highest "
+                                "out-of-fold harmful coverage at the benign rate")
     message_rate: float = opt(0.005, "a 'turn' gate also reads every stretch of the user's message (a reading an "
                                      "adversarial suffix cannot lower) and opens on it at this benign rate, within "
                                      "--gate-benign-rate (0: off; other pools: off)")
@@ -161,6 +165,17 @@ class GateConfig:
                                      f"{self.benign_rate}], got {self.message_search!r}")
         return [self.message_rate] + ([r for r in more if r != self.message_rate] if self.message_rate > 0 else [])
 
+    def l2_values(self) -> list[float]:
+        """The probe's candidate L2 strengths: ``l2`` then ``l2_search``'s, each > 0."""
+        try:
+            more = [float(r) for r in self.l2_search.split(",") if r.strip()]
+        except ValueError:
+            raise TraceCircuitsError(f"--gate-l2-search takes strengths separated by commas, e.g. 0.1,0.2, not "
+                                     f"{self.l2_search!r}") from None
+        if not all(r > 0 and math.isfinite(r) for r in more):
+            raise TraceCircuitsError(f"--gate-l2-search strengths must be > 0, got {self.l2_search!r}")
+        return [self.l2] + [r for r in dict.fromkeys(more) if r != self.l2]
+
     def check(self) -> None:
         from trace_circuits.evaluate.attacks import ATTACKS
 
@@ -174,6 +189,7 @@ class GateConfig:
         self.message_rates()
         if not self.l2 > 0:
             raise TraceCircuitsError(f"--gate-l2 must be > 0, got {self.l2}")
+        self.l2_values()
         bad = [t for t in self.templates.split(",") if t.strip() not in ATTACKS] \
             if self.templates not in ("all", "none") else []
         if bad:
@@ -296,6 +312,8 @@ class RunConfig:
                                 "message_min_tokens": g.get("prefix_min_tokens", 8)}
         if isinstance(g, dict) and "message_search" not in g:  # written before the rate search: one rate
             body["gate"] = {**g, "message_search": ""}
+        if isinstance(body.get("gate"), dict) and "l2_search" not in body["gate"]:  # before the search: one strength
+            body["gate"] = {**body["gate"], "l2_search": ""}
         if isinstance(g, dict) and "perplexity_window" not in g:  # written before the fluency reading
             body["gate"] = {**body["gate"], "perplexity_window": 0}
         if isinstance(body.get("gate"), dict) and "perplexity_tokens" not in body["gate"]:  # written before the field

@@ -173,7 +173,7 @@ def calibration_sets(model, harmful: Sequence[str], benign: Sequence[str], templ
 
 def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, layer: int | Sequence[int],
                     benign_gate_rate: float = 0.02, *, benign_text: Optional[EncodedPrompts] = None,
-                    l2: float = GateConfig.l2,
+                    l2: float | Sequence[float] = GateConfig.l2,
                     folds: int = 5, batch_size: int = 16, progress: bool = False,
                     groups: Optional[tuple[Sequence[str], Sequence[str]]] = None, pool: str = GateConfig.pool,
                     massive_norm_threshold: Optional[float] | dict = None,
@@ -184,7 +184,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     """The ``prompt_probe`` operation at ``blocks.{layer}.hook_resid_post`` and its calibration record (module
     docstring). ``layer`` may be several candidate layers (read in one pass): the probe is fitted at each and the
     gate reads the one whose out-of-fold harmful coverage at the benign rate is highest (ties: the deeper layer);
-    ``calib["layer_search"]`` holds every candidate's coverage (of the end-of-turn reading alone). Requests are read
+    ``calib["layer_search"]`` holds every candidate's coverage (of the end-of-turn reading alone). ``l2`` may be
+    several strengths: the gate keeps the (layer, strength) pair of highest coverage (ties: the deeper layer, then the
+    strength listed first), ``calib["l2_search"]``: each strength's coverage at the kept layer. Requests are read
     where the runtime reads them (the end of the last user turn, found from the chat template's anchor tokens, else
     the last token); ``benign_text`` (documents, no chat template) is read at its last token and joins the benign
     class. ``groups`` (a label per harmful and per benign request, e.g. its attack template) breaks the out-of-fold
@@ -213,6 +215,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
         raise TraceCircuitsError(f"gate layer(s) {layer} outside the model (0..{model.cfg.n_layers - 1})")
     if folds < 2:
         raise TraceCircuitsError("the prompt gate needs at least 2 folds")
+    l2s = [float(a) for a in (l2 if isinstance(l2, (list, tuple)) else [l2])]
+    if not l2s or not all(a > 0 and math.isfinite(a) for a in l2s):
+        raise TraceCircuitsError(f"the probe's L2 strength(s) must be > 0, got {l2!r}; set --gate-l2")
     if pool not in PROBE_POOLS:
         raise TraceCircuitsError(f"gate pool {pool!r} is not one of {', '.join(PROBE_POOLS)}")
     if message_rate is None:  # the default: on for a turn gate
@@ -260,13 +265,14 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                                      "sequences; give one id per sequence")
         fold_groups = request_fold_groups(hr, br, n_t)
     fits, coverage = {}, {}
-    for l in layers:  # the gate's rule at each candidate layer, out of fold
+    for l in layers:  # the gate's rule at each candidate layer and strength, out of fold
         X = torch.cat([Hs[l], Bs[l], Ts[l]])
-        oof = out_of_fold_scores(X, y, l2, folds, fold_groups)
-        q = benign_threshold(oof[n_h:], benign_gate_rate)
-        fits[l], coverage[l] = (X, oof, q), float((oof[:n_h] > q).float().mean())
-    layer = max(layers, key=lambda l: (coverage[l], l))
-    X, oof, q = fits[layer]
+        for a in l2s:
+            oof = out_of_fold_scores(X, y, a, folds, fold_groups)
+            q = benign_threshold(oof[n_h:], benign_gate_rate)
+            fits[l, a], coverage[l, a] = (X, oof, q), float((oof[:n_h] > q).float().mean())
+    layer, l2 = max(coverage, key=lambda k: (coverage[k], k[0], -l2s.index(k[1])))
+    X, oof, q = fits[layer, l2]
     H, B, T = Hs[layer], Bs[layer], Ts[layer]
     msg_threshold = None
     if reads_message:  # the message's spans, scored by each fold's probe (a second pass at that layer)
@@ -338,7 +344,9 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
                  "message_rate_harmful": float((msg[:n_h] > msg_threshold).float().mean()),
                  "message_rate_benign": float((msg[n_h:] > msg_threshold).float().mean())}
                 if msg_threshold is not None else {}),
-             **({"layer_search": {str(l): c for l, c in coverage.items()}} if len(layers) > 1 else {}),
+             **({"layer_search": {str(l): max(coverage[l, a] for a in l2s) for l in layers}} if len(layers) > 1
+                else {}),
+             **({"l2_search": {str(a): coverage[layer, a] for a in l2s}} if len(l2s) > 1 else {}),
              "n_benign_text": len(T), "pool": pool, "rates_are": "out-of-fold (each sequence scored by a probe not "
              "trained on it" + (", nor on any framing of its request)" if requests is not None else ")"),
              "rule": "at the end of the user's turn, layer l, x = " + {
