@@ -1,6 +1,7 @@
 """The command line on the real default model, and its one-line answers to bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -119,6 +120,8 @@ def test_run_config_reproduces_a_run_and_flags_override_it(tmp_path, capsys, rea
     assert main(["run", "--limit", "16", "--scan-bootstrap", "20", "--scan-permutations", "20", "--no-evaluate",
                  "--features-layer", "21", "--trace-n-prompts", "4", "--trace-n-candidates", "6",
                  "--trace-max-sources", "3", "--gate-text-docs", "10", "--out", str(first)]) == 0
+    said = capsys.readouterr().out  # the gate's probe strength, kept from the default search
+    assert re.search(r"probe L2 (0\.02|0\.1) \(the best out of fold of 0\.02, 0\.1\)", said), said[-600:]
     cfg = RunConfig.from_json(json.loads((first / "config.json").read_text()))
     assert cfg.limit == 16 and cfg.trace.n_prompts == 4 and cfg.gate.text_docs == 10
     second = tmp_path / "second"

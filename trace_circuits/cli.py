@@ -352,7 +352,8 @@ def _print_trace(run) -> None:
     pre = f" ({message_coverage(g)})" if message_coverage(g) else ""
     print(f"{hookset.summary()}.\nThe gate opens on {g['gate_rate_harmful']:.0%} of harmful and "
           f"{g['gate_rate_benign']:.0%} of benign calibration sequences out of fold{pre}, AUROC "
-          f"{g['gate_score_auroc']:.3f}")
+          f"{g['gate_score_auroc']:.3f}" + (f"; probe L2 {g['l2']:g}" if "l2" in g else "")
+          + (f" (the best out of fold of {', '.join(g['l2_search'])})" if len(g.get("l2_search", ())) > 1 else ""))
     if run.out is not None:
         print(f"wrote {run.out / 'circuit.json'}, {run.out / 'circuit.html'} and {run.out / 'hookset'}")
 
