@@ -10,12 +10,13 @@ same over the whole prompt (``pool="mean"``, the first token left out) or the re
     s(x) = <(x - m) / sd, w> + b        (an L2-regularised, class-balanced logistic regression, scikit-learn)
 
 trained on harmful requests (label 1) against benign requests and benign documents (label 0), at the candidate
-layer (the onset layer or one of the few before it) whose out-of-fold harmful coverage is highest. The threshold is set
-on *out-of-fold* scores (k-fold cross-fitting; every framing of one request, and its benign twin, in the same fold)
-so the gate opens on at most ``benign_gate_rate`` of benign sequences of requests it was not trained on; the probe
-used at inference is then refitted on all of them. The calibration data may hold each request under several framings
-(the attack templates) so that the probe learns intent, not framing. In a hook set it is a ``prompt_probe`` operation
-with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so ``s = <x - mu, r> / gap``.
+layer (the onset layer or one of the few before it) and L2 strength whose out-of-fold harmful coverage is highest. The
+threshold is set on *out-of-fold* scores (k-fold cross-fitting; every framing of one request, and its benign twin, in
+the same fold) so the gate opens on at most ``benign_gate_rate`` of benign sequences of requests it was not trained
+on; the probe used at inference is then refitted on all of them. The calibration data may hold each request under
+several framings (the attack templates) so that the probe learns intent, not framing. In a hook set it is a
+``prompt_probe`` operation with ``r = unit(w / sd)``, ``gap = 1 / |w / sd|``, ``mu = m - b r gap``, so
+``s = <x - mu, r> / gap``.
 
 The **feature gate**, kept as an option, is in :mod:`trace_circuits.feature_gate`.
 """
@@ -225,8 +226,8 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     rates = [float(r) for r in (message_rate if isinstance(message_rate, (list, tuple)) else [message_rate])]
     reads_message = bool(rates) and max(rates) > 0
     if not rates or not all(0 <= r <= benign_gate_rate for r in rates) or (reads_message and pool != "turn"):
-        raise TraceCircuitsError(f"the message reading's rate must lie in [0, benign rate {benign_gate_rate}] and needs "
-                                 f"pool 'turn' (got {rates} with pool {pool!r}); set --gate-message-rate 0")
+        raise TraceCircuitsError(f"the message reading's rate must lie in [0, benign rate {benign_gate_rate}] and "
+                                 f"needs pool 'turn' (got {rates} with pool {pool!r}); set --gate-message-rate 0")
     if message_reading not in MESSAGE_READINGS:
         raise TraceCircuitsError(f"message reading {message_reading!r} is not one of {', '.join(MESSAGE_READINGS)}; "
                                  "set --gate-message-reading")

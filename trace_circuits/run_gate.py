@@ -38,8 +38,9 @@ def prompt_gate_options(run, layers) -> dict:
     from trace_circuits.saes.encoding import massive_limit
 
     gc = run.config.gate
-    return dict(benign_text=run.encoded("gate_text") if gc.text_docs else None, progress=run.progress, l2=gc.l2_values(),
-                pool=gc.pool, massive_norm_threshold={l: massive_limit(run.saes[l]) for l in layers if l in run.saes},
+    return dict(benign_text=run.encoded("gate_text") if gc.text_docs else None, progress=run.progress,
+                l2=gc.l2_values(), pool=gc.pool,
+                massive_norm_threshold={l: massive_limit(run.saes[l]) for l in layers if l in run.saes},
                 message_min_tokens=gc.message_min_tokens,
                 message_rate=gc.message_rates() if gc.pool == "turn" else 0.0, message_reading=gc.message_reading)
 
