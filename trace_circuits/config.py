@@ -155,11 +155,7 @@ class GateConfig:
     def message_rates(self) -> list[float]:
         """The message reading's candidate rates: ``message_rate`` then ``message_search``'s, each in (0, benign_rate]
         (``message_rate`` 0: off, no search)."""
-        try:
-            more = [float(r) for r in self.message_search.split(",") if r.strip()]
-        except ValueError:
-            raise TraceCircuitsError(f"--gate-message-search takes rates separated by commas, e.g. 0.01,0.02, not "
-                                     f"{self.message_search!r}") from None
+        more = _comma_floats(self.message_search, "--gate-message-search takes rates", "0.01,0.02")
         if not all(0 < r <= self.benign_rate for r in more):
             raise TraceCircuitsError(f"--gate-message-search rates must lie in (0, --gate-benign-rate "
                                      f"{self.benign_rate}], got {self.message_search!r}")
@@ -167,11 +163,7 @@ class GateConfig:
 
     def l2_values(self) -> list[float]:
         """The probe's candidate L2 strengths: ``l2`` then ``l2_search``'s, each > 0."""
-        try:
-            more = [float(r) for r in self.l2_search.split(",") if r.strip()]
-        except ValueError:
-            raise TraceCircuitsError(f"--gate-l2-search takes strengths separated by commas, e.g. 0.1,0.2, not "
-                                     f"{self.l2_search!r}") from None
+        more = _comma_floats(self.l2_search, "--gate-l2-search takes strengths", "0.1,0.2")
         if not all(r > 0 and math.isfinite(r) for r in more):
             raise TraceCircuitsError(f"--gate-l2-search strengths must be > 0, got {self.l2_search!r}")
         return [self.l2] + [r for r in dict.fromkeys(more) if r != self.l2]
@@ -335,6 +327,15 @@ def _option(cfg, name: str) -> str:
     in_run = {"ScanConfig": "scan-", "FeaturesConfig": "features-", "TraceConfig": "trace-",
               "EvaluationConfig": "eval-"}.get(type(cfg).__name__)
     return f"--{flag} (--{in_run}{flag} in run)" if in_run else f"--{flag}"
+
+
+def _comma_floats(text: str, what: str, example: str) -> list[float]:
+    """The numbers of a comma-separated option (blanks skipped); not a number: one line, ``{what} separated by
+    commas, e.g. {example}``."""
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise TraceCircuitsError(f"{what} separated by commas, e.g. {example}, not {text!r}") from None
 
 
 def _at_least(cfg, low, *names) -> None:
