@@ -68,8 +68,13 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, l2: float, folds: int =
     """Each row's score from a probe (:func:`fit_logistic`) not trained on it; interleaved folds (row ``i`` in fold
     ``i mod folds``, or ``groups[i] mod folds``: rows of one group, e.g. one request under several framings, share a
     fold, so no request is scored by a probe that saw it) keep each class's share in every fold."""
+    return scores_of_fits(X, out_of_fold_fits(X, y, l2, folds, groups))
+
+
+def scores_of_fits(X: torch.Tensor, fold_fits: list[tuple[torch.Tensor, tuple]]) -> torch.Tensor:
+    """Each row's score from its own fold's probe (the :func:`out_of_fold_fits` list)."""
     oof = torch.zeros(len(X))
-    for test, fit in out_of_fold_fits(X, y, l2, folds, groups):
+    for test, fit in fold_fits:
         oof[test] = _score(X[test], *fit)
     return oof
 
@@ -269,15 +274,15 @@ def fit_prompt_gate(model, harmful: EncodedPrompts, benign: EncodedPrompts, laye
     for l in layers:  # the gate's rule at each candidate layer and strength, out of fold
         X = torch.cat([Hs[l], Bs[l], Ts[l]])
         for a in l2s:
-            oof = out_of_fold_scores(X, y, a, folds, fold_groups)
+            fold_fits = out_of_fold_fits(X, y, a, folds, fold_groups)
+            oof = scores_of_fits(X, fold_fits)
             q = benign_threshold(oof[n_h:], benign_gate_rate)
-            fits[l, a], coverage[l, a] = (X, oof, q), float((oof[:n_h] > q).float().mean())
+            fits[l, a], coverage[l, a] = (X, oof, q, fold_fits), float((oof[:n_h] > q).float().mean())
     layer, l2 = max(coverage, key=lambda k: (coverage[k], k[0], -l2s.index(k[1])))
-    X, oof, q = fits[layer, l2]
+    X, oof, q, folds_fit = fits[layer, l2]
     H, B, T = Hs[layer], Bs[layer], Ts[layer]
     msg_threshold = None
     if reads_message:  # the message's spans, scored by each fold's probe (a second pass at that layer)
-        folds_fit = out_of_fold_fits(X, y, l2, folds, fold_groups)
         V = torch.stack([w_ / sd_ for _, (w_, _, _, sd_) in folds_fit], 1)
         c = torch.tensor([b_ - float((m_ / sd_) @ w_) for _, (w_, b_, m_, sd_) in folds_fit])
 
